@@ -1,0 +1,341 @@
+"""The pure-PyTorch reference model of DeepSeek-V4: the oracle every kernel and backend is tested against.
+
+Readable and eager, for one sequence at a time. Two entry points share the ops in `v4_plugin.ops`:
+
+* `forward(ids)`: the whole sequence from position 0 at once (the prefill form: banded window
+  indices, every complete compressed block pooled in one go);
+* `step(ids, cache)`: the next chunk of any length, carrying an explicit `SequenceCache` (window
+  ring, compressor partial blocks, compressed entries, indexer keys).
+
+Weights are the dequantized checkpoint values under their official names (spec §9). The quantization
+the model was trained with is simulated (FP8 activations in FP8/FP4 linears, FP8 KV entries,
+Hadamard + FP4 indexer q/k), each switchable through `QuantSim` for exact comparisons against
+implementations that skip it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from .config import FP8_KV_BLOCK, LayerType, V4Config
+from .ops import attention as attn_ops
+from .ops import compressor as comp_ops
+from .ops import indexer as index_ops
+from .ops import mhc
+from .ops.linear import linear
+from .ops.moe import ExpertWeights, moe, route
+from .ops.norm import rms_norm
+from .ops.rope import Rope
+from .quant import fake_quant_fp8
+
+
+@dataclass(frozen=True)
+class QuantSim:
+    """Which trained-in quantizations the reference simulates (all on by default)."""
+
+    activations: bool = True  # FP8 per-128 activation quantization in FP8/FP4 linears
+    kv_cache: bool = True  # FP8 (blocks of 64) on the non-rope dims of window and compressed entries
+    indexer: bool = True  # Hadamard + FP4 (blocks of 32) on indexer queries and keys
+
+    @classmethod
+    def off(cls) -> "QuantSim":
+        return cls(False, False, False)
+
+
+class Weights:
+    """Read-only view of the checkpoint tensors by official name, cast to the compute dtype on demand."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype):
+        self._tensors, self.dtype = tensors, dtype
+
+    def __call__(self, name: str, *, keep_dtype: bool = False) -> torch.Tensor:
+        try:
+            t = self._tensors[name]
+        except KeyError:
+            raise KeyError(f"reference model: checkpoint tensor '{name}' is missing") from None
+        return t if keep_dtype or not t.is_floating_point() else t.to(self.dtype)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+
+@dataclass
+class LayerCache:
+    """Per-layer state of one sequence."""
+
+    ring: torch.Tensor  # [window, head_dim]: raw KV of position p in slot p mod window
+    compressed: torch.Tensor  # [entries, head_dim]: compressed KV, entry j covers positions j*m ... j*m+m-1
+    index_keys: torch.Tensor | None  # [entries, index_head_dim] (CSA)
+    compressor: comp_ops.CompressorState | None
+    index_compressor: comp_ops.CompressorState | None
+
+
+@dataclass
+class SequenceCache:
+    """Everything the model carries for one sequence between `step` calls."""
+
+    layers: list[LayerCache]
+    num_tokens: int = 0
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # fp32 [T, vocab]
+    streams: torch.Tensor  # [T, hc, D]: the residual streams before hc_head (the MTP input)
+
+
+class Block:
+    """One decoder block: mHC around attention and MoE (spec §3)."""
+
+    def __init__(self, cfg: V4Config, w: Weights, prefix: str, layer_id: int, quant: QuantSim):
+        self.cfg, self.w, self.p, self.layer_id, self.quant = cfg, w, prefix, layer_id, quant
+        self.kind = cfg.layer_type(layer_id)
+        self.ratio = self.kind.ratio
+        self.rope = Rope.for_layer(cfg, self.kind)
+        self.act_q = quant.activations and cfg.quantized
+
+    # ---- shared pieces ---------------------------------------------------------------------------
+    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return linear(x, self.w(f"{self.p}.{name}.weight"), self.act_q)
+
+    def _query(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (c_q [T, R_q], q [T, H, d]): low-rank query, weightless per-head norm, RoPE."""
+        cfg = self.cfg
+        c_q = rms_norm(self._linear(x, "attn.wq_a"), self.w(f"{self.p}.attn.q_norm.weight"), cfg.rms_norm_eps)
+        q = self._linear(c_q, "attn.wq_b").unflatten(-1, (cfg.num_attention_heads, cfg.head_dim))
+        q = rms_norm(q, None, cfg.rms_norm_eps)
+        return c_q, self.rope.rotate(q, positions)
+
+    def _window_kv(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [T, D] -> raw KV entries [T, d]: normed, rotated at t, FP8-simulated on the non-rope dims."""
+        cfg = self.cfg
+        kv = rms_norm(self._linear(x, "attn.wkv"), self.w(f"{self.p}.attn.kv_norm.weight"), cfg.rms_norm_eps)
+        kv = self.rope.rotate(kv, positions)
+        if self.quant.kv_cache:
+            kv = torch.cat((fake_quant_fp8(kv[:, : cfg.nope_head_dim], FP8_KV_BLOCK), kv[:, cfg.nope_head_dim :]), -1)
+        return kv
+
+    def _finish(self, pooled: torch.Tensor, block_ids: torch.Tensor, indexer: bool) -> torch.Tensor:
+        prefix = f"{self.p}.attn.indexer.compressor" if indexer else f"{self.p}.attn.compressor"
+        return comp_ops.finish_entries(
+            pooled, block_ids, ratio=self.ratio, norm_weight=self.w(f"{prefix}.norm.weight"),
+            eps=self.cfg.rms_norm_eps, rope=self.rope, dtype=self.w.dtype, indexer=indexer,
+            simulate_quant=self.quant.indexer if indexer else self.quant.kv_cache,
+        )
+
+    def _projections(self, x: torch.Tensor, indexer: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        prefix = f"{self.p}.attn.indexer.compressor" if indexer else f"{self.p}.attn.compressor"
+        kv, gate = comp_ops.project(x, self.w(f"{prefix}.wkv.weight"), self.w(f"{prefix}.wgate.weight"))
+        return kv, gate, self.w(f"{prefix}.ape").float()
+
+    def _index_topk(self, x: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor,
+                    keys: torch.Tensor) -> torch.Tensor:
+        """CSA selection: indices into the compressed entries [T, min(topk, N)], -1 = none."""
+        cfg = self.cfg
+        q = self._linear(c_q, "attn.indexer.wq_b").unflatten(-1, (cfg.index_n_heads, cfg.index_head_dim))
+        q = index_ops.index_queries(q, positions, self.rope, self.quant.indexer)
+        head_w = linear(x, self.w(f"{self.p}.attn.indexer.weights_proj.weight"), False).float()
+        head_w = head_w * (cfg.index_head_dim**-0.5 * cfg.index_n_heads**-0.5)
+        scores = index_ops.index_scores(q, head_w, keys)
+        return index_ops.select_topk(scores, attn_ops.visible_entries(positions, self.ratio), cfg.index_topk)
+
+    def _compressed_indices(self, x: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor,
+                            num_entries: int, index_keys: torch.Tensor | None) -> torch.Tensor:
+        """Compressed entries each query attends to, as entry numbers [T, S] (-1 = none)."""
+        if self.kind is LayerType.CSA:
+            return self._index_topk(x, c_q, positions, index_keys)
+        entries = torch.arange(num_entries, device=positions.device)
+        visible = entries[None, :] < attn_ops.visible_entries(positions, self.ratio)[:, None]
+        return torch.where(visible, entries[None, :], torch.full_like(visible, -1, dtype=torch.long))
+
+    def _attend(self, q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
+                positions: torch.Tensor) -> torch.Tensor:
+        """Sparse attention, de-rotation of the output and the grouped low-rank projection -> [T, D]."""
+        cfg = self.cfg
+        o = attn_ops.sparse_attention(q, kv, indices, self.w(f"{self.p}.attn.attn_sink").float(), cfg.head_dim**-0.5)
+        o = self.rope.rotate(o, positions, inverse=True)
+        z = attn_ops.grouped_output_projection(o, self.w(f"{self.p}.attn.wo_a.weight"), cfg.o_groups)
+        return self._linear(z, "attn.wo_b")
+
+    # ---- attention, whole sequence ---------------------------------------------------------------
+    def attention_full(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, D] at positions 0 ... T-1 -> [T, D]."""
+        t = x.shape[0]
+        positions = torch.arange(t, device=x.device)
+        c_q, q = self._query(x, positions)
+        kv = self._window_kv(x, positions)
+        indices = attn_ops.window_positions(positions, self.cfg.sliding_window)
+        if self.kind is not LayerType.SWA:
+            kv_c, gate, ape = self._projections(x, indexer=False)
+            pooled = comp_ops.compress_sequence(kv_c, gate, ape, overlap=self.kind is LayerType.CSA)
+            block_ids = torch.arange(pooled.shape[0], device=x.device)
+            entries = self._finish(pooled, block_ids, indexer=False)
+            keys = None
+            if self.kind is LayerType.CSA:
+                k_i, g_i, ape_i = self._projections(x, indexer=True)
+                keys = self._finish(comp_ops.compress_sequence(k_i, g_i, ape_i, overlap=True), block_ids, indexer=True)
+            chosen = self._compressed_indices(x, c_q, positions, entries.shape[0], keys)
+            indices = torch.cat((indices, torch.where(chosen >= 0, chosen + t, chosen)), dim=1)
+            kv = torch.cat((kv, entries))
+        return self._attend(q, kv, indices, positions)
+
+    # ---- attention, next chunk with a carried cache ----------------------------------------------
+    def new_cache(self, device: torch.device | str) -> LayerCache:
+        cfg, e = self.cfg, self.cfg.head_dim
+        ring = torch.zeros(cfg.sliding_window, e, dtype=self.w.dtype, device=device)
+        empty = torch.zeros(0, e, dtype=self.w.dtype, device=device)
+        if self.kind is LayerType.SWA:
+            return LayerCache(ring, empty, None, None, None)
+        csa = self.kind is LayerType.CSA
+        main = comp_ops.CompressorState(self.ratio, csa, (2 if csa else 1) * e, device)
+        if not csa:
+            return LayerCache(ring, empty, None, main, None)
+        di = cfg.index_head_dim
+        keys = torch.zeros(0, di, dtype=self.w.dtype, device=device)
+        return LayerCache(ring, empty, keys, main, comp_ops.CompressorState(self.ratio, True, 2 * di, device))
+
+    def attention_step(self, x: torch.Tensor, start: int, cache: LayerCache) -> torch.Tensor:
+        """x [n, D] at positions start ... start+n-1, with the layer's cache of positions < start."""
+        n, win = x.shape[0], self.cfg.sliding_window
+        positions = torch.arange(start, start + n, device=x.device)
+        c_q, q = self._query(x, positions)
+        kv_new = self._window_kv(x, positions)
+
+        # Local KV: the cached window positions start-win+1 ... start-1 (ring order), then the chunk.
+        past = torch.arange(max(0, start - win + 1), start, device=x.device)
+        kv = torch.cat((cache.ring[past % win], kv_new))
+        first = past[0].item() if len(past) else start
+        window = attn_ops.window_positions(positions, win)
+        indices = torch.where(window >= 0, window - first, window)
+
+        recent = positions[-win:]
+        cache.ring[recent % win] = kv_new[-win:]
+        if self.kind is not LayerType.SWA:
+            pooled, block_ids = cache.compressor.append(*self._projections(x, indexer=False))
+            cache.compressed = torch.cat((cache.compressed, self._finish(pooled, block_ids, indexer=False)))
+            if self.kind is LayerType.CSA:
+                pooled_i, ids_i = cache.index_compressor.append(*self._projections(x, indexer=True))
+                cache.index_keys = torch.cat((cache.index_keys, self._finish(pooled_i, ids_i, indexer=True)))
+            chosen = self._compressed_indices(x, c_q, positions, cache.compressed.shape[0], cache.index_keys)
+            indices = torch.cat((indices, torch.where(chosen >= 0, chosen + kv.shape[0], chosen)), dim=1)
+            kv = torch.cat((kv, cache.compressed))
+        return self._attend(q, kv, indices, positions)
+
+    # ---- the block -------------------------------------------------------------------------------
+    def _hc_pre(self, x: torch.Tensor, site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        return mhc.hc_pre(
+            x, self.w(f"{self.p}.hc_{site}_fn", keep_dtype=True), self.w(f"{self.p}.hc_{site}_scale", keep_dtype=True),
+            self.w(f"{self.p}.hc_{site}_base", keep_dtype=True),
+            norm_eps=cfg.rms_norm_eps, hc_eps=cfg.hc_eps, sinkhorn_iters=cfg.hc_sinkhorn_iters,
+        )
+
+    def _moe(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        cfg, p = self.cfg, f"{self.p}.ffn"
+        hashed = self.layer_id < cfg.num_hidden_layers and cfg.is_hash_layer(self.layer_id)
+        weights, ids = route(
+            x, self.w(f"{p}.gate.weight"), top_k=cfg.num_experts_per_tok, scaling=cfg.routed_scaling_factor,
+            bias=None if hashed else self.w(f"{p}.gate.bias", keep_dtype=True),
+            tid2eid=self.w(f"{p}.gate.tid2eid") if hashed else None, token_ids=token_ids,
+        )
+
+        def weights_of(prefix: str) -> ExpertWeights:
+            return ExpertWeights(*(self.w(f"{prefix}.w{i}.weight") for i in (1, 2, 3)))
+
+        experts = [weights_of(f"{p}.experts.{e}") for e in range(cfg.n_routed_experts)]
+        return moe(x, weights, ids, experts, weights_of(f"{p}.shared_experts"),
+                   limit=cfg.swiglu_limit, quantize_input=self.act_q)
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor, start: int = 0,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        """Streams x [T, hc, D] -> [T, hc, D]; whole sequence if cache is None, else the next chunk."""
+        eps = self.cfg.rms_norm_eps
+        u, post, comb = self._hc_pre(x, "attn")
+        u = rms_norm(u, self.w(f"{self.p}.attn_norm.weight"), eps)
+        a = self.attention_full(u) if cache is None else self.attention_step(u, start, cache)
+        x = mhc.hc_post(a, x, post, comb)
+        v, post, comb = self._hc_pre(x, "ffn")
+        f = self._moe(rms_norm(v, self.w(f"{self.p}.ffn_norm.weight"), eps), token_ids)
+        return mhc.hc_post(f, x, post, comb)
+
+
+class ReferenceModel:
+    """DeepSeek-V4 main model (and its MTP block) over dequantized checkpoint tensors."""
+
+    def __init__(self, cfg: V4Config, tensors: Mapping[str, torch.Tensor], *,
+                 dtype: torch.dtype = torch.float32, quant: QuantSim = QuantSim()):
+        self.cfg, self.dtype, self.quant = cfg, dtype, quant
+        self.w = Weights(tensors, dtype)
+        self.blocks = [Block(cfg, self.w, f"layers.{i}", i, quant) for i in range(cfg.num_hidden_layers)]
+        self.mtp_blocks = [
+            Block(cfg, self.w, f"mtp.{k}", cfg.num_hidden_layers + k, quant) for k in range(cfg.num_nextn_predict_layers)
+        ]
+
+    def _embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.w("embed.weight")[token_ids]
+
+    def _logits(self, streams: torch.Tensor, prefix: str) -> torch.Tensor:
+        cfg = self.cfg
+        h = mhc.hc_head(
+            streams, self.w(f"{prefix}hc_head_fn", keep_dtype=True), self.w(f"{prefix}hc_head_scale", keep_dtype=True),
+            self.w(f"{prefix}hc_head_base", keep_dtype=True), norm_eps=cfg.rms_norm_eps, hc_eps=cfg.hc_eps,
+        )
+        h = rms_norm(h, self.w(f"{prefix}norm.weight"), cfg.rms_norm_eps)
+        return h.float() @ self.w("head.weight").float().T
+
+    def _streams(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self._embed(token_ids).unsqueeze(1).repeat(1, self.cfg.hc_mult, 1)
+
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor) -> ModelOutput:
+        """Whole sequence from position 0: token_ids int64 [T] -> logits fp32 [T, vocab]."""
+        x = self._streams(token_ids)
+        for block in self.blocks:
+            x = block.forward(x, token_ids)
+        return ModelOutput(self._logits(x, ""), x)
+
+    def new_cache(self, device: torch.device | str = "cpu") -> SequenceCache:
+        return SequenceCache([b.new_cache(device) for b in self.blocks])
+
+    @torch.inference_mode()
+    def step(self, token_ids: torch.Tensor, cache: SequenceCache) -> ModelOutput:
+        """The next chunk of a sequence: positions cache.num_tokens ... + n - 1; updates cache in place."""
+        x = self._streams(token_ids)
+        for block, layer_cache in zip(self.blocks, cache.layers):
+            x = block.forward(x, token_ids, cache.num_tokens, layer_cache)
+        cache.num_tokens += token_ids.shape[0]
+        return ModelOutput(self._logits(x, ""), x)
+
+    @torch.inference_mode()
+    def mtp_forward(self, streams: torch.Tensor, next_ids: torch.Tensor, depth: int = 0) -> ModelOutput:
+        """MTP block `depth` over a whole sequence (spec §10).
+
+        streams [T, hc, D]: the main model's pre-hc_head streams at positions 0 ... T-1; next_ids [T]:
+        the token at t+1 for each position t. Returns the draft logits for position t+2 and the MTP's
+        own pre-hc_head streams.
+        """
+        cfg, block = self.cfg, self.mtp_blocks[depth]
+        p = f"mtp.{depth}."
+        e = rms_norm(self._embed(next_ids), self.w(f"{p}enorm.weight"), cfg.rms_norm_eps)
+        h = rms_norm(streams, self.w(f"{p}hnorm.weight"), cfg.rms_norm_eps)
+        act_q = block.act_q
+        x = linear(e, self.w(f"{p}e_proj.weight"), act_q).unsqueeze(1) + linear(h, self.w(f"{p}h_proj.weight"), act_q)
+        x = block.forward(x, next_ids)
+        return ModelOutput(self._logits(x, p), x)
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
+        """Greedy decoding: one prefill step, then one token per step. Returns the new token ids."""
+        cache = self.new_cache()
+        out = self.step(torch.tensor(prompt_ids), cache)
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            token = int(out.logits[-1].argmax())
+            new.append(token)
+            if token in stop_ids:
+                break
+            out = self.step(torch.tensor([token]), cache)
+        return new

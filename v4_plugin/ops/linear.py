@@ -1,0 +1,21 @@
+"""Linear layers with the reference's activation quantization (spec §8)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..quant import fake_quant_fp8
+
+ACT_BLOCK = 128  # activations are FP8-quantized per token per 128 input channels
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, quantize_input: bool) -> torch.Tensor:
+    """y = x @ weight.T in fp32, returned in x.dtype.
+
+    x [..., in]; weight [out, in] holds the dequantized values of an FP8 or FP4 checkpoint weight.
+    With `quantize_input` the activation is first rounded through FP8 e4m3 with one power-of-two
+    scale per 128 channels, as the reference FP8/FP4 GEMMs do; the product of the two dequantized
+    operands in fp32 equals those GEMMs up to accumulation order.
+    """
+    xq = fake_quant_fp8(x.float(), ACT_BLOCK) if quantize_input else x.float()
+    return (xq @ weight.float().T).to(x.dtype)
