@@ -16,11 +16,11 @@ implementations that skip it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
-from .config import FP8_KV_BLOCK, LayerType, V4Config
+from .config import LayerType, V4Config
 from .ops import attention as attn_ops
 from .ops import compressor as comp_ops
 from .ops import indexer as index_ops
@@ -29,7 +29,6 @@ from .ops.linear import linear
 from .ops.moe import ExpertWeights, moe, route
 from .ops.norm import rms_norm
 from .ops.rope import Rope
-from .quant import fake_quant_fp8
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ class QuantSim:
     """Which trained-in quantizations the reference simulates (all on by default)."""
 
     activations: bool = True  # FP8 per-128 activation quantization in FP8/FP4 linears
-    kv_cache: bool = True  # FP8 (blocks of 64) on the non-rope dims of window and compressed entries
+    kv_cache: bool = True  # window and compressed entries as the 584-B record stores them (FP8 + bf16 rope)
     indexer: bool = True  # Hadamard + FP4 (blocks of 32) on indexer queries and keys
 
     @classmethod
@@ -110,13 +109,11 @@ class Block:
         return c_q, self.rope.rotate(q, positions)
 
     def _window_kv(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [T, D] -> raw KV entries [T, d]: normed, rotated at t, FP8-simulated on the non-rope dims."""
+        """x [T, D] -> raw KV entries [T, d]: normed, rotated at t, rounded as the cache record stores them."""
         cfg = self.cfg
         kv = rms_norm(self._linear(x, "attn.wkv"), self.w(f"{self.p}.attn.kv_norm.weight"), cfg.rms_norm_eps)
         kv = self.rope.rotate(kv, positions)
-        if self.quant.kv_cache:
-            kv = torch.cat((fake_quant_fp8(kv[:, : cfg.nope_head_dim], FP8_KV_BLOCK), kv[:, cfg.nope_head_dim :]), -1)
-        return kv
+        return comp_ops.simulate_kv_storage(kv, cfg.qk_rope_head_dim) if self.quant.kv_cache else kv
 
     def _finish(self, pooled: torch.Tensor, block_ids: torch.Tensor, indexer: bool) -> torch.Tensor:
         prefix = f"{self.p}.attn.indexer.compressor" if indexer else f"{self.p}.attn.compressor"
@@ -249,13 +246,14 @@ class Block:
         return moe(x, weights, ids, experts, weights_of(f"{p}.shared_experts"),
                    limit=cfg.swiglu_limit, quantize_input=self.act_q)
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor, start: int = 0,
-                cache: LayerCache | None = None) -> torch.Tensor:
-        """Streams x [T, hc, D] -> [T, hc, D]; whole sequence if cache is None, else the next chunk."""
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor,
+                attention: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Streams x [T, hc, D] -> [T, hc, D], with `attention` mapping the normed input [T, D] to [T, D]
+        (`attention_full`, `attention_step` or the paged form)."""
         eps = self.cfg.rms_norm_eps
         u, post, comb = self._hc_pre(x, "attn")
         u = rms_norm(u, self.w(f"{self.p}.attn_norm.weight"), eps)
-        a = self.attention_full(u) if cache is None else self.attention_step(u, start, cache)
+        a = attention(u)
         x = mhc.hc_post(a, x, post, comb)
         v, post, comb = self._hc_pre(x, "ffn")
         f = self._moe(rms_norm(v, self.w(f"{self.p}.ffn_norm.weight"), eps), token_ids)
@@ -294,7 +292,7 @@ class ReferenceModel:
         """Whole sequence from position 0: token_ids int64 [T] -> logits fp32 [T, vocab]."""
         x = self._streams(token_ids)
         for block in self.blocks:
-            x = block.forward(x, token_ids)
+            x = block.forward(x, token_ids, block.attention_full)
         return ModelOutput(self._logits(x, ""), x)
 
     def new_cache(self, device: torch.device | str = "cpu") -> SequenceCache:
@@ -304,8 +302,9 @@ class ReferenceModel:
     def step(self, token_ids: torch.Tensor, cache: SequenceCache) -> ModelOutput:
         """The next chunk of a sequence: positions cache.num_tokens ... + n - 1; updates cache in place."""
         x = self._streams(token_ids)
+        start = cache.num_tokens
         for block, layer_cache in zip(self.blocks, cache.layers):
-            x = block.forward(x, token_ids, cache.num_tokens, layer_cache)
+            x = block.forward(x, token_ids, lambda u, b=block, c=layer_cache: b.attention_step(u, start, c))
         cache.num_tokens += token_ids.shape[0]
         return ModelOutput(self._logits(x, ""), x)
 
@@ -323,7 +322,7 @@ class ReferenceModel:
         h = rms_norm(streams, self.w(f"{p}hnorm.weight"), cfg.rms_norm_eps)
         act_q = block.act_q
         x = linear(e, self.w(f"{p}e_proj.weight"), act_q).unsqueeze(1) + linear(h, self.w(f"{p}h_proj.weight"), act_q)
-        x = block.forward(x, next_ids)
+        x = block.forward(x, next_ids, block.attention_full)
         return ModelOutput(self._logits(x, p), x)
 
     @torch.inference_mode()

@@ -24,29 +24,41 @@ def project(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor) -> tuple[to
     return xf @ wkv.float().T, xf @ wgate.float().T
 
 
-def pool_blocks(
-    kv: torch.Tensor, score: torch.Tensor, overlap: bool,
-    prev_kv: torch.Tensor | None = None, prev_score: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Pool complete blocks.
+def pool(kv: torch.Tensor, score: torch.Tensor, overlap: bool,
+         before_kv: torch.Tensor | None = None, before_score: torch.Tensor | None = None) -> torch.Tensor:
+    """Pool n blocks, each with its own preceding block.
 
-    kv, score: fp32 [nb, m, c*e] for nb consecutive complete blocks; `score` already includes ape.
-    prev_kv, prev_score: [m, 2e] of the block before the first one (overlap only; None for block 0,
-    whose A-slots then get gate -inf and value 0). Returns fp32 [nb, e].
+    kv, score: fp32 [n, m, c*e] (`score` includes ape). before_kv, before_score: [n, m, 2e], the block
+    before each one (overlap only; a block without one has before_score -inf, so its A-slots get
+    weight 0). Returns fp32 [n, e].
     """
     if not overlap:
         return (kv * torch.softmax(score, dim=1)).sum(1)
     e = kv.shape[-1] // 2
+    cand_kv = torch.cat((before_kv[..., :e], kv[..., e:]), dim=1)  # [n, 2m, e]
+    cand_score = torch.cat((before_score[..., :e], score[..., e:]), dim=1)
+    return (cand_kv * torch.softmax(cand_score, dim=1)).sum(1)
+
+
+def pool_blocks(
+    kv: torch.Tensor, score: torch.Tensor, overlap: bool,
+    prev_kv: torch.Tensor | None = None, prev_score: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pool consecutive complete blocks.
+
+    kv, score: fp32 [nb, m, c*e]; `score` includes ape. prev_kv, prev_score: [m, 2e] of the block
+    before the first one (overlap only; None for block 0). Returns fp32 [nb, e].
+    """
+    if not overlap:
+        return pool(kv, score, False)
     if kv.shape[0] == 0:
-        return kv.new_zeros(0, e)
+        return kv.new_zeros(0, kv.shape[-1] // 2)
     if prev_kv is None:
         prev_kv = torch.zeros_like(kv[0])
         prev_score = torch.full_like(score[0], float("-inf"))
     before_kv = torch.cat((prev_kv[None], kv[:-1]))  # block j-1 for each block j
     before_score = torch.cat((prev_score[None], score[:-1]))
-    cand_kv = torch.cat((before_kv[..., :e], kv[..., e:]), dim=1)  # [nb, 2m, e]
-    cand_score = torch.cat((before_score[..., :e], score[..., e:]), dim=1)
-    return (cand_kv * torch.softmax(cand_score, dim=1)).sum(1)
+    return pool(kv, score, True, before_kv, before_score)
 
 
 def finish_entries(
@@ -56,18 +68,24 @@ def finish_entries(
     """Turn pooled fp32 [N, e] entries into cache entries [N, e] of `dtype`.
 
     In order: cast, RMSNorm with weight, RoPE on the tail at the block's first position j*m, then
-    the quantization the model was trained with: FP8 on the non-rope dims in blocks of 64 (main KV),
-    or a Hadamard rotation of the whole vector then FP4 in blocks of 32 (indexer keys).
+    the quantization the model was trained with: FP8 on the non-rope dims in blocks of 64 and bf16
+    rope dims (main KV, `simulate_kv_storage`), or a Hadamard rotation of the whole vector then FP4
+    in blocks of 32 (indexer keys).
     """
     y = rms_norm(pooled.to(dtype), norm_weight, eps)
     y = rope.rotate(y, block_ids * ratio)
     if indexer:
         y = hadamard(y)
         return fake_quant_fp4(y, FP4_BLOCK) if simulate_quant else y
-    if simulate_quant:
-        nope = y.shape[-1] - rope.dim
-        y = torch.cat((fake_quant_fp8(y[..., :nope], FP8_KV_BLOCK), y[..., nope:]), dim=-1)
-    return y
+    return simulate_kv_storage(y, rope.dim) if simulate_quant else y
+
+
+def simulate_kv_storage(kv: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """Round KV entries [..., d] onto what the 584-byte cache record holds: FP8 with power-of-two
+    scales per 64 on the non-rope dims, bf16 on the rope dims (a no-op for bf16 models)."""
+    nope = kv.shape[-1] - rope_dim
+    rope_part = kv[..., nope:].to(torch.bfloat16).to(kv.dtype)
+    return torch.cat((fake_quant_fp8(kv[..., :nope], FP8_KV_BLOCK), rope_part), dim=-1)
 
 
 def compress_sequence(kv: torch.Tensor, gate: torch.Tensor, ape: torch.Tensor, overlap: bool) -> torch.Tensor:

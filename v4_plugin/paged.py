@@ -1,0 +1,207 @@
+"""Paged execution: the reference model over caches that a serving framework allocates and pages.
+
+A framework's block manager hands out fixed-size blocks; the adapter passes, per layer and cache, a
+`PagedCache` (the storage plus one block-table row per sequence) and a `BatchPlan` (the position and
+sequence of every token of the step). Everything a layer keeps is indexed by position or by
+compressed-entry number, so chunked prefill, mixed prefill/decode batches, prefix-cache hits and
+recomputation after preemption all reduce to "these entries are in the cache":
+
+* window: the raw KV of position p (the adapter may free blocks older than the window);
+* state: the compressor's per-token rows [value | ape-biased gate] of position p, fp32 (only the
+  last c*m positions are ever read: they are the carried partial blocks);
+* compressed / index_keys: entry j, written when position (j+1)*m - 1 arrives;
+* index_state: the indexer compressor's per-token rows (CSA).
+
+Entries are stored as floats in the compute dtype (`KVStorage.FLOAT`, exact) or as the byte records
+of `v4_plugin.kvcache` (`KVStorage.FP8`; indexer keys FP8 or FP4). With the matching `QuantSim`
+(kv_cache on for FP8 storage, indexer on for FP4 keys) the stored values are exactly the simulated
+ones, so paged execution reproduces `ReferenceModel.step`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from .config import LayerType, V4Config
+from .kvcache import pack_indexer, pack_main, unpack_indexer, unpack_main
+from .layout import IndexerCache, indexer_entry_bytes, main_entry_bytes
+from .model import Block, ModelOutput, QuantSim, ReferenceModel
+from .ops import attention as attn_ops
+from .ops import compressor as comp_ops
+
+
+class KVStorage(enum.Enum):
+    """How window and compressed KV entries are stored."""
+
+    FLOAT = "float"  # the compute dtype, unquantized (exact mode)
+    FP8 = "fp8"  # the 584-byte records of `kvcache.pack_main`
+
+
+@dataclass(frozen=True)
+class CacheFormat:
+    kv: KVStorage = KVStorage.FP8
+    indexer: IndexerCache | None = IndexerCache.FP8  # None: float indexer keys
+
+    def quant_sim(self, activations: bool) -> QuantSim:
+        """The reference quantization matching this storage: quantized caches hold simulated values."""
+        return QuantSim(activations=activations, kv_cache=self.kv is KVStorage.FP8, indexer=self.indexer is not None)
+
+
+EXACT = CacheFormat(KVStorage.FLOAT, None)
+
+
+def cache_entry(cfg: V4Config, kind: LayerType, fmt: CacheFormat,
+                dtype: torch.dtype) -> dict[str, tuple[int, torch.dtype]]:
+    """Per cache of one layer type: (elements per entry, element dtype) to allocate."""
+    if fmt.kv is KVStorage.FP8:
+        main = (main_entry_bytes(cfg), torch.uint8)
+    else:
+        main = (cfg.head_dim, dtype)
+    out = {"window": main}
+    if kind is LayerType.SWA:
+        return out
+    c = 2 if kind is LayerType.CSA else 1
+    out["state"] = (2 * c * cfg.head_dim, torch.float32)
+    out["compressed"] = main
+    if kind is LayerType.CSA:
+        di = cfg.index_head_dim
+        out["index_state"] = (2 * 2 * di, torch.float32)
+        out["index_keys"] = (di, dtype) if fmt.indexer is None else (indexer_entry_bytes(cfg, fmt.indexer), torch.uint8)
+    return out
+
+
+@dataclass
+class PagedCache:
+    """One paged cache of one layer: entry e of sequence s is data[block_table[s, e // bs], e % bs]."""
+
+    data: torch.Tensor  # [num_blocks, block_size, width]
+    block_table: torch.Tensor  # [num_seqs, max_blocks] block ids into data
+
+    def _where(self, seq_ids: torch.Tensor, entries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bs = self.data.shape[1]
+        blocks = self.block_table[seq_ids, entries // bs].long()
+        return blocks, entries % bs
+
+    def read(self, seq_ids: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+        """Rows [*entries.shape, width] for matching (sequence, entry) index tensors."""
+        return self.data[self._where(seq_ids, entries)]
+
+    def write(self, seq_ids: torch.Tensor, entries: torch.Tensor, rows: torch.Tensor) -> None:
+        self.data[self._where(seq_ids, entries)] = rows.to(self.data.dtype)
+
+
+@dataclass
+class LayerCaches:
+    window: PagedCache
+    state: PagedCache | None = None
+    compressed: PagedCache | None = None
+    index_state: PagedCache | None = None
+    index_keys: PagedCache | None = None
+
+
+@dataclass
+class BatchPlan:
+    """The tokens of one step: a chunk per sequence, contiguous in the batch and in position."""
+
+    positions: torch.Tensor  # int64 [T]
+    seq_ids: torch.Tensor  # int64 [T]: block-table row of each token's sequence
+
+    def sequences(self) -> list[tuple[int, slice, int, int]]:
+        """(block-table row, token slice, first position, last position) of each sequence."""
+        ids = self.seq_ids.tolist()
+        out, start = [], 0
+        for i in range(1, len(ids) + 1):
+            if i == len(ids) or ids[i] != ids[start]:
+                out.append((ids[start], slice(start, i), int(self.positions[start]), int(self.positions[i - 1])))
+                start = i
+        return out
+
+
+class _Codec:
+    """Encode/decode entries between the compute dtype and the cache storage."""
+
+    def __init__(self, cfg: V4Config, fmt: CacheFormat, dtype: torch.dtype):
+        self.cfg, self.fmt, self.dtype = cfg, fmt, dtype
+
+    def put_main(self, kv: torch.Tensor) -> torch.Tensor:
+        return pack_main(kv, self.cfg) if self.fmt.kv is KVStorage.FP8 else kv
+
+    def get_main(self, rows: torch.Tensor) -> torch.Tensor:
+        return unpack_main(rows, self.cfg, self.dtype) if self.fmt.kv is KVStorage.FP8 else rows
+
+    def put_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        return keys if self.fmt.indexer is None else pack_indexer(keys, self.cfg, self.fmt.indexer)
+
+    def get_keys(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows if self.fmt.indexer is None else unpack_indexer(rows, self.cfg, self.fmt.indexer, self.dtype)
+
+
+def _emit_entries(block: Block, x: torch.Tensor, plan: BatchPlan, state: PagedCache, out: PagedCache,
+                  indexer: bool, encode) -> None:
+    """Write this step's compressor rows, then pool and store every block they complete."""
+    m, overlap = block.ratio, block.kind is LayerType.CSA
+    kv, gate, ape = block._projections(x, indexer)
+    pos, seq = plan.positions, plan.seq_ids
+    state.write(seq, pos, torch.cat((kv, gate + ape[pos % m]), dim=1))
+    done = (pos + 1) % m == 0
+    if not bool(done.any()):
+        return
+    seq_j, block_j = seq[done], pos[done] // m
+    offsets = torch.arange(m, device=pos.device)
+    rows = state.read(seq_j[:, None], block_j[:, None] * m + offsets).float()  # [n, m, 2*c*e]
+    cur_kv, cur_score = rows.chunk(2, dim=-1)
+    before_kv = before_score = None
+    if overlap:
+        has_prev = (block_j > 0)[:, None, None]
+        prev = state.read(seq_j[:, None], ((block_j - 1).clamp(min=0) * m)[:, None] + offsets).float()
+        prev_kv, prev_score = prev.chunk(2, dim=-1)
+        before_kv = torch.where(has_prev, prev_kv, torch.zeros_like(prev_kv))
+        before_score = torch.where(has_prev, prev_score, torch.full_like(prev_score, float("-inf")))
+    pooled = comp_ops.pool(cur_kv, cur_score, overlap, before_kv, before_score)
+    out.write(seq_j, block_j, encode(block._finish(pooled, block_j, indexer)))
+
+
+def attention_paged(block: Block, x: torch.Tensor, plan: BatchPlan, caches: LayerCaches,
+                    codec: _Codec) -> torch.Tensor:
+    """One layer's attention for a batch step over paged caches: x [T, D] -> [T, D]."""
+    cfg, win = block.cfg, block.cfg.sliding_window
+    pos, seq = plan.positions, plan.seq_ids
+    c_q, q = block._query(x, pos)
+    caches.window.write(seq, pos, codec.put_main(block._window_kv(x, pos)))
+    if block.kind is not LayerType.SWA:
+        _emit_entries(block, x, plan, caches.state, caches.compressed, False, codec.put_main)
+        if block.kind is LayerType.CSA:
+            _emit_entries(block, x, plan, caches.index_state, caches.index_keys, True, codec.put_keys)
+
+    outputs = []
+    for row, tokens, first, last in plan.sequences():
+        positions = pos[tokens]
+        lo = max(0, first - win + 1)
+        window_pos = torch.arange(lo, last + 1, device=pos.device)
+        kv = codec.get_main(caches.window.read(torch.full_like(window_pos, row), window_pos))
+        wp = attn_ops.window_positions(positions, win)
+        indices = torch.where(wp >= 0, wp - lo, wp)
+        if block.kind is not LayerType.SWA:
+            entries = torch.arange((last + 1) // block.ratio, device=pos.device)
+            rows = torch.full_like(entries, row)
+            compressed = codec.get_main(caches.compressed.read(rows, entries))
+            keys = codec.get_keys(caches.index_keys.read(rows, entries)) if block.kind is LayerType.CSA else None
+            chosen = block._compressed_indices(x[tokens], c_q[tokens], positions, len(entries), keys)
+            indices = torch.cat((indices, torch.where(chosen >= 0, chosen + kv.shape[0], chosen)), dim=1)
+            kv = torch.cat((kv, compressed))
+        outputs.append(block._attend(q[tokens], kv, indices, positions))
+    return torch.cat(outputs)
+
+
+@torch.inference_mode()
+def forward_paged(model: ReferenceModel, token_ids: torch.Tensor, plan: BatchPlan,
+                  caches: list[LayerCaches], fmt: CacheFormat) -> ModelOutput:
+    """One step of a batch of sequences over paged caches (one `LayerCaches` per main layer)."""
+    codec = _Codec(model.cfg, fmt, model.dtype)
+    x = model._streams(token_ids)
+    for block, layer_caches in zip(model.blocks, caches):
+        x = block.forward(x, token_ids, lambda u, b=block, c=layer_caches: attention_paged(b, u, plan, c, codec))
+    return ModelOutput(model._logits(x, ""), x)
