@@ -78,7 +78,6 @@ def test_missing_field_is_named():
 
 
 @pytest.mark.parametrize("patch,what", [
-    ({"dspark_block_size": 5, "compress_ratios": [0, 0] + [4, 128] * 20 + [4] + [0, 0, 0]}, "refresh checkpoint"),
     ({"model_type": "deepseek_v41", "hidden_size": 5120}, "V4.1"),
     ({"kv_source_layer_ids": [0, 1]}, "V4.1"),
     ({"vision_config": {"hidden_size": 1024}}, "Vision"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import hf_dialect
+
+logger = logging.getLogger(__name__)
 from .config import V4Config, load_config
 from .quant import dequantize_weight_fp4, dequantize_weight_fp8
 from .schema import Format, TensorSpec, checkpoint_tensors, file_entries
@@ -265,6 +268,10 @@ def _decode_all(
 def _load_official(root: Path, cfg: V4Config, include_mtp: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Validate from the headers, then read tensors in schema order with one shard open at a time."""
     inventory = inspect_checkpoint(root, cfg, include_mtp)
+    skipped = sum(_is_mtp(name) for name in inventory) if not include_mtp else 0
+    if skipped:
+        what = "DSpark drafter" if cfg.dspark is not None else "MTP"
+        logger.info("%s: skipping the %d %s tensors (mtp.*): no drafting requested", root, skipped, what)
     with contextlib.ExitStack() as stack:
         current: dict[str, Any] = {}  # the one open shard: file name -> safetensors handle
 

@@ -1,7 +1,8 @@
 """`v4-plugin` command line: KV planning, tiny checkpoints and reference generation.
 
-    v4-plugin kv-plan --model {flash,pro,v3.2,PATH} [--indexer-cache fp8|fp4] [--context N] [--gpu-memory GIB] [--json]
-    v4-plugin make-tiny OUT [--preset flash|pro] [--seed N]
+    v4-plugin kv-plan --model {flash,pro,flash-0731,pro-0813,v3.2,PATH} [--indexer-cache fp8|fp4] [--context N]
+                      [--gpu-memory GIB] [--json]
+    v4-plugin make-tiny OUT [--preset flash|pro|flash-0731|pro-0813] [--seed N]
     v4-plugin generate --model DIR --prompt TEXT [--max-tokens N] [--raw]
 
 Also reachable as `python -m v4_plugin ...`.
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import ConfigError, load_config, preset_config
+from .config import PRESETS, ConfigError, load_config, preset_config
 from .layout import IndexerCache, KVPlan, checkpoint_bytes, plan, plan_v32
 
 GIB = 1 << 30
@@ -36,8 +37,8 @@ def parse_tokens(text: str) -> int:
 def _plan_for(model: str, context: int, fmt: IndexerCache) -> KVPlan:
     if model in ("v3.2", "v32"):
         return plan_v32(context=context)
-    cfg = preset_config(model) if model in ("flash", "pro") else load_config(model)
-    name = f"deepseek-v4-{model}" if model in ("flash", "pro") else model
+    cfg = preset_config(model) if model in PRESETS else load_config(model)
+    name = f"deepseek-v4-{model}" if model in PRESETS else model
     return plan(cfg, context=context, indexer_cache=fmt, name=name, weight_bytes=checkpoint_bytes(cfg))
 
 
@@ -55,7 +56,7 @@ def _print_plan(p: KVPlan, gpu_memory_gib: float | None) -> None:
         ("fixed per sequence", f"{p.fixed_bytes_per_sequence:,} B (windows + compressor state)"),
     ]
     if p.draft_fixed_bytes_per_sequence:
-        rows.append(("draft layers", f"{p.draft_fixed_bytes_per_sequence:,} B of windows per sequence"))
+        rows.append((p.draft_kind, f"{p.draft_fixed_bytes_per_sequence:,} B of windows per sequence (SWA-only)"))
     rows += [
         (f"KV at {p.context:,} tokens", _human(p.kv_bytes_at_context)),
         ("with fixed state", _human(p.total_bytes_at_context)),
@@ -117,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     kv = sub.add_parser("kv-plan", help="KV-cache bytes per token, per sequence and at a context length")
-    kv.add_argument("--model", default="flash", help="flash, pro, v3.2, or a config.json / checkpoint directory")
+    kv.add_argument("--model", default="flash",
+                    help=f"{', '.join(PRESETS)}, v3.2, or a config.json / checkpoint directory")
     kv.add_argument("--indexer-cache", choices=[f.value for f in IndexerCache], default="fp8")
     kv.add_argument("--context", type=parse_tokens, default=1 << 20, help="tokens per sequence (e.g. 128K, 1M)")
     kv.add_argument("--gpu-memory", type=float, help="GiB of accelerator memory, weights included")
@@ -126,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the official on-disk format")
     tiny.add_argument("out")
-    tiny.add_argument("--preset", choices=["flash", "pro"], default="flash")
+    tiny.add_argument("--preset", choices=list(PRESETS), default="flash")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_make_tiny)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 PRESET_DIR = Path(__file__).parent / "presets"
+PRESETS = ("flash", "pro", "flash-0731", "pro-0813")
 ARCHITECTURE = "DeepseekV4ForCausalLM"
 MODEL_TYPE = "deepseek_v4"
 
@@ -47,6 +48,20 @@ class YarnScaling:
     original_max_position_embeddings: int
     beta_fast: float
     beta_slow: float
+
+
+@dataclass(frozen=True)
+class DSparkConfig:
+    """The DSpark drafter of the -0731 / -0813 refreshes: SWA-only stages stored as `mtp.0..S-1`."""
+
+    block_size: int  # tokens drafted per proposal
+    noise_token_id: int  # the mask token that fills the draft block after the anchor
+    target_layer_ids: tuple[int, ...]  # main layers whose outputs condition the drafter (one per stage)
+    markov_rank: int  # rank of the Markov head's token-to-token bias
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.target_layer_ids)
 
 
 @dataclass(frozen=True)
@@ -87,6 +102,7 @@ class V4Config:
     eos_token_id: int
     quantized: bool  # FP8 block-scaled linears (official format) vs plain float weights
     expert_dtype: str  # "fp4" (packed e2m1) | "fp8" | "float" (unquantized checkpoint)
+    dspark: DSparkConfig | None = None  # the refreshes' drafter; None for the 04-24 release (MTP)
     source: str = field(default="<dict>", compare=False)
 
     # ---- derived sizes -------------------------------------------------------------------------
@@ -94,6 +110,16 @@ class V4Config:
     def nope_head_dim(self) -> int:
         """Non-rope dims of the 512-d head (448 for the real models), FP8 in the KV cache."""
         return self.head_dim - self.qk_rope_head_dim
+
+    @property
+    def num_draft_layers(self) -> int:
+        """Layers after the main model: the MTP block(s) of 04-24, or the DSpark stages of a refresh."""
+        return len(self.compress_ratios) - self.num_hidden_layers
+
+    @property
+    def has_mtp(self) -> bool:
+        """True when `mtp.*` holds MTP blocks (e_proj/h_proj/enorm/hnorm), not DSpark stages."""
+        return self.dspark is None and self.num_nextn_predict_layers > 0
 
     @property
     def heads_per_group(self) -> int:
@@ -138,6 +164,10 @@ class V4Config:
         if self.quantized:
             out["quantization_config"] = dict(_QUANTIZATION_CONFIG)
             out["expert_dtype"] = self.expert_dtype
+        if self.dspark is not None:
+            out.update(dspark_block_size=self.dspark.block_size, dspark_noise_token_id=self.dspark.noise_token_id,
+                       dspark_target_layer_ids=list(self.dspark.target_layer_ids),
+                       dspark_markov_rank=self.dspark.markov_rank)
         return dict(sorted(out.items()))
 
 
@@ -218,17 +248,12 @@ def _refuse_other_variants(raw: Mapping[str, Any], where: str) -> None:
     ) or any(r in (1, 2) for r in ratios if isinstance(r, int)):
         raise ConfigError(
             f"{where}: this is a DeepSeek-V4.1 checkpoint (model_type {model_type!r}, ratio-2/1 or engram "
-            "layers): a different architecture that deepseek-v4-plugin does not implement"
+            "layers): a different architecture, not supported by deepseek-v4-plugin"
         )
     if any(k.startswith("vision") for k in raw):
         raise ConfigError(
-            f"{where}: this is a DeepSeek-V4 Vision checkpoint (vision_* keys: a vision tower); "
-            "deepseek-v4-plugin serves the text-only V4 models"
-        )
-    if any(k.startswith("dspark_") for k in raw):
-        raise ConfigError(
-            f"{where}: this is a DeepSeek-V4 refresh checkpoint (-0731/-0813: dspark_* keys, DSpark drafter "
-            "stored as mtp.0..2); this version of deepseek-v4-plugin serves only the 2026-04-24 release"
+            f"{where}: this is a DeepSeek-V4 Vision checkpoint (vision_* keys: a vision tower, image-routed "
+            "experts); it is not supported: deepseek-v4-plugin serves the text-only V4 models"
         )
 
 
@@ -275,15 +300,17 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> V4Config:
     for name in ("num_nextn_predict_layers", "num_hash_layers", "swiglu_limit", "hc_eps", "rms_norm_eps"):
         _check(v[name] >= 0, where, name, f"must be >= 0, got {v[name]}")
 
-    _check(
-        len(ratios) == n + n_mtp, where, "compress_ratios",
-        f"must have num_hidden_layers + num_nextn_predict_layers = {n} + {n_mtp} = {n + n_mtp} entries, "
-        f"got {len(ratios)}",
-    )
+    dspark = _parse_dspark(raw, n, v["vocab_size"], where)
+    if dspark is None:
+        n_draft, rule = n_mtp, f"num_hidden_layers + num_nextn_predict_layers = {n} + {n_mtp}"
+    else:  # a refresh: num_nextn_predict_layers is stale; one SWA-only entry per DSpark stage follows
+        n_draft, rule = dspark.num_stages, f"num_hidden_layers + len(dspark_target_layer_ids) = {n} + {dspark.num_stages}"
+    _check(len(ratios) == n + n_draft, where, "compress_ratios",
+           f"must have {rule} = {n + n_draft} entries, got {len(ratios)}")
     for i, r in enumerate(ratios):
         _check(r in (0, 4, 128), where, f"compress_ratios[{i}]", f"must be 0 (SWA), 4 (CSA) or 128 (HCA), got {r!r}")
-    for i in range(n, n + n_mtp):
-        _check(ratios[i] == 0, where, f"compress_ratios[{i}]", "(an MTP layer) must be 0: MTP layers are SWA-only")
+    for i in range(n, n + n_draft):
+        _check(ratios[i] == 0, where, f"compress_ratios[{i}]", "(a draft layer) must be 0: MTP/DSpark layers are SWA-only")
 
     _check(raw.get("num_key_value_heads", 1) == 1, where, "num_key_value_heads", "must be 1 (one shared K=V vector)")
     _check(v["n_shared_experts"] == 1, where, "n_shared_experts", f"must be 1, got {v['n_shared_experts']}")
@@ -319,7 +346,24 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> V4Config:
     yarn = _parse_rope_scaling(raw.get("rope_scaling"), where)
     quantized, expert_dtype = _parse_quantization(raw, where)
     v["compress_ratios"] = tuple(ratios)
-    return V4Config(**v, rope_scaling=yarn, quantized=quantized, expert_dtype=expert_dtype, source=source)
+    return V4Config(**v, rope_scaling=yarn, quantized=quantized, expert_dtype=expert_dtype, dspark=dspark,
+                    source=source)
+
+
+def _parse_dspark(raw: Mapping[str, Any], n_layers: int, vocab: int, where: str) -> DSparkConfig | None:
+    keys = ("dspark_block_size", "dspark_noise_token_id", "dspark_target_layer_ids", "dspark_markov_rank")
+    if not any(k in raw for k in keys):
+        return None
+    for k in keys:
+        _check(k in raw, where, k, "is missing (a DSpark checkpoint has all four dspark_* keys)")
+    ids = raw["dspark_target_layer_ids"]
+    _check(isinstance(ids, list) and len(ids) > 0 and all(isinstance(i, int) and 0 <= i < n_layers for i in ids),
+           where, "dspark_target_layer_ids", f"must be a non-empty list of main layer ids < {n_layers}, got {ids!r}")
+    for k in ("dspark_block_size", "dspark_markov_rank"):
+        _check(isinstance(raw[k], int) and raw[k] > 0, where, k, f"must be a positive int, got {raw[k]!r}")
+    noise = raw["dspark_noise_token_id"]
+    _check(isinstance(noise, int) and 0 <= noise < vocab, where, "dspark_noise_token_id", f"must be a token id < {vocab}")
+    return DSparkConfig(raw["dspark_block_size"], noise, tuple(ids), raw["dspark_markov_rank"])
 
 
 def _parse_rope_scaling(rs: Any, where: str) -> YarnScaling | None:
@@ -373,9 +417,9 @@ def load_config(path: str | Path) -> V4Config:
 
 
 def preset_config(name: str) -> V4Config:
-    """The published config of a real model: `flash` or `pro`."""
+    """The published config of a real model: `flash`, `pro`, `flash-0731` or `pro-0813`."""
     path = PRESET_DIR / f"deepseek-v4-{name}.config.json"
     if not path.exists():
-        raise ConfigError(f"unknown model preset {name!r}; choose 'flash' or 'pro', or pass a config.json path")
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}, or pass a config.json path")
     return load_config(path)
 

@@ -106,7 +106,8 @@ class KVPlan:
     layer_counts: dict[str, int]  # main layers per type
     bytes_per_token: float  # amortised over context; fixed window/state excluded
     fixed_bytes_per_sequence: int  # windows + compressor state of the main layers
-    draft_fixed_bytes_per_sequence: int  # windows of MTP / drafter layers (SWA-only), reported apart
+    draft_fixed_bytes_per_sequence: int  # windows of the MTP block / DSpark stages (SWA-only), reported apart
+    draft_kind: str  # "MTP layers", "DSpark stages" or "" 
     entry_bytes: dict[str, int]
     context: int
     kv_bytes_at_context: int  # compressed entries + indexer keys for `context` tokens (exact block counts)
@@ -143,6 +144,7 @@ def plan(cfg: V4Config, *, context: int, indexer_cache: IndexerCache = IndexerCa
         bytes_per_token=sum(costs[k].per_token for k in kinds),
         fixed_bytes_per_sequence=sum(costs[k].fixed for k in kinds),
         draft_fixed_bytes_per_sequence=n_draft * costs[LayerType.SWA].window,
+        draft_kind="" if not n_draft else "DSpark stages" if cfg.dspark is not None else "MTP layers",
         entry_bytes={"main": main, "indexer": idx},
         context=context,
         kv_bytes_at_context=kv_at,
@@ -182,7 +184,7 @@ def plan_v32(*, context: int, dims: V32Dims = V32Dims()) -> KVPlan:
     per_token = dims.num_layers * (mla + idx)
     return KVPlan(
         model="deepseek-v3.2", indexer_cache="fp8", layer_counts={"MLA": dims.num_layers},
-        bytes_per_token=float(per_token), fixed_bytes_per_sequence=0, draft_fixed_bytes_per_sequence=0,
+        bytes_per_token=float(per_token), fixed_bytes_per_sequence=0, draft_fixed_bytes_per_sequence=0, draft_kind="",
         entry_bytes={"main": mla, "indexer": idx}, context=context, kv_bytes_at_context=per_token * context,
         weight_bytes=None,
     )

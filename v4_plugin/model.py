@@ -268,9 +268,8 @@ class ReferenceModel:
         self.cfg, self.dtype, self.quant = cfg, dtype, quant
         self.w = Weights(tensors, dtype)
         self.blocks = [Block(cfg, self.w, f"layers.{i}", i, quant) for i in range(cfg.num_hidden_layers)]
-        self.mtp_blocks = [
-            Block(cfg, self.w, f"mtp.{k}", cfg.num_hidden_layers + k, quant) for k in range(cfg.num_nextn_predict_layers)
-        ]
+        n_mtp = cfg.num_nextn_predict_layers if cfg.has_mtp else 0
+        self.mtp_blocks = [Block(cfg, self.w, f"mtp.{k}", cfg.num_hidden_layers + k, quant) for k in range(n_mtp)]
 
     def _embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.w("embed.weight")[token_ids]
@@ -316,7 +315,11 @@ class ReferenceModel:
         the token at t+1 for each position t. Returns the draft logits for position t+2 and the MTP's
         own pre-hc_head streams.
         """
-        cfg, block = self.cfg, self.mtp_blocks[depth]
+        cfg = self.cfg
+        if not cfg.has_mtp:
+            raise ValueError(f"{cfg.source}: this checkpoint has no MTP block (its mtp.* tensors are DSpark drafter "
+                             "stages, without e_proj/h_proj/enorm/hnorm); MTP drafting is not available")
+        block = self.mtp_blocks[depth]
         p = f"mtp.{depth}."
         e = rms_norm(self._embed(next_ids), self.w(f"{p}enorm.weight"), cfg.rms_norm_eps)
         h = rms_norm(streams, self.w(f"{p}hnorm.weight"), cfg.rms_norm_eps)

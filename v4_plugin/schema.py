@@ -133,7 +133,9 @@ def checkpoint_tensors(cfg: V4Config, include_mtp: bool = True) -> list[TensorSp
     out += [TensorSpec("norm.weight", (d,), bf16), TensorSpec("head.weight", (v, d), bf16),
             TensorSpec("hc_head_fn", (hc, hc * d), Format.FP32), TensorSpec("hc_head_base", (hc,), Format.FP32),
             TensorSpec("hc_head_scale", (1,), Format.FP32)]
-    if include_mtp:
+    if include_mtp and cfg.dspark is not None:
+        out += _dspark_tensors(cfg, lin, experts)
+    elif include_mtp:
         for k in range(cfg.num_nextn_predict_layers):
             p = f"mtp.{k}"
             out += _block_tensors(cfg, p, cfg.num_hidden_layers + k, lin, experts)
@@ -142,4 +144,31 @@ def checkpoint_tensors(cfg: V4Config, include_mtp: bool = True) -> list[TensorSp
                     TensorSpec(f"{p}.norm.weight", (d,), bf16), TensorSpec(f"{p}.hc_head_fn", (hc, hc * d), Format.FP32),
                     TensorSpec(f"{p}.hc_head_base", (hc,), Format.FP32),
                     TensorSpec(f"{p}.hc_head_scale", (1,), Format.FP32)]
+    return out
+
+
+def _dspark_tensors(cfg: V4Config, lin: Format, experts: Format) -> list[TensorSpec]:
+    """The DSpark drafter of a refresh checkpoint, stored as `mtp.0 ... mtp.{S-1}`.
+
+    Every stage is an SWA-only decoder block; stage 0 also holds `main_proj` (the S target layers'
+    stream means, concatenated, -> D) and `main_norm`; the last stage holds the output head stack
+    (norm, hc_head, the Markov head's two rank-R tables and the confidence head).
+    """
+    d, v, hc = cfg.hidden_size, cfg.vocab_size, cfg.hc_mult
+    stages, rank = cfg.dspark.num_stages, cfg.dspark.markov_rank
+    out: list[TensorSpec] = []
+    for k in range(stages):
+        p = f"mtp.{k}"
+        out += _block_tensors(cfg, p, cfg.num_hidden_layers + k, lin, experts)
+        if k == 0:
+            out += [TensorSpec(f"{p}.main_proj", (d, stages * d), lin),
+                    TensorSpec(f"{p}.main_norm.weight", (d,), Format.BF16)]
+        if k == stages - 1:
+            out += [TensorSpec(f"{p}.norm.weight", (d,), Format.BF16),
+                    TensorSpec(f"{p}.hc_head_fn", (hc, hc * d), Format.FP32),
+                    TensorSpec(f"{p}.hc_head_base", (hc,), Format.FP32),
+                    TensorSpec(f"{p}.hc_head_scale", (1,), Format.FP32),
+                    TensorSpec(f"{p}.markov_head.markov_w1.weight", (v, rank), Format.BF16),
+                    TensorSpec(f"{p}.markov_head.markov_w2.weight", (v, rank), Format.BF16),
+                    TensorSpec(f"{p}.confidence_head.proj.weight", (1, d + rank), Format.BF16)]
     return out

@@ -91,8 +91,25 @@ _PRO_CHANGES: dict[str, Any] = {
     "index_topk": 32,
     "routed_scaling_factor": 2.5,
 }
-TINY_PRESETS: dict[str, dict[str, Any]] = {"flash": _FLASH, "pro": {**_FLASH, **_PRO_CHANGES}}
-"""Official-format config dicts of the tiny models: 5 layers + 1 MTP, hidden 128, vocab 384."""
+_PRO: dict[str, Any] = {**_FLASH, **_PRO_CHANGES}
+
+
+def _refresh(base: dict[str, Any], markov_rank: int) -> dict[str, Any]:
+    """The -0731 / -0813 format of a preset: the same main model, three SWA-only DSpark stages
+    conditioned on the last three main layers, a stale num_nextn_predict_layers = 1."""
+    n = base["num_hidden_layers"]
+    return {**base, "compress_ratios": base["compress_ratios"][:n] + [0, 0, 0], "dspark_block_size": 5,
+            "dspark_noise_token_id": base["vocab_size"] - 1, "dspark_target_layer_ids": [n - 3, n - 2, n - 1],
+            "dspark_markov_rank": markov_rank}
+
+
+TINY_PRESETS: dict[str, dict[str, Any]] = {
+    "flash": _FLASH, "pro": _PRO, "flash-0731": _refresh(_FLASH, 16), "pro-0813": _refresh(_PRO, 32),
+}
+"""Official-format config dicts of the tiny models: 5 layers + 1 MTP (or 3 DSpark stages), hidden 128, vocab 384.
+
+A refresh preset draws the same main-model weights as its 04-24 preset for the same seed (the main
+tensors come first in `checkpoint_tensors` order), as the real refreshes keep the main model."""
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 
