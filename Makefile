@@ -19,4 +19,4 @@ demo: $(STAMP)
 	$(PY) -m v4_plugin kv-plan --model v3.2 --context 1M
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q

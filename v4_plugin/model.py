@@ -7,7 +7,9 @@ Readable and eager, for one sequence at a time. Two entry points share the ops i
 * `step(ids, cache)`: the next chunk of any length, carrying an explicit `SequenceCache` (window
   ring, compressor partial blocks, compressed entries, indexer keys).
 
-Weights are the dequantized checkpoint values under their official names (spec §9). The quantization
+Hot ops go through `dispatch` (Triton kernels for CUDA tensors, the torch ops otherwise; set
+V4_PLUGIN_KERNELS=torch for the pure reference on a GPU). Weights are the dequantized checkpoint
+values under their official names (spec §9). The quantization
 the model was trained with is simulated (FP8 activations in FP8/FP4 linears, FP8 KV entries,
 Hadamard + FP4 indexer q/k), each switchable through `QuantSim` for exact comparisons against
 implementations that skip it.
@@ -21,10 +23,10 @@ from typing import Callable, Mapping
 import torch
 
 from .config import LayerType, V4Config
+from . import dispatch
 from .ops import attention as attn_ops
 from .ops import compressor as comp_ops
 from .ops import indexer as index_ops
-from .ops import mhc
 from .ops.linear import linear
 from .ops.moe import ExpertWeights, moe, route
 from .ops.norm import rms_norm
@@ -136,8 +138,8 @@ class Block:
         q = index_ops.index_queries(q, positions, self.rope, self.quant.indexer)
         head_w = linear(x, self.w(f"{self.p}.attn.indexer.weights_proj.weight"), False).float()
         head_w = head_w * (cfg.index_head_dim**-0.5 * cfg.index_n_heads**-0.5)
-        scores = index_ops.index_scores(q, head_w, keys)
-        return index_ops.select_topk(scores, attn_ops.visible_entries(positions, self.ratio), cfg.index_topk)
+        scores = dispatch.index_scores(q, head_w, keys)
+        return dispatch.select_topk(scores, attn_ops.visible_entries(positions, self.ratio), cfg.index_topk)
 
     def _compressed_indices(self, x: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor,
                             num_entries: int, index_keys: torch.Tensor | None) -> torch.Tensor:
@@ -152,7 +154,7 @@ class Block:
                 positions: torch.Tensor) -> torch.Tensor:
         """Sparse attention, de-rotation of the output and the grouped low-rank projection -> [T, D]."""
         cfg = self.cfg
-        o = attn_ops.sparse_attention(q, kv, indices, self.w(f"{self.p}.attn.attn_sink").float(), cfg.head_dim**-0.5)
+        o = dispatch.sparse_attention(q, kv, indices, self.w(f"{self.p}.attn.attn_sink").float(), cfg.head_dim**-0.5)
         o = self.rope.rotate(o, positions, inverse=True)
         z = attn_ops.grouped_output_projection(o, self.w(f"{self.p}.attn.wo_a.weight"), cfg.o_groups)
         return self._linear(z, "attn.wo_b")
@@ -224,7 +226,7 @@ class Block:
     # ---- the block -------------------------------------------------------------------------------
     def _hc_pre(self, x: torch.Tensor, site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.cfg
-        return mhc.hc_pre(
+        return dispatch.hc_pre(
             x, self.w(f"{self.p}.hc_{site}_fn", keep_dtype=True), self.w(f"{self.p}.hc_{site}_scale", keep_dtype=True),
             self.w(f"{self.p}.hc_{site}_base", keep_dtype=True),
             norm_eps=cfg.rms_norm_eps, hc_eps=cfg.hc_eps, sinkhorn_iters=cfg.hc_sinkhorn_iters,
@@ -254,10 +256,10 @@ class Block:
         u, post, comb = self._hc_pre(x, "attn")
         u = rms_norm(u, self.w(f"{self.p}.attn_norm.weight"), eps)
         a = attention(u)
-        x = mhc.hc_post(a, x, post, comb)
+        x = dispatch.hc_post(a, x, post, comb)
         v, post, comb = self._hc_pre(x, "ffn")
         f = self._moe(rms_norm(v, self.w(f"{self.p}.ffn_norm.weight"), eps), token_ids)
-        return mhc.hc_post(f, x, post, comb)
+        return dispatch.hc_post(f, x, post, comb)
 
 
 class ReferenceModel:
@@ -276,7 +278,7 @@ class ReferenceModel:
 
     def _logits(self, streams: torch.Tensor, prefix: str) -> torch.Tensor:
         cfg = self.cfg
-        h = mhc.hc_head(
+        h = dispatch.hc_head(
             streams, self.w(f"{prefix}hc_head_fn", keep_dtype=True), self.w(f"{prefix}hc_head_scale", keep_dtype=True),
             self.w(f"{prefix}hc_head_base", keep_dtype=True), norm_eps=cfg.rms_norm_eps, hc_eps=cfg.hc_eps,
         )
