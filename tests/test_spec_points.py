@@ -90,6 +90,8 @@ def test_08_10_11_one_softmax_kv_is_key_and_value_sink_in_denominator():
     got = attn_ops.sparse_attention(q, kv, idx, sink, 16**-0.5)
     torch.testing.assert_close(got, _attend_naive(q, kv, idx, sink, 16**-0.5), atol=1e-5, rtol=1e-5)
     assert torch.equal(got[2], torch.zeros(2, 16))  # nothing visible: only the sink, zero output
+    padded = attn_ops.sparse_attention(q, kv, idx, torch.full((2,), float("-inf")), 16**-0.5)
+    assert torch.equal(padded[2], torch.zeros(2, 16))  # a padded head (sink -inf) with nothing: 0, not NaN
 
 
 def test_09_output_is_derotated_relative_positions_only():

@@ -1,34 +1,56 @@
-"""DeepSeek-V4 chat encoding (basic: system, user and assistant text messages).
+"""DeepSeek-V4 chat encoding: turns, tools (DSML), tool results and thinking modes.
 
 DeepSeek ships no Jinja template for V4; the prompt contract is the checkpoint's
-``encoding/encoding_dsv4.py`` (architecture.md §11). This module reproduces that
-encoder for plain text conversations:
+``encoding/encoding_dsv4.py`` (architecture.md §11). This module is our own
+implementation of that contract (tests compare it with the official file):
 
-* the prompt starts with BOS;
-* a system message is its text, unadorned (so leading system messages are simply
-  concatenated right after BOS);
-* a user message is ``<｜User｜>`` + text; consecutive user messages form one
-  turn, their texts joined by a blank line;
-* an assistant turn is opened by ``<｜Assistant｜>`` + ``<think>`` (thinking mode)
-  or ``</think>`` (chat mode), written right after the user or system message it
-  answers; the turn itself is its text + EOS. In thinking mode, turns before the
-  last user message are opened with ``</think>`` and lose their reasoning; a turn
-  after it keeps ``reasoning + </think>`` in front of its text;
-* the generation prompt is the same opener after a trailing user/system message.
+* the prompt starts with BOS; in thinking mode the effort profile's preamble
+  (if any) comes right after it, once;
+* a system message is its text, unadorned; tool schemas (``## Tools`` block)
+  and a response-format note are appended to it after a blank line. Request
+  ``tools`` attach to the first system message (one is made when there is
+  none), as vLLM and DeepSeek's own renderer do;
+* a ``developer`` message is a user turn carrying the same extras;
+* a user message is ``<｜User｜>`` + text. Tool results have no role of their
+  own: each ``tool`` message becomes ``<tool_result>…</tool_result>`` inside a
+  user turn; consecutive user/tool messages form one turn whose parts are
+  joined by a blank line, tool results ordered like the calls they answer;
+* an assistant turn is opened by ``<｜Assistant｜>`` + ``<think>`` (thinking) or
+  ``</think>`` (chat), written after the user/system message it answers; its
+  body is [reasoning + ``</think>``] + text + [``\\n\\n`` + DSML tool calls] + EOS;
+* DSML tool calls::
 
-Example (chat mode)::
+      <｜DSML｜tool_calls>
+      <｜DSML｜invoke name="NAME">
+      <｜DSML｜parameter name="KEY" string="true">raw text</｜DSML｜parameter>
+      <｜DSML｜parameter name="KEY2" string="false">JSON value</｜DSML｜parameter>
+      </｜DSML｜invoke>
+      </｜DSML｜tool_calls>
 
-    <｜begin▁of▁sentence｜>Be brief.<｜User｜>Hi<｜Assistant｜></think>Hello!<｜end▁of▁sentence｜><｜User｜>Bye<｜Assistant｜></think>
+* reasoning: without tools, thinking mode drops the reasoning of assistant turns
+  before the last user message (those turns are opened with ``</think>``) and
+  drops developer messages before it; when any tools are present nothing is
+  dropped and every turn is opened with ``<think>``.
 
-``CHAT_TEMPLATE`` is the same encoding as a Hugging Face Jinja template (a
-``thinking`` template kwarg selects thinking mode; default off). Tools/DSML,
-task tokens and reasoning-effort preambles are not handled here yet; each role
-has its own render function so they can be added where they belong.
+Modes: ``thinking=False`` is non-think; ``thinking=True`` with an effort picks a
+preamble from an :class:`EffortProfile`. :data:`PREVIEW_PROFILE` is the 04-24
+checkpoints' profile (``high`` = no preamble, ``max`` = "Absolute maximum");
+other profiles are plain :class:`EffortProfile` values passed as ``profile=``.
+
+:func:`encode_request` reads a serving request (``chat_template_kwargs``,
+``reasoning_effort``; thinking on by default, as DeepSeek's API and both
+frameworks do). ``CHAT_TEMPLATE`` is :func:`encode_messages` as a Hugging Face
+Jinja template, generated from the same pieces and tested equal on the corpus
+(``thinking`` / ``enable_thinking`` kwargs, default off; tool-call arguments must be
+mappings there). The inverse (completion text -> reasoning, content, tool calls)
+is :mod:`v4_plugin.dsml`.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -40,6 +62,7 @@ LATEST_REMINDER = "<｜latest_reminder｜>"
 THINK_START = "<think>"
 THINK_END = "</think>"
 DSML = "｜DSML｜"
+IMAGE_PLACEHOLDER = "<｜deepseek_image｜>"
 TASK_TOKENS: dict[str, str] = {
     "action": "<｜action｜>",
     "query": "<｜query｜>",
@@ -49,33 +72,241 @@ TASK_TOKENS: dict[str, str] = {
     "read_url": "<｜read_url｜>",
 }
 
+TOOL_CALLS_BLOCK = "tool_calls"
+"""The DSML block name V4 writes (V3.2 used ``function_calls``)."""
+
 Message = Mapping[str, Any]
 
+# ----------------------------------------------------------------------------
+# Reasoning-effort profiles
+# ----------------------------------------------------------------------------
 
-def _text(message: Message) -> str:
-    """Return a message's text content (``None`` or missing counts as empty)."""
-    return message.get("content") or ""
+ABSOLUTE_MAXIMUM_PREAMBLE = (
+    "Reasoning Effort: Absolute maximum with no shortcuts permitted.\n"
+    "You MUST be very thorough in your thinking and comprehensively decompose the problem to "
+    "resolve the root cause, rigorously stress-testing your logic against all potential paths, "
+    "edge cases, and adversarial scenarios.\n"
+    "Explicitly write out your entire deliberation process, documenting every intermediate step, "
+    "considered alternative, and rejected hypothesis to ensure absolutely no assumption is left "
+    "unchecked.\n\n"
+)
+"""The "Absolute maximum" preamble: 04-24 ``max`` (and the 0731 encoder's ``high``)."""
+
+
+@dataclass(frozen=True)
+class EffortProfile:
+    """How a checkpoint family maps a reasoning effort to a prompt preamble.
+
+    Attributes:
+        name: label (``"preview"`` for the 04-24 checkpoints).
+        preambles: effort -> text written once, right after BOS, in thinking mode.
+        default_effort: effort used in thinking mode when none is requested.
+        aliases: extra effort names mapped onto keys of ``preambles``.
+    """
+
+    name: str
+    preambles: Mapping[str, str]
+    default_effort: str
+    aliases: Mapping[str, str] = field(default_factory=dict)
+
+    def resolve(self, effort: str | None) -> str:
+        """The canonical effort for ``effort`` (``None`` -> the default)."""
+        if effort is None:
+            return self.default_effort
+        effort = self.aliases.get(effort, effort)
+        if effort not in self.preambles:
+            raise ValueError(
+                f"reasoning effort {effort!r} is not defined by the {self.name!r} profile; "
+                f"expected one of {sorted(self.preambles)}"
+            )
+        return effort
+
+    def preamble(self, effort: str | None) -> str:
+        """The preamble text for ``effort`` (may be empty)."""
+        return self.preambles[self.resolve(effort)]
+
+
+PREVIEW_PROFILE = EffortProfile(
+    name="preview",
+    preambles={"high": "", "max": ABSOLUTE_MAXIMUM_PREAMBLE},
+    default_effort="high",
+    aliases={"minimal": "high", "low": "high", "medium": "high", "xhigh": "max"},
+)
+"""The 04-24 ("preview") profile: think-high has no preamble, think-max the
+"Absolute maximum" text (refresh-checkpoints.md §4); lower OpenAI efforts map to
+``high`` (the lowest the preview defines), ``xhigh`` to ``max``."""
+
+# ----------------------------------------------------------------------------
+# Pieces of the format
+# ----------------------------------------------------------------------------
+
+
+def render_tools_block(tools: Sequence[Mapping[str, Any]]) -> str:
+    """The ``## Tools`` section listing the tool schemas (one JSON per line).
+
+    ``tools`` may be OpenAI tool entries (``{"type": "function", "function": {...}}``)
+    or bare function schemas.
+    """
+    schemas = "\n".join(to_json(_function_schema(tool)) for tool in tools)
+    open_block, close_block = f"<{DSML}{TOOL_CALLS_BLOCK}>", f"</{DSML}{TOOL_CALLS_BLOCK}>"
+    invoke, invoke_end = f"<{DSML}invoke", f"</{DSML}invoke>"
+    param, param_end = f"<{DSML}parameter", f"</{DSML}parameter>"
+    return (
+        "## Tools\n\n"
+        "You have access to a set of tools to help answer the user's question. "
+        f'You can invoke tools by writing a "{open_block}" block like the following:\n\n'
+        f"{open_block}\n"
+        f'{invoke} name="$TOOL_NAME">\n'
+        f'{param} name="$PARAMETER_NAME" string="true|false">$PARAMETER_VALUE{param_end}\n'
+        "...\n"
+        f"{invoke_end}\n"
+        f'{invoke} name="$TOOL_NAME2">\n'
+        "...\n"
+        f"{invoke_end}\n"
+        f"{close_block}\n\n"
+        'String parameters should be specified as is and set `string="true"`. For all other '
+        "types (numbers, booleans, arrays, objects), pass the value in JSON format and set "
+        '`string="false"`.\n\n'
+        f"If thinking_mode is enabled (triggered by {THINK_START}), you MUST output your complete "
+        f"reasoning inside {THINK_START}...{THINK_END} BEFORE any tool calls or final response.\n\n"
+        f"Otherwise, output directly after {THINK_END} with tool calls or final response.\n\n"
+        "### Available Tool Schemas\n\n"
+        f"{schemas}\n\n"
+        "You MUST strictly follow the above defined tool name and parameter schemas to invoke "
+        "tool calls.\n"
+    )
+
+
+def render_response_format(schema: Any) -> str:
+    """The note that asks for a reply following ``schema`` (a response_format)."""
+    return (
+        "## Response Format:\n\nYou MUST strictly adhere to the following schema to reply:\n"
+        + to_json(schema)
+    )
+
+
+def to_json(value: Any) -> str:
+    """JSON as the format writes it: ``json.dumps`` defaults, non-ASCII kept."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return json.dumps(value, ensure_ascii=True)
+
+
+def render_parameter(name: str, value: Any) -> str:
+    """One DSML parameter: strings raw with ``string="true"``, others JSON."""
+    if isinstance(value, str):
+        return f'<{DSML}parameter name="{name}" string="true">{value}</{DSML}parameter>'
+    return f'<{DSML}parameter name="{name}" string="false">{to_json(value)}</{DSML}parameter>'
+
+
+def tool_call_arguments(tool_call: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments of an OpenAI tool call (``function.arguments``, JSON text or dict)."""
+    function = tool_call.get("function", tool_call)
+    arguments = function.get("arguments")
+    if arguments is None or arguments == "":
+        return {}
+    if isinstance(arguments, str):
+        arguments = json.loads(arguments)
+    if not isinstance(arguments, Mapping):
+        raise ValueError(f"tool call arguments must be a JSON object, got {arguments!r}")
+    return dict(arguments)
+
+
+def render_tool_calls(tool_calls: Sequence[Mapping[str, Any]]) -> str:
+    """The DSML ``tool_calls`` block for OpenAI-format ``tool_calls``."""
+    invokes = []
+    for call in tool_calls:
+        name = call.get("function", call).get("name")
+        params = "\n".join(render_parameter(k, v) for k, v in tool_call_arguments(call).items())
+        invokes.append(f'<{DSML}invoke name="{name}">\n{params}\n</{DSML}invoke>')
+    body = "\n".join(invokes)
+    return f"<{DSML}{TOOL_CALLS_BLOCK}>\n{body}\n</{DSML}{TOOL_CALLS_BLOCK}>"
+
+
+def render_tool_result(content: Any) -> str:
+    """A tool result as it sits in a user turn."""
+    return f"<tool_result>{_tool_text(content)}</tool_result>"
+
+
+def _function_schema(tool: Mapping[str, Any]) -> Any:
+    return tool["function"] if "function" in tool else tool
+
+
+def _tool_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        parts = []
+        for block in content:
+            if isinstance(block, Mapping) and block.get("type") == "text":
+                parts.append(block.get("text") or "")
+            else:
+                kind = block.get("type") if isinstance(block, Mapping) else type(block).__name__
+                parts.append(f"[Unsupported {kind}]")
+        return "\n\n".join(parts)
+    return str(content)
+
+
+def _text(content: Any) -> str:
+    """Plain text of message content: a string, ``None``, or OpenAI content parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for block in content:
+        if not isinstance(block, Mapping):
+            parts.append(str(block))
+        elif block.get("type") == "text":
+            parts.append(block.get("text") or "")
+        elif block.get("type") in ("image", "image_url"):
+            parts.append(IMAGE_PLACEHOLDER)
+        else:
+            raise ValueError(f"unsupported content part type {block.get('type')!r}")
+    return "\n\n".join(parts)
+
+
+def _reasoning(message: Message) -> str:
+    value = message.get("reasoning")
+    if value is None:
+        value = message.get("reasoning_content")
+    return value or ""
+
+
+# ----------------------------------------------------------------------------
+# Role render functions
+# ----------------------------------------------------------------------------
 
 
 def render_system(message: Message) -> str:
-    """Render a system message: its text, with no role marker."""
-    return _text(message)
+    """A system message: its text, then its tools block and response format."""
+    return _text(message.get("content")) + _extras(message)
 
 
-def render_user(message: Message, *, continues_turn: bool) -> str:
-    """Render a user message: ``<｜User｜>`` + text, or ``\n\n`` + text when it
-    continues the user turn of the message before it."""
-    return ("\n\n" if continues_turn else USER) + _text(message)
+def render_developer(message: Message) -> str:
+    """A developer message: a user turn with the system message's extras."""
+    text = _text(message.get("content"))
+    if not text:
+        raise ValueError("a developer message needs content")
+    return USER + text + _extras(message)
 
 
-def render_assistant(message: Message, *, keep_reasoning: bool) -> str:
-    """Render an assistant turn's body (its opener is written by ``assistant_opener``).
+def render_user(parts: Sequence[str]) -> str:
+    """A user turn from its rendered parts (texts and tool results)."""
+    return USER + "\n\n".join(parts)
 
-    With ``keep_reasoning`` (thinking mode, turn after the last user message) the
-    body is ``reasoning + </think> + text + EOS``; otherwise ``text + EOS``.
+
+def render_assistant(message: Message, *, keep_reasoning: bool, eos: bool = True) -> str:
+    """An assistant turn's body (its opener is written by :func:`assistant_opener`).
+
+    ``keep_reasoning`` writes ``reasoning + </think>`` in front of the text.
     """
-    reasoning = (message.get("reasoning") or "") + THINK_END if keep_reasoning else ""
-    return reasoning + _text(message) + EOS
+    body = (_reasoning(message) + THINK_END) if keep_reasoning else ""
+    body += _text(message.get("content"))
+    if message.get("tool_calls"):
+        body += "\n\n" + render_tool_calls(message["tool_calls"])
+    return body + (EOS if eos else "")
 
 
 def assistant_opener(*, thinking: bool) -> str:
@@ -83,76 +314,360 @@ def assistant_opener(*, thinking: bool) -> str:
     return ASSISTANT + (THINK_START if thinking else THINK_END)
 
 
-def _last_user_index(messages: Sequence[Message]) -> int:
-    """Index of the last user message, or -1 if there is none."""
-    return max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+def _extras(message: Message) -> str:
+    out = ""
+    if message.get("tools"):
+        out += "\n\n" + render_tools_block(message["tools"])
+    if message.get("response_format"):
+        out += "\n\n" + render_response_format(message["response_format"])
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Conversation preprocessing
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Turn:
+    """A message after preprocessing; user turns carry rendered parts."""
+
+    role: str
+    message: Message
+    parts: list[str] = field(default_factory=list)
+    tool_ids: list[str | None] = field(default_factory=list)  # per part; None = not a tool result
+
+
+def _merge_turns(messages: Sequence[Message]) -> list[_Turn]:
+    """Fold tool messages into user turns, merge consecutive user turns and
+    order each turn's tool results like the calls they answer."""
+    turns: list[_Turn] = []
+    call_order: dict[str, int] = {}
+    for message in messages:
+        role = message.get("role")
+        if role in ("user", "tool"):
+            if role == "tool":
+                part, tool_id = render_tool_result(message.get("content")), message.get("tool_call_id") or ""
+            else:
+                part, tool_id = _text(message.get("content")), None
+            if not (turns and turns[-1].role == "user"):
+                turns.append(_Turn("user", message))
+            turns[-1].parts.append(part)
+            turns[-1].tool_ids.append(tool_id)
+            continue
+        if role not in ("system", "developer", "assistant", "latest_reminder"):
+            raise ValueError(f"unsupported role {role!r} in DeepSeek-V4 chat encoding")
+        _order_tool_results(turns, call_order)
+        if role == "assistant" and message.get("tool_calls"):
+            call_order = {}
+            for i, call in enumerate(message["tool_calls"]):
+                call_id = call.get("id") or call.get("function", {}).get("id")
+                if call_id:
+                    call_order[call_id] = i
+        turns.append(_Turn(role, message))
+    _order_tool_results(turns, call_order)
+    return turns
+
+
+def _order_tool_results(turns: list[_Turn], call_order: Mapping[str, int]) -> None:
+    """Sort the tool results of the last turn (if a user turn) by call order;
+    texts keep their places, unknown ids sort first, ties keep their order."""
+    if not turns or turns[-1].role != "user":
+        return
+    turn = turns[-1]
+    slots = [i for i, tool_id in enumerate(turn.tool_ids) if tool_id is not None]
+    if len(slots) < 2 or not call_order:
+        return
+    ordered = sorted(slots, key=lambda i: call_order.get(turn.tool_ids[i] or "", 0))
+    parts = list(turn.parts)
+    for slot, source in zip(slots, ordered):
+        turn.parts[slot] = parts[source]
+
+
+def _attach_tools(messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None) -> list[Message]:
+    """Attach request ``tools`` to the first system message (made if missing)."""
+    messages = list(messages)
+    if not tools:
+        return messages
+    index = next((i for i, m in enumerate(messages) if m.get("role") == "system"), None)
+    if index is None:
+        messages.insert(0, {"role": "system", "tools": list(tools)})
+    else:
+        messages[index] = {**messages[index], "tools": list(tools)}
+    return messages
+
+
+def _last_user_index(turns: Sequence[_Turn]) -> int:
+    """Index of the last user or developer turn, or -1 if there is none."""
+    return max((i for i, t in enumerate(turns) if t.role in ("user", "developer")), default=-1)
+
+
+# ----------------------------------------------------------------------------
+# Encoder
+# ----------------------------------------------------------------------------
 
 
 def encode_messages(
-    messages: Sequence[Message], *, thinking: bool = False, add_generation_prompt: bool = True
+    messages: Sequence[Message],
+    *,
+    thinking: bool = False,
+    add_generation_prompt: bool = True,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    reasoning_effort: str | None = None,
+    profile: EffortProfile = PREVIEW_PROFILE,
+    drop_thinking: bool = True,
+    continue_final_message: bool = False,
 ) -> str:
     """Encode a conversation into the DeepSeek-V4 prompt string.
 
     Args:
-        messages: dicts with ``role`` (``system``, ``user`` or ``assistant``) and
-            text ``content``; an assistant message may carry ``reasoning``, which
-            is kept only in thinking mode for turns after the last user message.
-        thinking: thinking mode (the model reasons inside ``<think>…</think>``)
-            instead of chat mode.
-        add_generation_prompt: open an assistant turn after a trailing user or
-            system message.
+        messages: OpenAI-style dicts. Roles ``system``, ``developer``, ``user``,
+            ``tool`` (``content``, ``tool_call_id``), ``assistant`` (``content``,
+            ``reasoning`` or ``reasoning_content``, ``tool_calls`` with
+            ``function.name`` / ``function.arguments`` as JSON text or dict) and
+            ``latest_reminder``. Content may be a string or text parts. System and
+            developer messages may carry ``tools`` and ``response_format``.
+        thinking: thinking mode (the model reasons inside ``<think>…</think>``).
+        add_generation_prompt: open an assistant turn after a trailing user,
+            developer or system message.
+        tools: request tools (OpenAI format); attached to the first system message.
+        reasoning_effort: effort name of ``profile`` (thinking mode only; ``None``
+            = the profile's default).
+        profile: the :class:`EffortProfile` mapping efforts to preambles.
+        drop_thinking: drop earlier turns' reasoning (only without tools).
+        continue_final_message: leave a final assistant message open (no EOS) so
+            generation continues it.
 
     Returns:
         The prompt text, starting with BOS; tokenize it without adding specials.
     """
-    last_user = _last_user_index(messages)
-    parts = [BOS]
-    for i, message in enumerate(messages):
-        role = message.get("role")
+    preamble = profile.preamble(reasoning_effort) if thinking else ""
+    turns = _merge_turns(_attach_tools(messages, tools))
+    has_tools = any(t.message.get("tools") for t in turns)
+    drop = thinking and drop_thinking and not has_tools
+    if drop:
+        last_user = _last_user_index(turns)
+        turns = [t for i, t in enumerate(turns) if not (t.role == "developer" and i < last_user)]
+    last_user = _last_user_index(turns)
+
+    parts = [BOS, preamble]
+    for i, turn in enumerate(turns):
+        role, message = turn.role, turn.message
+        is_last = i == len(turns) - 1
+        next_role = None if is_last else turns[i + 1].role
         if role == "system":
             parts.append(render_system(message))
+        elif role == "developer":
+            parts.append(render_developer(message))
         elif role == "user":
-            continues_turn = i > 0 and messages[i - 1].get("role") == "user"
-            parts.append(render_user(message, continues_turn=continues_turn))
-        elif role == "assistant":
-            parts.append(render_assistant(message, keep_reasoning=thinking and i > last_user))
+            parts.append(render_user(turn.parts))
+        elif role == "latest_reminder":
+            parts.append(LATEST_REMINDER + _text(message.get("content")))
+        else:  # assistant
+            keep = thinking and (not drop or i > last_user)
+            parts.append(render_assistant(message, keep_reasoning=keep, eos=not (is_last and continue_final_message)))
             continue
-        else:
-            raise ValueError(f"unsupported role {role!r} in DeepSeek-V4 chat encoding")
-        is_last = i == len(messages) - 1
-        if add_generation_prompt if is_last else messages[i + 1].get("role") == "assistant":
-            parts.append(assistant_opener(thinking=thinking and i >= last_user))
+        # Open the assistant turn that follows (or the generation prompt).
+        if next_role not in (None, "assistant", "latest_reminder"):
+            continue
+        if role == "latest_reminder" or (role == "system" and next_role == "latest_reminder"):
+            continue
+        if is_last and not add_generation_prompt:
+            continue
+        parts.append(assistant_opener(thinking=thinking and (not drop or i >= last_user)))
     return "".join(parts)
 
 
-CHAT_TEMPLATE = (
-    "{#- DeepSeek-V4 chat template; mirrors v4_plugin.chat.encode_messages. -#}\n"
-    "{%- set thinking = thinking is defined and thinking -%}\n"
-    "{%- set ns = namespace(last_user=-1) -%}\n"
-    "{%- for m in messages -%}\n"
-    "{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}\n"
-    "{%- endfor -%}\n"
-    "{{- '" + BOS + "' -}}\n"
-    "{%- for m in messages -%}\n"
-    "{%- set i = loop.index0 -%}\n"
-    "{%- if m.role == 'system' -%}\n"
-    "{{- m.content or '' -}}\n"
-    "{%- elif m.role == 'user' -%}\n"
-    "{{- ('\\n\\n' if i > 0 and messages[i - 1].role == 'user' else '" + USER + "')"
-    " + (m.content or '') -}}\n"
-    "{%- elif m.role == 'assistant' -%}\n"
-    "{%- if thinking and i > ns.last_user -%}"
-    "{{- (m.reasoning or '') + '" + THINK_END + "' -}}"
-    "{%- endif -%}\n"
-    "{{- (m.content or '') + '" + EOS + "' -}}\n"
-    "{%- else -%}\n"
-    "{{- raise_exception('unsupported role in DeepSeek-V4 chat encoding: ' + m.role) -}}\n"
-    "{%- endif -%}\n"
-    "{%- if m.role != 'assistant' and (add_generation_prompt if loop.last"
-    " else messages[i + 1].role == 'assistant') -%}\n"
-    "{{- '" + ASSISTANT + "' + ('" + THINK_START + "' if thinking and i >= ns.last_user"
-    " else '" + THINK_END + "') -}}\n"
-    "{%- endif -%}\n"
-    "{%- endfor -%}\n"
-)
-"""Jinja version of :func:`encode_messages` for ``tokenizer_config.json``."""
+def encode_request(
+    messages: Sequence[Message],
+    *,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    reasoning_effort: str | None = None,
+    profile: EffortProfile = PREVIEW_PROFILE,
+    default_thinking: bool = True,
+    add_generation_prompt: bool = True,
+) -> str:
+    """Encode an OpenAI chat request the way the serving frameworks read it.
+
+    Thinking is ``chat_template_kwargs["thinking"]`` or ``["enable_thinking"]``,
+    else ``default_thinking`` (on, like DeepSeek's API, vLLM's ``deepseek_v4``
+    mode and SGLang); ``reasoning_effort`` (argument or template kwarg) ``"none"``
+    turns it off, other values go through ``profile`` (aliases included). Extra
+    kwargs ``drop_thinking`` and ``continue_final_message`` are passed on.
+    """
+    kwargs = dict(chat_template_kwargs or {})
+    effort = kwargs.get("reasoning_effort", reasoning_effort)
+    if "thinking" in kwargs or "enable_thinking" in kwargs:
+        thinking = bool(kwargs.get("thinking")) or bool(kwargs.get("enable_thinking"))
+    else:
+        thinking = default_thinking
+    if effort == "none":
+        thinking, effort = False, None
+    return encode_messages(
+        messages,
+        thinking=thinking,
+        add_generation_prompt=add_generation_prompt,
+        tools=tools,
+        reasoning_effort=effort if thinking else None,
+        profile=profile,
+        drop_thinking=kwargs.get("drop_thinking", True),
+        continue_final_message=kwargs.get("continue_final_message", False),
+    )
+
+
+def _jinja_literal(text: str) -> str:
+    """``text`` as a Jinja string literal (Jinja reads JSON string escapes)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _build_chat_template() -> str:
+    """:func:`encode_messages` as a Jinja template, generated from the same pieces."""
+    marker = "\x00SCHEMAS\x00"
+    tools_head, tools_tail = render_tools_block([]).replace("\n\n\n", f"\n\n{marker}\n").split(marker)
+    assert render_tools_block([{"a": 1}]) == tools_head + '{"a": 1}' + tools_tail
+    lit = _jinja_literal
+    return (
+        "{#- DeepSeek-V4 chat template, generated from v4_plugin.chat (encode_messages). -#}\n"
+        # ---- settings
+        "{%- set thinking = (thinking is defined and thinking) or (enable_thinking is defined and enable_thinking)"
+        " -%}\n"
+        "{%- set effort = reasoning_effort if reasoning_effort is defined else none -%}\n"
+        "{%- if effort == 'none' -%}{%- set thinking = false -%}{%- endif -%}\n"
+        "{%- set keep_all = drop_thinking is defined and not drop_thinking -%}\n"
+        "{%- set req_tools = tools if tools is defined and tools else none -%}\n"
+        "{%- set ns = namespace(has_tools=req_tools is not none, first_system=-1, last_user=-1, call_ids=[],"
+        " sorted=[], tool_pos=0) -%}\n"
+        "{%- for m in messages -%}\n"
+        "{%- if m.tools is defined and m.tools -%}{%- set ns.has_tools = true -%}{%- endif -%}\n"
+        "{%- if m.role == 'system' and ns.first_system < 0 -%}{%- set ns.first_system = loop.index0 -%}{%- endif -%}\n"
+        "{%- if m.role in ['user', 'tool', 'developer'] -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}\n"
+        "{%- endfor -%}\n"
+        "{%- set drop = thinking and not keep_all and not ns.has_tools -%}\n"
+        # ---- helpers
+        "{%- macro text(c) -%}\n"
+        "{%- if c is none -%}\n"
+        "{%- elif c is string -%}{{- c -}}\n"
+        "{%- else -%}{%- for b in c -%}{%- if not loop.first -%}{{- '\\n\\n' -}}{%- endif -%}\n"
+        "{%- if b.type == 'text' -%}{{- b.text or '' -}}\n"
+        "{%- elif b.type in ['image', 'image_url'] -%}{{- " + lit(IMAGE_PLACEHOLDER) + " -}}\n"
+        "{%- else -%}{{- raise_exception('unsupported content part type ' ~ b.type) -}}{%- endif -%}\n"
+        "{%- endfor -%}{%- endif -%}\n"
+        "{%- endmacro -%}\n"
+        "{%- macro tool_text(c) -%}\n"
+        "{%- if c is none -%}\n"
+        "{%- elif c is string -%}{{- c -}}\n"
+        "{%- else -%}{%- for b in c -%}{%- if not loop.first -%}{{- '\\n\\n' -}}{%- endif -%}\n"
+        "{%- if b.type == 'text' -%}{{- b.text or '' -}}\n"
+        "{%- else -%}{{- '[Unsupported ' ~ b.type ~ ']' -}}{%- endif -%}\n"
+        "{%- endfor -%}{%- endif -%}\n"
+        "{%- endmacro -%}\n"
+        "{%- macro tools_block(ts) -%}\n"
+        "{{- " + lit(tools_head) + " -}}\n"
+        "{%- for t in ts -%}{%- if not loop.first -%}{{- '\\n' -}}{%- endif -%}"
+        "{{- (t.function if t.function is defined else t) | tojson -}}{%- endfor -%}\n"
+        "{{- " + lit(tools_tail) + " -}}\n"
+        "{%- endmacro -%}\n"
+        "{%- macro extras(m, ts) -%}\n"
+        "{%- if ts -%}{{- '\\n\\n' + tools_block(ts) -}}{%- endif -%}\n"
+        "{%- if m.response_format is defined and m.response_format -%}"
+        "{{- '\\n\\n' + " + lit(render_response_format("")[: -len('""')]) + " + (m.response_format | tojson) -}}"
+        "{%- endif -%}\n"
+        "{%- endmacro -%}\n"
+        "{%- macro opener(on) -%}{{- " + lit(ASSISTANT) + " + (" + lit(THINK_START) + " if on else "
+        + lit(THINK_END) + ") -}}{%- endmacro -%}\n"
+        # ---- prompt start
+        "{{- " + lit(BOS) + " -}}\n"
+        "{%- if thinking -%}\n"
+        "{%- if effort in ['max', 'xhigh'] -%}{{- " + lit(ABSOLUTE_MAXIMUM_PREAMBLE) + " -}}\n"
+        "{%- elif effort is not none and effort not in ['high', 'low', 'minimal', 'medium'] -%}"
+        "{{- raise_exception('reasoning effort ' ~ effort ~ ' is not defined by the preview profile') -}}\n"
+        "{%- endif -%}\n"
+        "{%- endif -%}\n"
+        "{%- if req_tools and ns.first_system < 0 -%}\n"
+        "{{- '\\n\\n' + tools_block(req_tools) -}}\n"
+        "{%- if (messages | length == 0 and add_generation_prompt) or (messages and messages[0].role == 'assistant')"
+        " -%}{{- opener(thinking) -}}{%- endif -%}\n"
+        "{%- endif -%}\n"
+        # ---- messages
+        "{%- for m in messages -%}\n"
+        "{%- set i = loop.index0 -%}\n"
+        "{%- set next_role = none if loop.last else messages[i + 1].role -%}\n"
+        "{%- if m.role == 'developer' and drop and i < ns.last_user -%}{%- continue -%}{%- endif -%}\n"
+        "{%- if m.role == 'system' -%}\n"
+        "{{- text(m.content) -}}\n"
+        "{{- extras(m, req_tools if (i == ns.first_system and req_tools) else"
+        " (m.tools if m.tools is defined else none)) -}}\n"
+        "{%- elif m.role == 'developer' -%}\n"
+        "{%- if not text(m.content) -%}{{- raise_exception('a developer message needs content') -}}{%- endif -%}\n"
+        "{{- " + lit(USER) + " + text(m.content) -}}{{- extras(m, m.tools if m.tools is defined else none) -}}\n"
+        "{%- elif m.role in ['user', 'tool'] -%}\n"
+        "{%- if i > 0 and messages[i - 1].role in ['user', 'tool'] -%}{{- '\\n\\n' -}}\n"
+        "{%- else -%}\n"
+        "{{- " + lit(USER) + " -}}\n"
+        # a new user turn: its tool results in the order of the calls they answer
+        "{%- set run = namespace(tools=[], open=true) -%}\n"
+        "{%- for r in messages[i:] -%}{%- if run.open and r.role in ['user', 'tool'] -%}"
+        "{%- if r.role == 'tool' -%}{%- set run.tools = run.tools + [r] -%}{%- endif -%}"
+        "{%- else -%}{%- set run.open = false -%}{%- endif -%}{%- endfor -%}\n"
+        "{%- set ns.sorted = [] -%}{%- set ns.tool_pos = 0 -%}\n"
+        "{%- if run.tools | length > 1 and ns.call_ids -%}\n"
+        "{%- for k in range(ns.call_ids | length) -%}{%- for r in run.tools -%}\n"
+        "{%- set rid = r.tool_call_id if r.tool_call_id is defined and r.tool_call_id else '' -%}\n"
+        "{%- if (ns.call_ids.index(rid) if rid in ns.call_ids else 0) == k -%}"
+        "{%- set ns.sorted = ns.sorted + [r] -%}{%- endif -%}\n"
+        "{%- endfor -%}{%- endfor -%}\n"
+        "{%- else -%}{%- set ns.sorted = run.tools -%}{%- endif -%}\n"
+        "{%- endif -%}\n"
+        "{%- if m.role == 'user' -%}{{- text(m.content) -}}\n"
+        "{%- else -%}{{- '<tool_result>' + tool_text(ns.sorted[ns.tool_pos].content) + '</tool_result>' -}}"
+        "{%- set ns.tool_pos = ns.tool_pos + 1 -%}{%- endif -%}\n"
+        "{%- elif m.role == 'latest_reminder' -%}\n"
+        "{{- " + lit(LATEST_REMINDER) + " + text(m.content) -}}\n"
+        "{%- elif m.role == 'assistant' -%}\n"
+        "{%- if thinking and (not drop or i > ns.last_user) -%}"
+        "{{- (m.reasoning if m.reasoning is defined and m.reasoning is not none else"
+        " (m.reasoning_content if m.reasoning_content is defined and m.reasoning_content else '')) + "
+        + lit(THINK_END) + " -}}{%- endif -%}\n"
+        "{{- text(m.content) -}}\n"
+        "{%- if m.tool_calls is defined and m.tool_calls -%}\n"
+        "{%- set ns.call_ids = [] -%}\n"
+        "{{- '\\n\\n' + " + lit(f"<{DSML}{TOOL_CALLS_BLOCK}>\n") + " -}}\n"
+        "{%- for tc in m.tool_calls -%}\n"
+        "{%- set f = tc.function if tc.function is defined else tc -%}\n"
+        "{%- set cid = tc.id if tc.id is defined and tc.id else (f.id if f.id is defined and f.id else '') -%}\n"
+        "{%- if cid -%}{%- set ns.call_ids = ns.call_ids + [cid] -%}{%- else -%}"
+        "{%- set ns.call_ids = ns.call_ids + ['\\x00' ~ loop.index0] -%}{%- endif -%}\n"
+        "{%- if not loop.first -%}{{- '\\n' -}}{%- endif -%}\n"
+        "{{- " + lit(f'<{DSML}invoke name="') + " + f.name + " + lit('">\n') + " -}}\n"
+        "{%- set args = f.arguments if f.arguments is defined and f.arguments else {} -%}\n"
+        "{%- if args is string -%}{{- raise_exception('tool call arguments must be a mapping in the chat template;"
+        " use v4_plugin.chat.encode_messages for JSON text') -}}{%- endif -%}\n"
+        "{%- for k, v in args.items() -%}{%- if not loop.first -%}{{- '\\n' -}}{%- endif -%}\n"
+        "{{- " + lit(f'<{DSML}parameter name="') + " + k + '\" string=\"' + ('true' if v is string else 'false')"
+        " + '\">' + (v if v is string else v | tojson) + " + lit(f"</{DSML}parameter>") + " -}}\n"
+        "{%- endfor -%}\n"
+        "{{- " + lit(f"\n</{DSML}invoke>") + " -}}\n"
+        "{%- endfor -%}\n"
+        "{{- " + lit(f"\n</{DSML}{TOOL_CALLS_BLOCK}>") + " -}}\n"
+        "{%- endif -%}\n"
+        "{{- " + lit(EOS) + " -}}\n"
+        "{%- continue -%}\n"
+        "{%- else -%}\n"
+        "{{- raise_exception('unsupported role in DeepSeek-V4 chat encoding: ' + m.role) -}}\n"
+        "{%- endif -%}\n"
+        # ---- open the assistant turn that follows (or the generation prompt)
+        "{%- if next_role in [none, 'assistant', 'latest_reminder'] and m.role != 'latest_reminder'"
+        " and not (m.role == 'system' and next_role == 'latest_reminder')"
+        " and not (loop.last and not add_generation_prompt) -%}\n"
+        "{{- opener(thinking and (not drop or i >= ns.last_user)) -}}\n"
+        "{%- endif -%}\n"
+        "{%- endfor -%}\n"
+    )
+
+
+CHAT_TEMPLATE = _build_chat_template()
+"""Jinja version of :func:`encode_messages` for ``tokenizer_config.json`` (template
+kwargs: ``thinking`` or ``enable_thinking`` (default off), ``reasoning_effort`` with the
+preview profile (``"none"``: thinking off), ``drop_thinking``; tool-call ``arguments``
+must be mappings, as vLLM and transformers pass them)."""

@@ -28,15 +28,18 @@ def sparse_attention(
     """o[t, h] = sum_j exp(s_thj) kv_j / (sum_j exp(s_thj) + exp(sink_h)), s = scale * q . kv_j.
 
     q [T, H, d]; kv [N, d]; indices int64 [T, S] into kv, -1 = skip; sink fp32 [H] (not scaled).
-    Math in fp32; returns [T, H, d] in q.dtype. A query whose slots are all empty returns 0.
+    Math in fp32; returns [T, H, d] in q.dtype. A query whose slots are all empty returns 0, also
+    for a padded head whose sink is -inf.
     """
     valid = indices >= 0
     gathered = kv.float()[indices.clamp(min=0)]  # [T, S, d]
     scores = torch.einsum("thd,tsd->ths", q.float(), gathered) * scale
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     peak = torch.maximum(scores.amax(-1), sink.float()[None, :])  # running max includes the sink
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))  # nothing at all (padded head)
     p = torch.exp(scores - peak[..., None])
     denom = p.sum(-1) + torch.exp(sink.float()[None, :] - peak)
+    denom = torch.where(denom > 0, denom, torch.ones_like(denom))  # empty: numerator 0, output 0
     return (torch.einsum("ths,tsd->thd", p, gathered) / denom[..., None]).to(q.dtype)
 
 

@@ -1,0 +1,302 @@
+"""Shared corpus for the chat / DSML tests: conversations, completions and helpers.
+
+Imported by tests/test_chat_encoding.py, tests/test_dsml_parser.py and
+tests/test_dsml_frameworks.py (the first also checks that the corpus is well formed).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import pathlib
+import random
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+D = "｜DSML｜"
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city — °C or °F.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "days": {"type": "integer"},
+                "units": {"type": "string", "enum": ["c", "f"]},
+            },
+            "required": ["city"],
+        },
+    },
+}
+SEARCH_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "search",
+        "description": "Search the web.",
+        "parameters": {
+            "type": "object",
+            "properties": {"query": {"type": "string"}, "filters": {"type": "object"}, "tags": {"type": "array"}},
+        },
+    },
+}
+NOOP_TOOL = {
+    "type": "function",
+    "function": {"name": "noop", "description": "Nothing.", "parameters": {"type": "object", "properties": {}}},
+}
+TOOLS = [WEATHER_TOOL, SEARCH_TOOL, NOOP_TOOL]
+
+
+def call(call_id: str, name: str, arguments: Any) -> dict[str, Any]:
+    """An OpenAI tool call (``arguments`` as given: dict or JSON text)."""
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+# Conversations: (messages, request tools). The last message of each is an assistant
+# turn whose rendering is a model completion (used by the round-trip tests).
+CONVERSATIONS: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]] | None]] = {
+    "weather_two_calls": (
+        [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Weather in Paris and Tokyo for 3 days?"},
+            {
+                "role": "assistant",
+                "reasoning": "Two cities: two calls.",
+                "content": "Let me check both.",
+                "tool_calls": [
+                    call("c1", "get_weather", {"city": "Paris", "days": 3}),
+                    call("c2", "get_weather", json.dumps({"city": "Tokyo", "days": 3, "units": "c"})),
+                ],
+            },
+            # results out of call order: the encoder orders them like the calls
+            {"role": "tool", "tool_call_id": "c2", "content": "Tokyo: 21°C, rain"},
+            {"role": "tool", "tool_call_id": "c1", "content": '{"temp": 18, "sky": "clear"}'},
+            {"role": "assistant", "reasoning": "Summarise.", "content": "Paris 18°C clear; Tokyo 21°C rain."},
+            {"role": "user", "content": "And Berlin, in Fahrenheit?"},
+            {
+                "role": "assistant",
+                "reasoning": "One more call.",
+                "content": "",
+                "tool_calls": [call("c3", "get_weather", {"city": "Berlin", "units": "f"})],
+            },
+        ],
+        TOOLS,
+    ),
+    "nested_unicode_empty": (
+        [
+            {"role": "user", "content": "東京の天気と検索 🌸 — please"},
+            {
+                "role": "assistant",
+                "reasoning": "考える… 🤔",
+                "content": "Sure — 検索します.",
+                "tool_calls": [
+                    call(
+                        "a",
+                        "search",
+                        {
+                            "query": "天気 \"quoted\" <b>bold</b> & more\nsecond line",
+                            "filters": {"lang": ["ja", "en"], "safe": True, "max": 10, "score": 0.5, "none": None},
+                            "tags": [[1, 2], {"k": "v"}, [], {}],
+                        },
+                    ),
+                    call("b", "noop", {}),
+                    call("c", "noop", "{}"),
+                ],
+            },
+        ],
+        TOOLS,
+    ),
+    "tool_result_then_text": (
+        [
+            {"role": "system", "content": "Sys."},
+            {"role": "user", "content": [{"type": "text", "text": "Part one."}, {"type": "text", "text": "Part two."}]},
+            {"role": "assistant", "content": None, "tool_calls": [call("x", "search", {"query": "q"})]},
+            {
+                "role": "tool",
+                "tool_call_id": "x",
+                "content": [{"type": "text", "text": "r1"}, {"type": "text", "text": "r2"}],
+            },
+            {"role": "user", "content": "Thanks, now answer."},
+            {"role": "assistant", "reasoning": "Done.", "content": "The answer: 42 (see <tool_result>)."},
+        ],
+        [SEARCH_TOOL],
+    ),
+    "plain_multi_turn": (
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "reasoning": "greet", "content": "Hello!"},
+            {"role": "developer", "content": "Answer in French."},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "reasoning": "farewell < and > signs", "content": "Au revoir ! a < b > c"},
+        ],
+        None,
+    ),
+    "reminder_and_format": (
+        [
+            {"role": "system", "content": "JSON only.", "response_format": {"type": "json_object"}},
+            {"role": "user", "content": "Give me a number."},
+            {"role": "latest_reminder", "content": "Today is 2026-11-29."},
+            {"role": "assistant", "reasoning": "Pick one.", "content": '{"n": 7}'},
+        ],
+        None,
+    ),
+    "tools_in_messages_parallel": (
+        [
+            {"role": "system", "content": "Tools follow.", "tools": [WEATHER_TOOL, NOOP_TOOL]},
+            {"role": "user", "content": "Do three things."},
+            {
+                "role": "assistant",
+                "reasoning": "",
+                "content": "",
+                "tool_calls": [
+                    call("t1", "noop", {}),
+                    call("t2", "get_weather", {"city": "   spaced   ", "days": -1}),
+                    call("t3", "get_weather", {"city": "", "units": "c"}),
+                ],
+            },
+        ],
+        None,
+    ),
+}
+
+# Hand-written completions and what they must parse to:
+# (text, thinking, reasoning, content, [(name, arguments dict)], truncated)
+COMPLETIONS: dict[str, tuple[str, bool, str, str, list[tuple[str, dict[str, Any]]], bool]] = {
+    "plain_chat": ("Hello there! 1 < 2 and 3 > 2.", False, "", "Hello there! 1 < 2 and 3 > 2.", [], False),
+    "think_then_answer": ("Let me see.\n</think>\n\nAnswer: 4.", True, "Let me see.\n", "\n\nAnswer: 4.", [], False),
+    "reasoning_cut_off": ("Still thinking about </thi", True, "Still thinking about </thi", "", [], False),
+    "no_underscore_block": (
+        f'</think>Calling.\n\n<{D}toolcalls>\n<{D}invoke name="get_weather">\n'
+        f'<{D}parameter name="city" string="true">Oslo</{D}parameter>\n</{D}invoke>\n</{D}toolcalls>',
+        True,
+        "",
+        "Calling.",
+        [("get_weather", {"city": "Oslo"})],
+        False,
+    ),
+    "lenient_params": (
+        f'<{D}tool_calls>\n<{D}invoke name="search">\n'
+        f'<{D}parameter name="query">plain text</{D}parameter>\n'
+        f'<{D}parameter name="filters">{{"a": 1}}</{D}parameter>\n'
+        f'<{D}parameter name="tags" string="false">not json</{D}parameter>\n'
+        f"</{D}invoke>\n</{D}tool_calls>",
+        False,
+        "",
+        "",
+        [("search", {"query": "plain text", "filters": {"a": 1}, "tags": "not json"})],
+        False,
+    ),
+    "json_body_invoke_without_block": (
+        f'Ok <{D}invoke name="search">\n{{"query": "x", "tags": [1]}}\n</{D}invoke>',
+        False,
+        "",
+        "Ok",
+        [("search", {"query": "x", "tags": [1]})],
+        False,
+    ),
+    "block_inside_reasoning": (
+        f'I will call it.\n<{D}tool_calls>\n<{D}invoke name="noop">\n</{D}invoke>\n</{D}tool_calls>',
+        True,
+        "I will call it.\n",
+        "",
+        [("noop", {})],
+        False,
+    ),
+    "stray_markup_and_text_after": (
+        f"</think>A</{D}parameter>B\n\n<{D}tool_calls>\n<{D}invoke name=\"noop\">\n</{D}invoke>\n"
+        f"</{D}tool_calls>\n\nDone.<｜end▁of▁sentence｜>",
+        False,
+        "",
+        "ABDone.",
+        [("noop", {})],
+        False,
+    ),
+    "truncated_in_value": (
+        f'Checking.\n\n<{D}tool_calls>\n<{D}invoke name="get_weather">\n'
+        f'<{D}parameter name="city" string="true">Par',
+        False,
+        "",
+        'Checking.\n\n<tool_calls>\n<invoke name="get_weather">\n<parameter name="city" string="true">Par',
+        [],
+        True,
+    ),
+    "truncated_second_call": (
+        f'<{D}tool_calls>\n<{D}invoke name="noop">\n</{D}invoke>\n<{D}invoke name="search">\n'
+        f'<{D}parameter name="query" string="true">abc</{D}parameter>\n</{D}inv',
+        False,
+        "",
+        '<invoke name="search">\n<parameter name="query" string="true">abc</parameter>\n</inv',
+        [("noop", {})],
+        True,
+    ),
+    "truncated_in_opening_tag": ("Let me call\n\n<｜DSML｜tool_ca", False, "", "Let me call\n\n<tool_ca", [], True),
+    "block_close_cut_short": (
+        f'<{D}tool_calls>\n<{D}invoke name="noop">\n</{D}invoke>\n</{D}tool_c', False, "", "", [("noop", {})], False
+    ),
+}
+
+
+def official_encoder() -> ModuleType:
+    """vLLM's copy of DeepSeek's ``encoding_dsv4.py`` (the independent oracle), loaded
+    without importing vLLM."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:
+        pytest.skip("vLLM is not installed")
+    path = pathlib.Path(spec.origin).parent / "tokenizers" / "deepseek_v4_encoding.py"
+    if not path.exists():
+        pytest.skip("this vLLM has no deepseek_v4_encoding.py")
+    module_spec = importlib.util.spec_from_file_location("_dsv4_encoding_oracle", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def counter_ids():
+    """A deterministic tool-call id factory."""
+    counter = itertools.count()
+    return lambda: f"call_{next(counter)}"
+
+
+def splits(text: str | bytes, seed: int = 0, random_cuts: int = 30) -> list[list[Any]]:
+    """Chunkings of ``text``: one chunk, one piece per unit, every two-piece split,
+    and random multi-piece splits."""
+    n = len(text)
+    out = [[text], [text[i : i + 1] for i in range(n)]]
+    out += [[text[:k], text[k:]] for k in range(1, n)]
+    rng = random.Random(seed)
+    for _ in range(random_cuts):
+        cuts = sorted(rng.sample(range(1, n), min(n - 1, rng.randint(2, 8)))) if n > 2 else []
+        bounds = [0, *cuts, n]
+        out.append([text[a:b] for a, b in zip(bounds, bounds[1:])])
+    return out
+
+
+def completion_of(messages: list[dict[str, Any]], tools, thinking: bool) -> str:
+    """The text the model would write for the last (assistant) message."""
+    from v4_plugin.chat import encode_messages
+
+    prompt = encode_messages(messages[:-1], thinking=thinking, tools=tools)
+    full = encode_messages(messages, thinking=thinking, tools=tools)
+    assert full.startswith(prompt)
+    return full[len(prompt) :]
+
+
+def expected_calls(message: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, arguments dict) for each tool call of an assistant message."""
+    out = []
+    for c in message.get("tool_calls") or []:
+        args = c["function"]["arguments"]
+        out.append((c["function"]["name"], json.loads(args) if isinstance(args, str) and args else (args or {})))
+    return out
+
+
+def has_markup(text: str) -> bool:
+    """Whether ``text`` holds DSML, think or EOS markup."""
+    return any(m in text for m in (D, "<think>", "</think>", "<｜end▁of▁sentence｜>"))
+
