@@ -49,6 +49,8 @@ is :mod:`v4_plugin.dsml`.
 from __future__ import annotations
 
 import json
+import os
+import pathlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,6 +137,51 @@ PREVIEW_PROFILE = EffortProfile(
 """The 04-24 ("preview") profile: think-high has no preamble, think-max the
 "Absolute maximum" text (refresh-checkpoints.md §4); lower OpenAI efforts map to
 ``high`` (the lowest the preview defines), ``xhigh`` to ``max``."""
+
+BEYOND_MAXIMUM_PREAMBLE = (
+    "Reasoning Effort: Beyond maximum — exhaustive, relentless, and uncompromising.\n"
+    "You MUST reason with the utmost depth and rigor, leaving absolutely nothing to chance: exhaustively "
+    "decompose the problem into its most fundamental components, trace every causal chain to its root, and "
+    "resolve the underlying cause rather than any surface symptom.\n"
+    "Do not stop reasoning until you have independently verified the solution from multiple angles and are "
+    "certain that no assumption remains unchecked and no error remains undiscovered.\n\n"
+)
+"""The "Beyond maximum" preamble of the 0731 / 0813 encoder's ``max``."""
+
+REFRESH_PROFILE = EffortProfile(
+    name="refresh",
+    preambles={"low": "", "high": ABSOLUTE_MAXIMUM_PREAMBLE, "max": BEYOND_MAXIMUM_PREAMBLE},
+    default_effort="high",
+    aliases={"minimal": "low", "medium": "low", "xhigh": "max"},
+)
+"""The -0731 / -0813 profile (refresh-checkpoints.md §4): ``low`` no preamble, ``high`` the
+"Absolute maximum" text, ``max`` "Beyond maximum". A request without an effort gets ``high``, as
+DeepSeek's API and the serving frameworks default."""
+
+PROFILES = {p.name: p for p in (PREVIEW_PROFILE, REFRESH_PROFILE)}
+PROFILE_ENV = "V4_PLUGIN_EFFORT_PROFILE"
+
+
+def detect_profile(model_dir: str | pathlib.Path | None, dspark: bool) -> EffortProfile:
+    """The effort profile of a checkpoint.
+
+    In order: the `V4_PLUGIN_EFFORT_PROFILE` override (`preview` | `refresh`); the checkpoint's
+    bundled `encoding/encoding_dsv4.py` (a `REASONING_EFFORT_MAX` constant is the 04-24 encoder,
+    `REASONING_EFFORT_PROMPTS` the refreshed one); else the config (`dspark_*` keys: a refresh).
+    """
+    override = os.environ.get(PROFILE_ENV)
+    if override:
+        if override not in PROFILES:
+            raise ValueError(f"{PROFILE_ENV}={override!r}: expected one of {sorted(PROFILES)}")
+        return PROFILES[override]
+    encoder = pathlib.Path(model_dir) / "encoding" / "encoding_dsv4.py" if model_dir else None
+    if encoder is not None and encoder.is_file():
+        source = encoder.read_text(encoding="utf-8", errors="replace")
+        if "REASONING_EFFORT_PROMPTS" in source:
+            return REFRESH_PROFILE
+        if "REASONING_EFFORT_MAX" in source:
+            return PREVIEW_PROFILE
+    return REFRESH_PROFILE if dspark else PREVIEW_PROFILE
 
 # ----------------------------------------------------------------------------
 # Pieces of the format
@@ -521,8 +568,8 @@ def _jinja_literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def _build_chat_template() -> str:
-    """:func:`encode_messages` as a Jinja template, generated from the same pieces."""
+def build_chat_template(profile: EffortProfile = PREVIEW_PROFILE) -> str:
+    """:func:`encode_messages` with `profile` as a Jinja template, generated from the same pieces."""
     marker = "\x00SCHEMAS\x00"
     tools_head, tools_tail = render_tools_block([]).replace("\n\n\n", f"\n\n{marker}\n").split(marker)
     assert render_tools_block([{"a": 1}]) == tools_head + '{"a": 1}' + tools_tail
@@ -578,12 +625,7 @@ def _build_chat_template() -> str:
         + lit(THINK_END) + ") -}}{%- endmacro -%}\n"
         # ---- prompt start
         "{{- " + lit(BOS) + " -}}\n"
-        "{%- if thinking -%}\n"
-        "{%- if effort in ['max', 'xhigh'] -%}{{- " + lit(ABSOLUTE_MAXIMUM_PREAMBLE) + " -}}\n"
-        "{%- elif effort is not none and effort not in ['high', 'low', 'minimal', 'medium'] -%}"
-        "{{- raise_exception('reasoning effort ' ~ effort ~ ' is not defined by the preview profile') -}}\n"
-        "{%- endif -%}\n"
-        "{%- endif -%}\n"
+        + _effort_block(profile) +
         "{%- if req_tools and ns.first_system < 0 -%}\n"
         "{{- '\\n\\n' + tools_block(req_tools) -}}\n"
         "{%- if (messages | length == 0 and add_generation_prompt) or (messages and messages[0].role == 'assistant')"
@@ -666,7 +708,24 @@ def _build_chat_template() -> str:
     )
 
 
-CHAT_TEMPLATE = _build_chat_template()
+def _effort_block(profile: EffortProfile) -> str:
+    """The Jinja lines that write the profile's preamble for `effort` (thinking mode only)."""
+    lit = _jinja_literal
+    lines = ["{%- if thinking -%}\n",
+             f"{{%- if effort is none -%}}{{%- set effort = {lit(profile.default_effort)} -%}}{{%- endif -%}}\n"]
+    for alias, target in profile.aliases.items():
+        lines.append(f"{{%- if effort == {lit(alias)} -%}}{{%- set effort = {lit(target)} -%}}{{%- endif -%}}\n")
+    for effort, text in profile.preambles.items():
+        lines.append(f"{{%- if effort == {lit(effort)} -%}}{{{{- {lit(text)} -}}}}{{%- endif -%}}\n")
+    allowed = ", ".join(sorted(profile.preambles))
+    lines.append(f"{{%- if effort not in {sorted(profile.preambles)!r} -%}}"
+                 f"{{{{- raise_exception('reasoning effort ' ~ effort ~ ' is not defined by the {profile.name} "
+                 f"profile; expected one of: {allowed}') -}}}}{{%- endif -%}}\n")
+    lines.append("{%- endif -%}\n")
+    return "".join(lines)
+
+
+CHAT_TEMPLATE = build_chat_template(PREVIEW_PROFILE)
 """Jinja version of :func:`encode_messages` for ``tokenizer_config.json`` (template
 kwargs: ``thinking`` or ``enable_thinking`` (default off), ``reasoning_effort`` with the
 preview profile (``"none"``: thinking off), ``drop_thinking``; tool-call ``arguments``

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from .chat import PREVIEW_PROFILE, REFRESH_PROFILE
 from .checkpoint import CONFIG_FILE, INDEX_FILE, decode_tensor
 from .config import V4Config, parse_config
 from .quant import quantize_weight_fp4, quantize_weight_fp8
@@ -250,12 +251,12 @@ def write_checkpoint(
         "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
         "do_sample": True, "temperature": 1.0, "top_p": 1.0,
     })
-    write_tokenizer(out)
+    write_tokenizer(out, REFRESH_PROFILE if cfg.dspark is not None else PREVIEW_PROFILE)
     return out
 
 
 def make_tiny(out_dir: str | Path, preset: str = "flash", seed: int = 0) -> Path:
-    """Write the tiny `preset` ("flash" | "pro") checkpoint with `random_weights(cfg, seed)` to `out_dir`."""
+    """Write the tiny `preset` checkpoint (see `TINY_PRESETS`) with `random_weights(cfg, seed)` to `out_dir`."""
     if preset not in TINY_PRESETS:
         raise ValueError(f"unknown tiny preset {preset!r}; choose one of {sorted(TINY_PRESETS)}")
     cfg = parse_config(TINY_PRESETS[preset], f"tiny preset {preset!r}")

@@ -17,15 +17,17 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from v4_plugin.chat import (
     ASSISTANT,
     BOS,
-    CHAT_TEMPLATE,
     DSML,
     EOS,
     LATEST_REMINDER,
     PAD,
+    PREVIEW_PROFILE,
     TASK_TOKENS,
     THINK_END,
     THINK_START,
     USER,
+    EffortProfile,
+    build_chat_template,
 )
 
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -71,12 +73,12 @@ def build_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def write_tokenizer(out_dir: pathlib.Path) -> int:
+def write_tokenizer(out_dir: pathlib.Path, profile: EffortProfile = PREVIEW_PROFILE) -> int:
     """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``.
 
     The result loads with ``transformers.AutoTokenizer.from_pretrained(out_dir)``
-    as a ``PreTrainedTokenizerFast`` carrying the V4 chat template. No BOS is
-    added on encode: the chat encoding writes it.
+    as a ``PreTrainedTokenizerFast`` carrying the V4 chat template with the
+    reasoning-effort ``profile``. No BOS is added on encode: the chat encoding writes it.
 
     Returns:
         The vocabulary size.
@@ -93,7 +95,7 @@ def write_tokenizer(out_dir: pathlib.Path) -> int:
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": MODEL_MAX_LENGTH,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": build_chat_template(profile),
     }
     for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special_map)):
         (out_dir / name).write_text(json.dumps(content, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
