@@ -23,8 +23,6 @@ import argparse
 import sys
 
 import torch
-import triton
-import triton.language as tl
 
 from v4_kernels.compressor import kernel as C
 from v4_plugin import kvcache
@@ -32,6 +30,11 @@ from v4_plugin.config import LayerType, preset_config
 from v4_plugin.layout import IndexerCache, indexer_entry_bytes, main_entry_bytes
 from v4_plugin.ops.compressor import finish_entries, pool_blocks
 from v4_plugin.ops.rope import Rope
+
+if __package__:  # imported as bench.bench_compressor
+    from . import common
+else:  # run as a script: bench/ is sys.path[0]
+    import common
 
 NUM_SLOTS = 1 << 14
 PREFILL_TOKENS = 8192
@@ -41,22 +44,6 @@ MAX_POSITIONS = 1 << 19
 def _rope_table(cfg) -> tuple[torch.Tensor, torch.Tensor]:
     cos, sin = Rope.for_layer(cfg, LayerType.CSA).cos_sin(torch.arange(MAX_POSITIONS, device="cuda"))
     return cos.contiguous(), sin.contiguous()
-
-
-@triton.jit
-def _copy_kernel(src, dst, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
-
-
-def copy_time_ms(nbytes: int) -> float:
-    """Time of a streaming copy reading and writing nbytes / 2 each (so nbytes are moved)."""
-    n = max(1, nbytes // 8)
-    src = torch.empty(n, dtype=torch.int32, device="cuda")
-    dst = torch.empty_like(src)
-    block = 4096
-    return triton.testing.do_bench(lambda: _copy_kernel[(triton.cdiv(n, block),)](src, dst, n, BLOCK=block))
 
 
 def _case(cfg, table, kind: str, fmt: IndexerCache | None, nb: int, decode: bool):
@@ -110,20 +97,12 @@ def main() -> int:
     ap.add_argument("--batches", default="1,16,64,128")
     ap.add_argument("--sweep", action="store_true", help="time (BLOCK_N, TOK, num_warps) choices")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_compressor: no CUDA device found; this benchmark needs a GPU. "
-              "(On CPU the kernel is tested with the Triton interpreter: pytest kernels/compressor.)")
+    if common.cuda_missing("bench_compressor", "kernels/compressor"):
         return 0
-    batches = [int(b) for b in args.batches.split(",")]
-    peak_ms = copy_time_ms(256 << 20)
-    peak = (256 << 20) / peak_ms / 1e6
-    print(f"device: {torch.cuda.get_device_name()}; streaming copy peak {peak:.0f} GB/s (256 MiB moved)")
-    header = f"{'model':6s} {'compressor':16s} {'shape':>13s} {'bytes':>10s} {'time us':>9s} {'GB/s':>8s} " \
-             f"{'copy us':>8s} {'x copy(same B)':>14s} {'% copy peak':>11s}  same bytes"
-    print(header)
-    print("-" * len(header))
+    batches = common.int_list(args.batches)
+    peak = common.print_copy_peak()
+    common.print_header(f"{'model':6s} {'compressor':16s} {'shape':>13s} {common.COPY_HEADER}  same bytes")
     kinds = [("csa_main", None), ("csa_indexer", IndexerCache.FP4), ("csa_indexer", IndexerCache.FP8), ("hca", None)]
-    original = C.tile_config
     for model in ("flash", "pro"):
         cfg = preset_config(model)
         table = _rope_table(cfg)
@@ -135,26 +114,13 @@ def main() -> int:
             for nb, decode, shape in shapes:
                 fn, nbytes, check = _case(cfg, table, kind, fmt, nb, decode)
                 same = check()
-                ms = triton.testing.do_bench(fn)
-                cms = copy_time_ms(nbytes)
-                print(f"{model:6s} {label:16s} {shape:>13s} {nbytes:10d} {ms * 1e3:9.2f} {nbytes / ms / 1e6:8.1f} "
-                      f"{cms * 1e3:8.2f} {ms / cms:14.2f} {100 * nbytes / ms / 1e6 / peak:10.1f}%  {same:.4f}")
+                ms = common.time_ms(fn)
+                print(f"{model:6s} {label:16s} {shape:>13s} {common.vs_copy(nbytes, ms, peak)}  {same:.4f}")
                 if args.sweep:
-                    results = []
-                    for block_n in (1, 2, 4):
-                        for tok in sorted({min(m, t) for t in (2, 4, 8, 16, 32)}):
-                            for warps in (2, 4, 8):
-                                C.tile_config = lambda *a, _b=block_n, _t=tok, _w=warps, **k: \
-                                    {"BLOCK_N": _b, "TOK": _t, "num_warps": _w}
-                                try:
-                                    results.append((triton.testing.do_bench(fn), block_n, tok, warps))
-                                except Exception as exc:  # a config the compiler rejects
-                                    print(f"    BLOCK_N={block_n} TOK={tok} num_warps={warps}: {type(exc).__name__}")
-                                finally:
-                                    C.tile_config = original
-                    results.sort()
-                    best = ", ".join(f"BLOCK_N={b} TOK={t} w={w}: {x * 1e3:.2f} us" for x, b, t, w in results[:3])
-                    print(f"    sweep best: {best}")
+                    common.sweep_tiles(fn, C, [{"BLOCK_N": block_n, "TOK": tok, "num_warps": warps}
+                                               for block_n in (1, 2, 4)
+                                               for tok in sorted({min(m, t) for t in (2, 4, 8, 16, 32)})
+                                               for warps in (2, 4, 8)])
     return 0
 
 

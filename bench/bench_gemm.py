@@ -25,12 +25,15 @@ import argparse
 import sys
 
 import torch
-import triton
-import triton.language as tl
 
 from v4_kernels.fp4_moe import kernel as moe_k
 from v4_kernels.fp8_linear import kernel as lin_k
 from v4_plugin import quant
+
+if __package__:  # imported as bench.bench_gemm
+    from . import common
+else:  # run as a script: bench/ is sys.path[0]
+    import common
 
 LINEAR_SHAPES = [  # (name, out, in)
     ("flash wq_a", 1024, 4096), ("flash wo_b", 4096, 8192), ("flash shared w1", 2048, 4096),
@@ -41,29 +44,7 @@ MOE_PRESETS = {"flash": (4096, 2048, 256), "pro": (7168, 3072, 384)}  # D, I, ex
 TOP_K = 6
 
 
-@triton.jit
-def _stream_read_kernel(ptr, out_ptr, n, BLOCK: tl.constexpr):
-    """Read n int64 words once, one partial sum per program: the memory-bound floor."""
-    pid = tl.program_id(0)
-    acc = tl.zeros((BLOCK,), dtype=tl.int64)
-    for start in range(pid * BLOCK, n, tl.num_programs(0) * BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        acc += tl.load(ptr + offs, mask=offs < n, other=0)
-    tl.store(out_ptr + pid, tl.sum(acc, axis=0))
-
-
-def _stream_read(buf: torch.Tensor, out: torch.Tensor):
-    """A launcher reading all bytes of buf (a multiple of 8 bytes) once."""
-    words = buf.reshape(-1).view(torch.int64)
-    return lambda: _stream_read_kernel[(out.numel(),)](words, out, words.numel(), BLOCK=2048)
-
 DEVICE = "cuda"  # module-level so a dry run can point it elsewhere
-
-
-def _bench(fn) -> float:
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=25, rep=100) * 1e3  # ms -> us
 
 
 def _blockwise_scaled_mm(xq, xs, wq, ws):
@@ -86,30 +67,29 @@ def bench_linear(batches: list[int]) -> None:
     print(f"\n== FP8 block-scaled linear (bf16 activations); FP8 tensor cores: {'yes' if fp8 else 'no'} ==")
     head = (f"{'shape':<16} {'M':>5} | {'W8A8 us':>8} {'TFLOP/s':>7} {'GB/s':>6} | {'W8A16 us':>8} | "
             f"{'scaled_mm':>9} {'blk_mm':>7} {'bf16 mm':>7} {'stream':>7}   (time of other / W8A8)")
-    print(head)
-    print("-" * len(head))
+    common.print_header(head)
     sums = torch.empty(1024, dtype=torch.int64, device=dev)
     for name, n, k in LINEAR_SHAPES:
         gen = torch.Generator(device=dev).manual_seed(n + k)
         w = torch.randn(n, k, device=dev, generator=gen) * 0.02
         wq, ws = quant.quantize_weight_fp8(w)
         w_bf16 = quant.dequantize_weight_fp8(wq, ws).bfloat16()
-        stream_us = _bench(_stream_read(wq.view(torch.uint8), sums))
+        stream_us = common.time_us(common.stream_read(wq.view(torch.uint8), sums))
         for m in batches:
             x = torch.randn(m, k, device=dev, generator=gen).bfloat16()
             flops, wbytes = 2 * m * n * k, n * k + m * k * 2 + m * n * 2
-            w8a16 = _bench(lambda: lin_k.fp8_linear(x, wq, ws, False))
-            bf16 = _bench(lambda: x @ w_bf16.T)
+            w8a16 = common.time_us(lambda: lin_k.fp8_linear(x, wq, ws, False))
+            bf16 = common.time_us(lambda: x @ w_bf16.T)
             if fp8:
-                w8a8 = _bench(lambda: lin_k.fp8_linear(x, wq, ws, True, fp8_dot=True))
+                w8a8 = common.time_us(lambda: lin_k.fp8_linear(x, wq, ws, True, fp8_dot=True))
                 m16 = -(-m // 16) * 16
                 xq = torch.randn(m16, k, device=dev, generator=gen).to(torch.float8_e4m3fn)
                 one = torch.ones((), device=dev)
-                scaled = _bench(lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one,
-                                                         out_dtype=torch.bfloat16))
+                scaled = common.time_us(lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one,
+                                                                 out_dtype=torch.bfloat16))
                 xq_b, xs_b = lin_k.act_quant(torch.randn(m16, k, device=dev, generator=gen).bfloat16())
                 blk_fn = _blockwise_scaled_mm(xq_b, xs_b, wq, quant.e8m0_to_float(ws))
-                blk = f"{_bench(blk_fn) / w8a8:>6.2f}x" if blk_fn else f"{'n/a':>7}"
+                blk = f"{common.time_us(blk_fn) / w8a8:>6.2f}x" if blk_fn else f"{'n/a':>7}"
                 print(f"{name:<16} {m:>5} | {w8a8:>8.1f} {flops / w8a8 / 1e6:>7.1f} {wbytes / w8a8 / 1e3:>6.0f} | "
                       f"{w8a16:>8.1f} | {scaled / w8a8:>8.2f}x {blk} {bf16 / w8a8:>6.2f}x {stream_us / w8a8:>6.2f}x")
             else:
@@ -134,8 +114,7 @@ def bench_moe(batches: list[int]) -> None:
     print(f"\n== Grouped FP4 MoE, W4A16, top-{TOP_K}, bf16 activations ==")
     head = (f"{'model':<6} {'T':>4} {'experts':>7} | {'routed us':>9} {'TFLOP/s':>7} {'GB/s':>6} {'stream':>7} | "
             f"{'+shared us':>10} {'shared share':>12}")
-    print(head)
-    print("-" * len(head))
+    common.print_header(head)
     sums = torch.empty(1024, dtype=torch.int64, device=dev)
     for name, (d, inter, n_exp) in MOE_PRESETS.items():
         gen = torch.Generator(device=dev).manual_seed(1)
@@ -150,10 +129,10 @@ def bench_moe(batches: list[int]) -> None:
             ids = torch.rand(t, n_exp, device=dev, generator=gen).topk(TOP_K, dim=-1).indices
             weights = torch.softmax(torch.randn(t, TOP_K, device=dev, generator=gen), -1)
             active = ids.unique().numel()
-            routed = _bench(lambda: moe_k.fp4_moe(x, weights, ids, experts, None, limit=10.0))
-            full = _bench(lambda: moe_k.fp4_moe(x, weights, ids, experts, shared, limit=10.0))
+            routed = common.time_us(lambda: moe_k.fp4_moe(x, weights, ids, experts, None, limit=10.0))
+            full = common.time_us(lambda: moe_k.fp4_moe(x, weights, ids, experts, shared, limit=10.0))
             touched = active * per_expert
-            stream = _bench(_stream_read(scratch[:touched], sums))
+            stream = common.time_us(common.stream_read(scratch[:touched], sums))
             flops = 2 * t * TOP_K * 3 * d * inter
             print(f"{name:<6} {t:>4} {active:>7} | {routed:>9.1f} {flops / routed / 1e6:>7.2f} "
                   f"{touched / routed / 1e3:>6.0f} {stream / routed:>6.2f}x | {full:>10.1f} "
@@ -165,11 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--part", choices=("linear", "moe", "all"), default="all")
     parser.add_argument("--batch", default="1,16,64,128")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_gemm: no CUDA device (torch.cuda.is_available() is False); GPU-only benchmark, nothing measured.",
-              file=sys.stderr)
+    if common.cuda_missing("bench_gemm", "kernels/fp8_linear kernels/fp4_moe"):
         return 0
-    batches = [int(v) for v in args.batch.split(",")]
+    batches = common.int_list(args.batch)
     print(f"device: {torch.cuda.get_device_name()}")
     if args.part in ("linear", "all"):
         bench_linear(batches)

@@ -19,46 +19,17 @@ import argparse
 import sys
 
 import torch
-import triton
-import triton.language as tl
 
 from v4_kernels.indexer.kernel import index_scores, select_topk
+
+if __package__:  # imported as bench.bench_indexer
+    from . import common
+else:  # run as a script: bench/ is sys.path[0]
+    import common
 
 MODELS = {"flash": 512, "pro": 1024}  # index_topk
 INDEX_HEADS, INDEX_DIM = 64, 128
 RECORD_BYTES = {"fp8": INDEX_DIM + 4, "fp4": INDEX_DIM // 2 + INDEX_DIM // 32}
-
-
-@triton.jit
-def _stream_read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    """Grid-stride read of n int32 values: the bandwidth a plain Triton kernel gets on this GPU."""
-    pid = tl.program_id(0)
-    acc = tl.zeros([BLOCK], tl.int32)
-    for start in range(pid * BLOCK, n, tl.num_programs(0) * BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        acc += tl.load(x_ptr + offs, mask=offs < n, other=0)
-    tl.store(out_ptr + pid, tl.sum(acc, 0))
-
-
-class Streamer:
-    """Times streaming reads of a given byte count from one preallocated buffer."""
-
-    def __init__(self, max_bytes: int):
-        self.buf = torch.ones(max(1, max_bytes // 4), dtype=torch.int32, device="cuda")
-        self.programs = 4 * torch.cuda.get_device_properties(0).multi_processor_count
-        self.out = torch.empty(self.programs, dtype=torch.int32, device="cuda")
-
-    def time_ms(self, nbytes: int) -> float:
-        n = max(1, min(nbytes // 4, self.buf.numel()))
-        grid = (min(self.programs, triton.cdiv(n, 4096)),)
-        fn = lambda: _stream_read_kernel[grid](self.buf, self.out, n, BLOCK=4096, num_warps=8)  # noqa: E731
-        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
-
-
-def _parse_ctx(s: str) -> int:
-    s = s.strip().upper()
-    mult = {"K": 1024, "M": 1024 * 1024}.get(s[-1], 1)
-    return int(s[:-1] if s[-1] in "KM" else s) * mult
 
 
 def _case(fmt: str, batch: int, ctx: int, pool_gb: float):
@@ -89,21 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contexts", default="4K,32K,128K,1M")
     p.add_argument("--pool-gb", type=float, default=4.0, help="cap on the key pool (slot lists wrap inside it)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_indexer: no CUDA device; this benchmark runs on a GPU only. Nothing measured.")
+    if common.cuda_missing("bench_indexer", "kernels/indexer"):
         return 0
 
-    from triton.testing import do_bench
-
-    batches = [int(b) for b in args.batches.split(",")]
-    contexts = [_parse_ctx(c) for c in args.contexts.split(",")]
-    streamer = Streamer(1 << 30)
-    peak = (1 << 30) / (streamer.time_ms(1 << 30) * 1e-3) / 1e9
-    print(f"# {torch.cuda.get_device_name()}: streaming read of 1 GiB = {peak:,.0f} GB/s (plain Triton kernel)")
+    batches = common.int_list(args.batches)
+    contexts = [common.parse_ctx(c) for c in args.contexts.split(",")]
+    streamer = common.Streamer(1 << 30)
+    streamer.print_peak()
     hdr = (f"{'model':>5} {'fmt':>4} {'batch':>5} {'ctx':>6} {'N':>7} {'k':>5} {'scores_us':>9} {'GB/s':>7} "
            f"{'vs stream':>9} {'topk_us':>8} {'GB/s':>7} {'vs stream':>9} {'total_us':>9}")
-    print(hdr)
-    print("-" * len(hdr))
+    common.print_header(hdr)
     for model in args.models.split(","):
         k = MODELS[model]
         for fmt in args.formats.split(","):
@@ -115,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
                                                     query_start=qs, max_queries=1)
                     f_topk = lambda: select_topk(scores, visible, k)  # noqa: E731
                     f_all = lambda: select_topk(f_scores(), visible, k)  # noqa: E731
-                    ts = do_bench(f_scores, warmup=10, rep=50, return_mode="median")
-                    tk = do_bench(f_topk, warmup=10, rep=50, return_mode="median")
-                    ta = do_bench(f_all, warmup=10, rep=50, return_mode="median")
+                    ts = common.median_ms(f_scores)
+                    tk = common.median_ms(f_topk)
+                    ta = common.median_ms(f_all)
                     ss, sk = streamer.time_ms(sbytes), streamer.time_ms(tbytes)
-                    label = f"{ctx // 1024}K" if ctx < 2**20 else f"{ctx // 2**20}M"
+                    label = common.ctx_label(ctx)
                     print(f"{model:>5} {fmt:>4} {batch:>5} {label:>6} {slots.shape[1]:>7} {min(k, slots.shape[1]):>5} "
                           f"{ts * 1e3:>9.1f} {sbytes / (ts * 1e-3) / 1e9:>7.0f} {ss / ts:>9.2f} "
                           f"{tk * 1e3:>8.1f} {tbytes / (tk * 1e-3) / 1e9:>7.0f} {sk / tk:>9.2f} {ta * 1e3:>9.1f}",

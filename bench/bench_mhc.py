@@ -19,50 +19,46 @@ import torch
 from v4_kernels.mhc import kernel as K
 from v4_plugin.ops import mhc as ref
 
+if __package__:  # imported as bench.bench_mhc
+    from . import common
+else:  # run as a script: bench/ is sys.path[0]
+    import common
+
 HC = 4
 KW = dict(norm_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=20)
 
 DEVICE = "cuda"  # module-level so a dry run can point it elsewhere
 
 
-def _bench(fn) -> float:
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=25, rep=100) * 1e3  # ms -> us
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="1,16,128,1024,8192")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_mhc: no CUDA device (torch.cuda.is_available() is False); GPU-only benchmark, nothing measured.",
-              file=sys.stderr)
+    if common.cuda_missing("bench_mhc", "kernels/mhc"):
         return 0
 
     dev = DEVICE
     print(f"device: {torch.cuda.get_device_name()}; bf16 streams, hc = {HC}, Sinkhorn 20 iterations")
     header = (f"{'model':<6} {'T':>6} | {'pre us':>8} {'GB/s':>7} {'vs torch':>8} | {'post us':>8} {'GB/s':>7} "
               f"{'vs torch':>8} | {'fused us':>8} {'vs split':>8} {'vs torch':>8}")
-    print(header)
-    print("-" * len(header))
+    common.print_header(header)
     for name, d in (("flash", 4096), ("pro", 7168)):
         gen = torch.Generator(device=dev).manual_seed(0)
         fn = torch.randn((2 + HC) * HC, HC * d, device=dev, generator=gen) / (HC * d) ** 0.5
         scale = torch.rand(3, device=dev, generator=gen) + 0.5
         base = torch.randn((2 + HC) * HC, device=dev, generator=gen) * 0.5
-        for t in (int(v) for v in args.tokens.split(",")):
+        for t in common.int_list(args.tokens):
             x = torch.randn(t, HC, d, device=dev, generator=gen).bfloat16()
             y = torch.randn(t, d, device=dev, generator=gen).bfloat16()
             _, post, comb = K.hc_pre(x, fn, scale, base, **KW)
 
-            pre_us = _bench(lambda: K.hc_pre(x, fn, scale, base, **KW))
-            pre_ref = _bench(lambda: ref.hc_pre(x, fn, scale, base, **KW))
-            post_us = _bench(lambda: K.hc_post(y, x, post, comb))
-            post_ref = _bench(lambda: ref.hc_post(y, x, post, comb))
-            fused_us = _bench(lambda: K.hc_post_pre(y, x, post, comb, fn, scale, base, **KW))
-            split_us = _bench(lambda: K.hc_pre(K.hc_post(y, x, post, comb), fn, scale, base, **KW))
-            fused_ref = _bench(lambda: ref.hc_pre(ref.hc_post(y, x, post, comb), fn, scale, base, **KW))
+            pre_us = common.time_us(lambda: K.hc_pre(x, fn, scale, base, **KW))
+            pre_ref = common.time_us(lambda: ref.hc_pre(x, fn, scale, base, **KW))
+            post_us = common.time_us(lambda: K.hc_post(y, x, post, comb))
+            post_ref = common.time_us(lambda: ref.hc_post(y, x, post, comb))
+            fused_us = common.time_us(lambda: K.hc_post_pre(y, x, post, comb, fn, scale, base, **KW))
+            split_us = common.time_us(lambda: K.hc_pre(K.hc_post(y, x, post, comb), fn, scale, base, **KW))
+            fused_ref = common.time_us(lambda: ref.hc_pre(ref.hc_post(y, x, post, comb), fn, scale, base, **KW))
 
             stream = t * HC * d * 2
             pre_bytes = stream + fn.numel() * 4 + t * d * 2 + t * (2 + HC) * HC * 4

@@ -23,45 +23,16 @@ import argparse
 import sys
 
 import torch
-import triton
-import triton.language as tl
 
 from v4_kernels.sparse_attention.kernel import attention_tiles, main_record_layout, sparse_attention
 
+if __package__:  # imported as bench.bench_sparse_attention
+    from . import common
+else:  # run as a script: bench/ is sys.path[0]
+    import common
+
 MODELS = {"flash": (64, 512), "pro": (128, 1024)}  # heads, index_topk
 HEAD_DIM, ROPE, WINDOW = 512, 64, 128
-
-
-@triton.jit
-def _stream_read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    """Grid-stride read of n int32 values: the bandwidth a plain Triton kernel gets on this GPU."""
-    pid = tl.program_id(0)
-    acc = tl.zeros([BLOCK], tl.int32)
-    for start in range(pid * BLOCK, n, tl.num_programs(0) * BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        acc += tl.load(x_ptr + offs, mask=offs < n, other=0)
-    tl.store(out_ptr + pid, tl.sum(acc, 0))
-
-
-class Streamer:
-    """Times streaming reads of a given byte count from one preallocated buffer."""
-
-    def __init__(self, max_bytes: int):
-        self.buf = torch.ones(max(1, max_bytes // 4), dtype=torch.int32, device="cuda")
-        self.programs = 4 * torch.cuda.get_device_properties(0).multi_processor_count
-        self.out = torch.empty(self.programs, dtype=torch.int32, device="cuda")
-
-    def time_ms(self, nbytes: int) -> float:
-        n = max(1, min(nbytes // 4, self.buf.numel()))
-        grid = (min(self.programs, triton.cdiv(n, 4096)),)
-        fn = lambda: _stream_read_kernel[grid](self.buf, self.out, n, BLOCK=4096, num_warps=8)  # noqa: E731
-        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
-
-
-def _parse_ctx(s: str) -> int:
-    s = s.strip().upper()
-    mult = {"K": 1024, "M": 1024 * 1024}.get(s[-1], 1)
-    return int(s[:-1] if s[-1] in "KM" else s) * mult
 
 
 def _case(model: str, kind: str, batch: int, ctx: int, pool_gb: float, g: torch.Generator):
@@ -97,22 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contexts", default="4K,32K,128K,1M")
     p.add_argument("--pool-gb", type=float, default=4.0, help="cap on the record pool (slots wrap inside it)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_sparse_attention: no CUDA device; this benchmark runs on a GPU only. Nothing measured.")
+    if common.cuda_missing("bench_sparse_attention", "kernels/sparse_attention"):
         return 0
 
-    from triton.testing import do_bench
-
     g = torch.Generator().manual_seed(0)
-    batches = [int(b) for b in args.batches.split(",")]
-    contexts = [_parse_ctx(c) for c in args.contexts.split(",")]
-    streamer = Streamer(1 << 30)
-    peak = (1 << 30) / (streamer.time_ms(1 << 30) * 1e-3) / 1e9
-    print(f"# {torch.cuda.get_device_name()}: streaming read of 1 GiB = {peak:,.0f} GB/s (plain Triton kernel)")
+    batches = common.int_list(args.batches)
+    contexts = [common.parse_ctx(c) for c in args.contexts.split(",")]
+    streamer = common.Streamer(1 << 30)
+    streamer.print_peak()
     hdr = (f"{'model':>5} {'kind':>4} {'batch':>5} {'ctx':>6} {'S':>6} {'splits':>6} {'time_us':>9} {'GB/s':>8} "
            f"{'stream_us':>9} {'vs stream':>9} {'1 split us':>10}")
-    print(hdr)
-    print("-" * len(hdr))
+    common.print_header(hdr)
     for model in args.models.split(","):
         for kind in args.kinds.split(","):
             for ctx in contexts:
@@ -122,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
                     splits = attention_tiles(batch, q.shape[1], S, HEAD_DIM, q.device)["splits"]
                     fn = lambda: sparse_attention(q, records, slots, sink, scale)  # noqa: E731
                     fn1 = lambda: sparse_attention(q, records, slots, sink, scale, num_splits=1)  # noqa: E731
-                    t = do_bench(fn, warmup=10, rep=50, return_mode="median")
-                    t1 = do_bench(fn1, warmup=10, rep=50, return_mode="median")
+                    t = common.median_ms(fn)
+                    t1 = common.median_ms(fn1)
                     ts = streamer.time_ms(nbytes)
-                    label = f"{ctx // 1024}K" if ctx < 2**20 else f"{ctx // 2**20}M"
+                    label = common.ctx_label(ctx)
                     print(f"{model:>5} {kind:>4} {batch:>5} {label:>6} {S:>6} {splits:>6} {t * 1e3:>9.1f} "
                           f"{nbytes / (t * 1e-3) / 1e9:>8.0f} {ts * 1e3:>9.1f} {ts / t:>9.2f} {t1 * 1e3:>10.1f}",
                           flush=True)

@@ -23,12 +23,8 @@ gives the same bits as a `Rope`; slots < 0 and rows outside `slots` are not writ
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import textwrap
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +33,7 @@ if not torch.cuda.is_available():  # read when @triton.jit decorates, so before 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from v4_kernels.compressor.kernel import pool_finish, pool_finish_store  # noqa: E402
+from v4_kernels.testing import DEVICES, assert_close, run_compile_check, sm90_compile_check  # noqa: E402
 from v4_plugin import kvcache  # noqa: E402
 from v4_plugin.config import LayerType, V4Config, parse_config, preset_config  # noqa: E402
 from v4_plugin.layout import IndexerCache, indexer_entry_bytes, main_entry_bytes  # noqa: E402
@@ -46,7 +43,6 @@ from v4_plugin.quant import e8m0_to_float  # noqa: E402
 from v4_plugin.tiny import TINY_PRESETS  # noqa: E402
 
 CFGS = {"tiny": parse_config(TINY_PRESETS["flash"]), "flash": preset_config("flash")}
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @dataclass(frozen=True)
@@ -113,12 +109,6 @@ def _pack(entries: torch.Tensor, cfg: V4Config, indexer: bool, fmt: IndexerCache
     return kvcache.pack_indexer(entries, cfg, fmt) if indexer else kvcache.pack_main(entries, cfg)
 
 
-def _assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> None:
-    """|a - b| <= atol + rtol |b| everywhere (torch.testing.assert_close costs seconds of imports)."""
-    err = (a - b).abs() - (atol + rtol * b.abs())
-    assert torch.isfinite(a).all() and (err <= 0).all(), f"max |a - b| = {(a - b).abs().max().item():.3g}"
-
-
 # ---- "within one quantization step" --------------------------------------------------------------
 def _e4m3_gap(v: torch.Tensor) -> torch.Tensor:
     """Spacing of the e4m3 grid at |v| (v in units of the block scale)."""
@@ -171,10 +161,10 @@ def test_pool_finish_matches_reference(case, dtype):
     ref = _reference(pool, finish, simulate_quant=False)
     assert got.dtype == ref.dtype == dtype and got.shape == ref.shape
     if dtype == torch.float32:
-        _assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        assert_close(got, ref, rtol=1e-5, atol=1e-5)
     else:
         assert (got == ref).float().mean() >= 0.98
-        _assert_close(got.float(), ref.float(), rtol=2**-6, atol=1e-6)
+        assert_close(got.float(), ref.float(), rtol=2**-6, atol=1e-6)
     # quantization-simulated entries: compare on the record grid
     got_q = pool_finish(**pool, **finish, simulate_quant=True)
     ref_q = _reference(pool, finish, simulate_quant=True)
@@ -254,7 +244,7 @@ def test_per_entry_previous_blocks(case):
                    prev_kv=None if i == 1 else prev_kv[i], prev_score=None if i == 1 else prev_score[i])
         ref = _reference(one, dict(finish, block_ids=block_ids[i : i + 1]), simulate_quant=False)
         assert (got[i] == ref[0]).float().mean() >= 0.98
-        _assert_close(got[i].float(), ref[0].float(), rtol=2**-6, atol=1e-6)
+        assert_close(got[i].float(), ref[0].float(), rtol=2**-6, atol=1e-6)
     cache = torch.zeros(case.nb, indexer_entry_bytes(cfg, IndexerCache.FP8) if case.indexer else main_entry_bytes(cfg),
                         dtype=torch.uint8)
     pool_finish_store(**dict(pool, prev_kv=prev_kv, prev_score=prev_score), **dict(finish, block_ids=block_ids),
@@ -286,14 +276,10 @@ def test_rejects_bad_shapes():
 
 
 # ---- GPU legality without a GPU -------------------------------------------------------------------
-_COMPILE = textwrap.dedent("""
-    import os
-    os.environ.pop("TRITON_INTERPRET", None)
+_COMPILE = """
     import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from v4_kernels.compressor import kernel as C
+    from v4_kernels.testing import compile_for_sm90
 
     sig = {"kv_ptr": "*fp32", "score_ptr": "*fp32", "prev_kv_ptr": "*fp32", "prev_score_ptr": "*fp32",
            "w_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "bid_ptr": "*i64", "out_ptr": "*fp32",
@@ -304,26 +290,11 @@ _COMPILE = textwrap.dedent("""
         consts = dict(M=m, E=e, ROPE=64, OVERLAP=m == 4, PREV=prev, ROUND_BF16=True, INDEXER=idx, SIMULATE=True,
                       OUT=out, SCALE_BYTES=8, SCALE_P2=8, HSCALE=e**-0.5, TABLE_BY_POSITION=prev == 2,
                       TOK=cfg["TOK"], BLOCK_N=cfg["BLOCK_N"])
-        triton.compile(ASTSource(fn=C._compress_kernel, signature=dict(sig, **{k: "constexpr" for k in consts}),
-                                 constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": cfg["num_warps"]})
-    print("compiled")
-""")
+        compile_for_sm90(C._compress_kernel, sig, consts, num_warps=cfg["num_warps"])
+"""
 
 
-def _ptxas_available() -> bool:
-    try:
-        import triton
-    except ImportError:
-        return False
-    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
-
-
-@pytest.mark.skipif(os.environ.get("V4_KERNELS_COMPILE_CHECK") != "1",
-                    reason="set V4_KERNELS_COMPILE_CHECK=1 (about 10-30 s: a subprocess compiles for sm_90)")
-@pytest.mark.skipif(not _ptxas_available(), reason="needs Triton's NVIDIA backend (ptxas)")
+@sm90_compile_check
 def test_kernel_compiles_for_sm90():
     """The interpreter accepts tiles a GPU compiler rejects: compile the variants for sm_90 (no GPU needed)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-4000:]
+    run_compile_check(_COMPILE)

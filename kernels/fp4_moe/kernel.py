@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from v4_kernels.fp8_linear.kernel import e4m3_scale, fake_quant_act, fp8_linear, round_e4m3, round_to
+from v4_kernels.fp8_linear.kernel import fake_quant_act, fp8_linear, quant_rows_e4m3, round_to
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FP4_BLOCK = 32  # E8M0 scale group along K
@@ -123,6 +123,23 @@ def _fp4_tile(w_ptr, s_ptr, offs_n, k0, K, mask_n, BLOCK_N: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def _expert_fp4(w_ptr, s_ptr, expert, N, K):
+    """Expert `expert`'s FP4 matrix in a stack over E: (bytes [N, K/2], E8M0 scales [N, K/32]) pointers."""
+    return w_ptr + expert.to(tl.int64) * N * (K // 2), s_ptr + expert.to(tl.int64) * N * (K // 32)
+
+
+@triton.jit
+def _block_slots(slot_ptr, pid_m, n_slots, top_k, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """M-block pid_m of the aligned layout and this program's N tile (grid axis 1): (slots, slot mask
+    (False for padding), tokens (0 for padding), offs_n, n mask (< N))."""
+    slots = tl.load(slot_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    m_mask = slots < n_slots
+    tokens = tl.where(m_mask, slots // top_k, 0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return slots, m_mask, tokens, offs_n, offs_n < N
+
+
+@triton.jit
 def _moe_gate_up_kernel(
     x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, slot_ptr, block_expert_ptr, route_w_ptr, h_ptr,
     n_slots, D, I, top_k, stride_xt, limit,
@@ -132,19 +149,12 @@ def _moe_gate_up_kernel(
     """h[slot, n] = w_slot * silu(min(g, L)) * clamp(u, -L, L) for the slots of one expert block."""
     tl.static_assert(not QUANT_H or BLOCK_N == 128, "h is FP8-rounded per 128 channels: one I tile per group")
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
         return
-    slots = tl.load(slot_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    m_mask = slots < n_slots
-    tokens = tl.where(m_mask, slots // top_k, 0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < I
-    w1_e = w1_ptr + expert.to(tl.int64) * I * (D // 2)
-    w3_e = w3_ptr + expert.to(tl.int64) * I * (D // 2)
-    s1_e = s1_ptr + expert.to(tl.int64) * I * (D // 32)
-    s3_e = s3_ptr + expert.to(tl.int64) * I * (D // 32)
+    slots, m_mask, tokens, offs_n, n_mask = _block_slots(slot_ptr, pid_m, n_slots, top_k, I, BLOCK_M, BLOCK_N)
+    w1_e, s1_e = _expert_fp4(w1_ptr, s1_ptr, expert, I, D)
+    w3_e, s3_e = _expert_fp4(w3_ptr, s3_ptr, expert, I, D)
 
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -168,10 +178,8 @@ def _moe_gate_up_kernel(
     h = gate * tl.sigmoid(gate) * up * route_w[:, None]
     h = round_to(h, out_ty, INTERPRET)
     if QUANT_H:  # the w2 linear's activation quantization: per row per 128 channels (BLOCK_N == 128)
-        h = tl.where(n_mask[None, :], h, 0.0)
-        scale = e4m3_scale(tl.maximum(tl.max(tl.abs(h), axis=1), 1e-4))
-        inv_scale = ((254 - ((scale.to(tl.int32, bitcast=True) >> 23) & 0xFF)) << 23).to(tl.float32, bitcast=True)
-        h = round_e4m3(tl.minimum(tl.maximum(h * inv_scale[:, None], -448.0), 448.0)) * scale[:, None]
+        q, scale = quant_rows_e4m3(tl.where(n_mask[None, :], h, 0.0))
+        h = q * scale[:, None]
     tl.store(h_ptr + slots[:, None].to(tl.int64) * I + offs_n[None, :], h.to(out_ty),
              mask=m_mask[:, None] & n_mask[None, :])
 
@@ -185,17 +193,11 @@ def _moe_down_kernel(
 ):
     """y[token, n] += round_{x.dtype}(h[slot] . w2[n]) for the slots of one expert block (fp32 atomics)."""
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
         return
-    slots = tl.load(slot_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    m_mask = slots < n_slots
-    tokens = tl.where(m_mask, slots // top_k, 0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < D
-    w2_e = w2_ptr + expert.to(tl.int64) * D * (I // 2)
-    s2_e = s2_ptr + expert.to(tl.int64) * D * (I // 32)
+    slots, m_mask, tokens, offs_n, n_mask = _block_slots(slot_ptr, pid_m, n_slots, top_k, D, BLOCK_M, BLOCK_N)
+    w2_e, s2_e = _expert_fp4(w2_ptr, s2_ptr, expert, D, I)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):

@@ -22,19 +22,10 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from v4_kernels.fp4_moe import kernel as K  # noqa: E402
+from v4_kernels.testing import DEVICE, assert_close, dtype_id  # noqa: E402
+from v4_kernels.testing import one_cpu_thread  # noqa: E402, F401  # autouse: importing it applies it here
 from v4_plugin import quant  # noqa: E402
 from v4_plugin.ops.moe import ExpertWeights, moe, route  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """Interpreted kernels are single-threaded NumPy; one torch thread avoids OpenMP spin-waits on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _fp4(out_f: int, in_f: int, gen: torch.Generator, std: float):
@@ -62,11 +53,8 @@ def _model(d: int, inter: int, n_experts: int, gen: torch.Generator):
 
 def _check(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    a, e = actual.double(), expected.double()
     rtol = 2**-7 if expected.dtype == torch.bfloat16 else 1e-5
-    atol = 1e-5 * e.abs().max().item()
-    bad = ~((a - e).abs() <= atol + rtol * e.abs())
-    assert not bad.any(), f"{int(bad.sum())}/{bad.numel()} off; max abs err {(a - e).abs().max():.3g}"
+    assert_close(actual, expected, rtol=rtol, atol=1e-5 * expected.double().abs().max().item())
     if expected.dtype == torch.bfloat16:
         assert (actual != expected).float().mean() <= 0.03
 
@@ -80,9 +68,7 @@ CASES = [(1, TINY, torch.float32), (3, TINY, torch.float32), (17, TINY, torch.fl
 
 
 def _id(v):
-    if isinstance(v, dict):
-        return f"e{v['n_experts']}k{v['top_k']}"
-    return str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else None
+    return f"e{v['n_experts']}k{v['top_k']}" if isinstance(v, dict) else dtype_id(v)
 
 
 @pytest.mark.parametrize("t,dims,dtype", CASES, ids=_id)
@@ -176,5 +162,4 @@ def test_gpu_real_shapes_bf16(t, preset):
     weights, ids = route(x, torch.randn(16, d, generator=gen), top_k=6, scaling=1.5, bias=torch.zeros(16))
     y = K.fp4_moe(x.to(DEVICE), weights.to(DEVICE), ids.to(DEVICE), experts, shared, limit=10.0)
     expected = moe(x, weights, ids, deq, shared_deq, limit=10.0, quantize_input=False)
-    err = (y.cpu().double() - expected.double()).abs()
-    assert (err <= 1e-3 * expected.double().abs().max() + 2**-6 * expected.double().abs()).all()
+    assert_close(y.cpu(), expected, rtol=2**-6, atol=1e-3 * expected.double().abs().max())

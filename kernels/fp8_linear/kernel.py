@@ -98,6 +98,23 @@ def round_to(v, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def quant_rows_e4m3(x):
+    """fp32 tile [R, C] -> (e4m3 values as fp32 [R, C], pow2 scales [R]) with one scale per row:
+    scale = 2^ceil(log2(max(amax, 1e-4) / 448)), values = e4m3(x / scale); as `quant.quantize_fp8` on
+    a 128-wide block."""
+    scale = e4m3_scale(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4))
+    inv_scale = ((254 - ((scale.to(tl.int32, bitcast=True) >> 23) & 0xFF)) << 23).to(tl.float32, bitcast=True)
+    return round_e4m3(tl.minimum(tl.maximum(x * inv_scale[:, None], -448.0), 448.0)), scale
+
+
+@triton.jit
+def store_rounded(ptrs, v, mask, INTERPRET: tl.constexpr):
+    """Store fp32 v at ptrs in their dtype, rounded to nearest even also in the interpreter (`round_to`)."""
+    ty = ptrs.dtype.element_ty
+    tl.store(ptrs, round_to(v, ty, INTERPRET).to(ty), mask=mask)
+
+
+@triton.jit
 def e4m3_bits_to_f16(byte):
     """float8 e4m3fn bytes -> fp16 holding value * 2^-8, exactly (subnormals included).
 
@@ -151,6 +168,21 @@ def _m_bucket(m: int) -> int:
 
 # ---- kernels ----------------------------------------------------------------------------------
 @triton.jit
+def _mn_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows and columns of this program's output tile (grid axes 0 and 1) and their bounds masks."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
+def _weight_scales(ws_ptr, offs_n, n_mask, kb, n_kb, SCALE_E8M0: tl.constexpr):
+    """fp32 block scales ws[n // 128, kb] of the columns offs_n (E8M0 bytes decoded, or fp32 as stored)."""
+    w_scale = tl.load(ws_ptr + (offs_n // 128) * n_kb + kb, mask=n_mask, other=0)
+    return e8m0_to_f32(w_scale) if SCALE_E8M0 else w_scale
+
+
+@triton.jit
 def _act_quant_kernel(
     x_ptr, out_ptr, scale_ptr, M, K, stride_xm, n_kb,
     DEQUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
@@ -162,12 +194,9 @@ def _act_quant_kernel(
     offs_k = kb * BLOCK + tl.arange(0, BLOCK)
     mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-    scale = e4m3_scale(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4))
-    inv_scale = ((254 - ((scale.to(tl.int32, bitcast=True) >> 23) & 0xFF)) << 23).to(tl.float32, bitcast=True)
-    q = round_e4m3(tl.minimum(tl.maximum(x * inv_scale[:, None], -448.0), 448.0))
-    if DEQUANT:
-        value = round_to(q * scale[:, None], out_ptr.dtype.element_ty, INTERPRET)  # exact for bf16/fp32
-        tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], value.to(out_ptr.dtype.element_ty), mask=mask)
+    q, scale = quant_rows_e4m3(x)
+    if DEQUANT:  # exact for bf16/fp32
+        store_rounded(out_ptr + offs_m[:, None] * K + offs_k[None, :], q * scale[:, None], mask, INTERPRET)
     else:
         tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], q.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_ptr + offs_m * n_kb + kb, scale, mask=offs_m < M)
@@ -184,12 +213,7 @@ def _w8a8_kernel(
     xq [M, K] e4m3 with xs [M, n_kb] fp32; wq [N, K] e4m3 with ws E8M0 (or fp32) [ceil(N/128), n_kb].
     """
     tl.static_assert(128 % BLOCK_K == 0, "a K step must not straddle a 128-wide scale block")
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    offs_m, offs_n, m_mask, n_mask = _mn_tile(M, N, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -198,12 +222,10 @@ def _w8a8_kernel(
         a = tl.load(xq_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         a_scale = tl.load(xs_ptr + offs_m * n_kb + kb, mask=m_mask, other=0.0)
-        w_scale = tl.load(ws_ptr + (offs_n // 128) * n_kb + kb, mask=n_mask, other=0)
-        w_scale = e8m0_to_f32(w_scale) if SCALE_E8M0 else w_scale
+        w_scale = _weight_scales(ws_ptr, offs_n, n_mask, kb, n_kb, SCALE_E8M0)
         acc += tl.dot(a, tl.trans(b)) * a_scale[:, None] * w_scale[None, :]
-    y = round_to(acc, y_ptr.dtype.element_ty, INTERPRET)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    store_rounded(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc, m_mask[:, None] & n_mask[None, :],
+                  INTERPRET)
 
 
 @triton.jit
@@ -214,12 +236,7 @@ def _w8a16_kernel(
 ):
     """y = x . W^T with W decoded from e4m3 bytes in registers; the block scale multiplies each partial product."""
     tl.static_assert(128 % BLOCK_K == 0, "a K step must not straddle a 128-wide scale block")
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    offs_m, offs_n, m_mask, n_mask = _mn_tile(M, N, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -230,13 +247,11 @@ def _w8a16_kernel(
         w_bytes = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
                           other=0)
         w = e4m3_bits_to_f16(w_bytes)  # 2^-8 * W / scale, exact
-        w_scale = tl.load(ws_ptr + (offs_n // 128) * n_kb + kb, mask=n_mask, other=0)
-        w_scale = (e8m0_to_f32(w_scale) if SCALE_E8M0 else w_scale) * 256.0  # undo the 2^-8
+        w_scale = _weight_scales(ws_ptr, offs_n, n_mask, kb, n_kb, SCALE_E8M0) * 256.0  # undo the 2^-8
         part = tl.dot(a.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
         acc += part * w_scale[None, :]
-    y = round_to(acc, y_ptr.dtype.element_ty, INTERPRET)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    store_rounded(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc, m_mask[:, None] & n_mask[None, :],
+                  INTERPRET)
 
 
 # Autotuned launchers exist only with a GPU (the interpreter has no driver to tune on).

@@ -20,32 +20,17 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from v4_kernels.fp8_linear import kernel as K  # noqa: E402
+from v4_kernels.testing import DEVICE, assert_close, dtype_id  # noqa: E402
+from v4_kernels.testing import one_cpu_thread  # noqa: E402, F401  # autouse: importing it applies it here
 from v4_plugin import quant  # noqa: E402
 from v4_plugin.ops.linear import linear  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """Interpreted kernels are single-threaded NumPy; one torch thread avoids OpenMP spin-waits on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _id(v):
-    return str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else None
 
 
 def _check(actual: torch.Tensor, expected: torch.Tensor, magnitude: torch.Tensor) -> None:
     """expected in x.dtype; magnitude = |x| @ |W|^T (the scale of the summation error)."""
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    a, e = actual.double(), expected.double()
     rtol = 2**-7 if expected.dtype == torch.bfloat16 else 1e-5
-    bad = ~((a - e).abs() <= 1e-5 * magnitude.double() + rtol * e.abs())
-    assert not bad.any(), f"{int(bad.sum())}/{bad.numel()} off; max abs err {(a - e).abs().max():.3g}"
+    assert_close(actual, expected, rtol=rtol, atol=1e-5 * magnitude.double())
     if expected.dtype == torch.bfloat16:
         assert (actual != expected).float().mean() <= 0.01
 
@@ -64,7 +49,7 @@ def _act(shape, dtype, gen):
     return (torch.randn(*shape, generator=gen) * ranges).to(dtype).to(DEVICE)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_act_quant_bit_exact(dtype):
     gen = torch.Generator().manual_seed(1)
     x = _act((37, 300), dtype, gen)  # partial last block of 44 channels
@@ -95,7 +80,7 @@ SHAPES = [(1, 96, 96), (3, 200, 300), (17, 256, 384), (127, 200, 96)]  # (M, out
 
 
 @pytest.mark.parametrize("m,out_f,in_f", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("mode", ["w8a16", "w8a8", "w8a8_emulated"])
 def test_fp8_linear(m, out_f, in_f, dtype, mode):
     gen = torch.Generator().manual_seed(m * 1000 + out_f + in_f)
@@ -142,8 +127,7 @@ def test_fp16_activations():
         y = K.fp8_linear(x, wq, ws, quantize_input, fp8_dot=False)
         expected = linear(x, w, quantize_input)
         assert y.dtype == torch.float16
-        err = (y.double() - expected.double()).abs()
-        assert (err <= 1e-5 * (x.float().abs() @ w.abs().T).double() + 2**-10 * expected.double().abs()).all()
+        assert_close(y, expected, rtol=2**-10, atol=1e-5 * (x.float().abs() @ w.abs().T).double())
 
 
 @triton.jit
@@ -181,6 +165,4 @@ def test_gpu_real_shapes_bf16(m, out_f, in_f, quantize_input):
     w = quant.dequantize_weight_fp8(wq, ws)
     x = _act((m, in_f), torch.bfloat16, gen)
     y = K.fp8_linear(x, wq, ws, quantize_input)
-    expected = linear(x, w, quantize_input)
-    err = (y.double() - expected.double()).abs()
-    assert (err <= 1e-5 * (x.float().abs() @ w.abs().T).double() + 2**-7 * expected.double().abs()).all()
+    assert_close(y, linear(x, w, quantize_input), rtol=2**-7, atol=1e-5 * (x.float().abs() @ w.abs().T).double())

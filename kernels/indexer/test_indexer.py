@@ -18,6 +18,7 @@ if not torch.cuda.is_available():  # tests/conftest.py does not cover kernels/; 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from v4_kernels.indexer.kernel import index_scores, index_topk, indexer_record_format, select_topk
+from v4_kernels.testing import assert_close
 from v4_plugin.config import parse_config, preset_config
 from v4_plugin.kvcache import pack_indexer, unpack_indexer
 from v4_plugin.layout import IndexerCache, indexer_entry_bytes
@@ -31,19 +32,6 @@ TINY_PRO = parse_config(TINY_PRESETS["pro"])
 FLASH = preset_config("flash")
 PRO = preset_config("pro")
 FMTS = [IndexerCache.FP8, IndexerCache.FP4, None]  # None: unquantized fp32 keys (exact mode)
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float) -> None:
-    """|actual - expected| <= atol + rtol * |expected| elementwise, same shape, no NaN.
-
-    (torch.testing.assert_close imports torch.distributed.tensor on first use: ~5-10 s here.)
-    """
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    a, e = actual.double(), expected.double()
-    assert not a.isnan().any() and not e.isnan().any()
-    err = (a - e).abs()
-    bad = err > atol + rtol * e.abs()
-    assert not bad.any(), f"{int(bad.sum())}/{bad.numel()} mismatched, max abs err {err.max().item():.3g}"
 
 
 def _keys(cfg, num_slots, fmt, g):

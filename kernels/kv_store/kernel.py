@@ -214,15 +214,26 @@ def e2m1_value(code):
 
 # ---- block quantization of pair tiles ------------------------------------------------------------
 @triton.jit
+def _pair_block_scale(ev, od, AMAX_FLOOR: tl.constexpr, MAXV: tl.constexpr):
+    """Power-of-two scale of each block of pair tiles [BN, NB, G] (2G values per [b, k]): (int32 exponents
+    e [BN, NB] of 2^ceil(log2(max(amax, AMAX_FLOOR) / MAXV)), 2^-e broadcastable to the tiles)."""
+    amax = tl.maximum(tl.max(tl.maximum(tl.abs(ev), tl.abs(od)), axis=2), AMAX_FLOOR)
+    e = pow2_ceil_exp(amax, MAXV)
+    return e, exp2i(-e)[:, :, None]
+
+
+@triton.jit
+def _e4m3_scaled(v, inv):
+    """e4m3 codes of v * inv saturated to +-448 (inv: the inverse power-of-two scale)."""
+    return e4m3_code(tl.minimum(tl.maximum(v * inv, -FP8_MAX), FP8_MAX))
+
+
+@triton.jit
 def fp8_quant_pairs(ev, od):
     """ev, od [BN, NB, G] fp32 (one FP8 block of 2G values per [b, k]) ->
     (e4m3 codes of ev, of od, int32 scale exponents [BN, NB]); as `quant.quantize_fp8`."""
-    amax = tl.maximum(tl.max(tl.maximum(tl.abs(ev), tl.abs(od)), axis=2), FP8_AMAX_FLOOR)
-    e = pow2_ceil_exp(amax, FP8_MAX)
-    inv = exp2i(-e)[:, :, None]
-    cev = e4m3_code(tl.minimum(tl.maximum(ev * inv, -FP8_MAX), FP8_MAX))
-    cod = e4m3_code(tl.minimum(tl.maximum(od * inv, -FP8_MAX), FP8_MAX))
-    return cev, cod, e
+    e, inv = _pair_block_scale(ev, od, FP8_AMAX_FLOOR, FP8_MAX)
+    return _e4m3_scaled(ev, inv), _e4m3_scaled(od, inv), e
 
 
 @triton.jit
@@ -237,9 +248,7 @@ def fp8_fake_pairs(ev, od):
 def fp4_quant_pairs(ev, od):
     """ev, od [BN, NB, G] fp32 (one FP4 block of 2G values per [b, k]) ->
     (e2m1 codes of ev, of od, int32 scale exponents [BN, NB]); as `quant.quantize_fp4`."""
-    amax = tl.maximum(tl.max(tl.maximum(tl.abs(ev), tl.abs(od)), axis=2), FP4_AMAX_FLOOR)
-    e = pow2_ceil_exp(amax, FP4_MAX)
-    inv = exp2i(-e)[:, :, None]
+    e, inv = _pair_block_scale(ev, od, FP4_AMAX_FLOOR, FP4_MAX)
     return e2m1_code(ev * inv), e2m1_code(od * inv), e
 
 
@@ -292,8 +301,7 @@ def write_indexer_record(rec, ok, ev, od, FP8: tl.constexpr):
         amax = tl.maximum(tl.max(tl.max(tl.maximum(tl.abs(ev), tl.abs(od)), axis=2), axis=1), FP8_AMAX_FLOOR)
         e = pow2_ceil_exp(amax, FP8_MAX)
         inv = exp2i(-e)[:, None, None]
-        cev = e4m3_code(tl.minimum(tl.maximum(ev * inv, -FP8_MAX), FP8_MAX))
-        cod = e4m3_code(tl.minimum(tl.maximum(od * inv, -FP8_MAX), FP8_MAX))
+        cev, cod = _e4m3_scaled(ev, inv), _e4m3_scaled(od, inv)
         p16 = rec.to(tl.pointer_type(tl.uint16))[:, None, None]
         tl.store(p16 + pair, (cev | (cod << 8)).to(tl.uint16), mask=okk)
         p32 = rec.to(tl.pointer_type(tl.uint32))
@@ -351,16 +359,26 @@ def _rows(slots_ptr, n, cache_ptr, cache_stride, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _load_pairs(x_ptr, x_stride, rows, ok, NB: tl.constexpr, G: tl.constexpr):
+    """Rows of x (2 * NB * G values each) as fp32 pair tiles ev, od [BN, NB, G] (zeros where not ok)."""
+    pair = tl.arange(0, NB)[None, :, None] * G + tl.arange(0, G)[None, None, :]
+    src = x_ptr + rows[:, None, None] * x_stride + 2 * pair
+    okk = ok[:, None, None]
+    return tl.load(src, mask=okk, other=0.0).to(tl.float32), tl.load(src + 1, mask=okk, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _write_rows(out_ptr, rows, n, val, WIDTH: tl.constexpr):
+    """out[rows] = val [BN, WIDTH] for the rows < n."""
+    tl.store(out_ptr + rows[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :], val, mask=(rows < n)[:, None])
+
+
+@triton.jit
 def _store_main_kernel(x_ptr, x_stride, cache_ptr, cache_stride, slots_ptr, n,
                        HEAD_DIM: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr,
                        SCALE_BYTES: tl.constexpr, SCALE_P2: tl.constexpr, BLOCK_N: tl.constexpr):
     rows, ok, rec = _rows(slots_ptr, n, cache_ptr, cache_stride, BLOCK_N)
-    NB: tl.constexpr = HEAD_DIM // 64
-    pair = tl.arange(0, NB)[None, :, None] * 32 + tl.arange(0, 32)[None, None, :]
-    src = x_ptr + rows[:, None, None] * x_stride + 2 * pair
-    okk = ok[:, None, None]
-    ev = tl.load(src, mask=okk, other=0.0).to(tl.float32)
-    od = tl.load(src + 1, mask=okk, other=0.0).to(tl.float32)
+    ev, od = _load_pairs(x_ptr, x_stride, rows, ok, HEAD_DIM // 64, 32)
     write_main_record(rec, ok, ev, od, NOPE, ROPE, SCALE_BYTES, SCALE_P2)
 
 
@@ -368,12 +386,7 @@ def _store_main_kernel(x_ptr, x_stride, cache_ptr, cache_stride, slots_ptr, n,
 def _store_indexer_kernel(x_ptr, x_stride, cache_ptr, cache_stride, slots_ptr, n,
                           D: tl.constexpr, FP8: tl.constexpr, BLOCK_N: tl.constexpr):
     rows, ok, rec = _rows(slots_ptr, n, cache_ptr, cache_stride, BLOCK_N)
-    NB: tl.constexpr = D // 32
-    pair = tl.arange(0, NB)[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]
-    src = x_ptr + rows[:, None, None] * x_stride + 2 * pair
-    okk = ok[:, None, None]
-    ev = tl.load(src, mask=okk, other=0.0).to(tl.float32)
-    od = tl.load(src + 1, mask=okk, other=0.0).to(tl.float32)
+    ev, od = _load_pairs(x_ptr, x_stride, rows, ok, D // 32, 16)
     write_indexer_record(rec, ok, ev, od, FP8)
 
 
@@ -381,18 +394,14 @@ def _store_indexer_kernel(x_ptr, x_stride, cache_ptr, cache_stride, slots_ptr, n
 def _load_main_kernel(out_ptr, cache_ptr, cache_stride, slots_ptr, n,
                       HEAD_DIM: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr, BLOCK_N: tl.constexpr):
     rows, ok, rec = _rows(slots_ptr, n, cache_ptr, cache_stride, BLOCK_N)
-    val = load_main_tile(rec, ok, HEAD_DIM, NOPE, ROPE)
-    d = tl.arange(0, HEAD_DIM)[None, :]
-    tl.store(out_ptr + rows[:, None] * HEAD_DIM + d, val, mask=(rows < n)[:, None])
+    _write_rows(out_ptr, rows, n, load_main_tile(rec, ok, HEAD_DIM, NOPE, ROPE), HEAD_DIM)
 
 
 @triton.jit
 def _load_indexer_kernel(out_ptr, cache_ptr, cache_stride, slots_ptr, n,
                          D: tl.constexpr, FP8: tl.constexpr, BLOCK_N: tl.constexpr):
     rows, ok, rec = _rows(slots_ptr, n, cache_ptr, cache_stride, BLOCK_N)
-    val = load_indexer_tile(rec, ok, D, FP8)
-    d = tl.arange(0, D)[None, :]
-    tl.store(out_ptr + rows[:, None] * D + d, val, mask=(rows < n)[:, None])
+    _write_rows(out_ptr, rows, n, load_indexer_tile(rec, ok, D, FP8), D)
 
 
 # ---- Python wrappers (signatures mirror the core functions) --------------------------------------

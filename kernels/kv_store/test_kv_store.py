@@ -9,10 +9,6 @@ interpreter's round-toward-zero casts), so every record must be byte-identical t
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +18,7 @@ if not torch.cuda.is_available():  # read when @triton.jit decorates, so before 
 
 from v4_kernels.kv_store.kernel import (indexer_record_bytes, load_indexer, load_main, main_record_bytes,  # noqa: E402
                                         store_indexer, store_main)
+from v4_kernels.testing import DEVICES, run_compile_check, sm90_compile_check  # noqa: E402
 from v4_plugin import kvcache  # noqa: E402
 from v4_plugin.config import parse_config, preset_config  # noqa: E402
 from v4_plugin.layout import IndexerCache, indexer_entry_bytes, main_entry_bytes  # noqa: E402
@@ -30,7 +27,6 @@ from v4_plugin.quant import fake_quant_fp4, hadamard  # noqa: E402
 from v4_plugin.tiny import TINY_PRESETS  # noqa: E402
 
 CFGS = {"tiny": parse_config(TINY_PRESETS["flash"]), "flash": preset_config("flash")}
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -223,18 +219,9 @@ def test_rejects_wrong_record_size_and_slots():
 
 
 # ---- GPU legality without a GPU -------------------------------------------------------------------
-_COMPILE = textwrap.dedent("""
-    import os
-    os.environ.pop("TRITON_INTERPRET", None)
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+_COMPILE = """
     from v4_kernels.kv_store import kernel as K
-
-    def compile_(fn, sig, consts):
-        sig = dict(sig, **{k: "constexpr" for k in consts})
-        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4})
+    from v4_kernels.testing import compile_for_sm90 as compile_
 
     st = {"x_ptr": "*bf16", "x_stride": "i32", "cache_ptr": "*u8", "cache_stride": "i32", "slots_ptr": "*i64",
           "n": "i32"}
@@ -244,23 +231,10 @@ _COMPILE = textwrap.dedent("""
     ld = {"out_ptr": "*fp32", "cache_ptr": "*u8", "cache_stride": "i32", "slots_ptr": "*i32", "n": "i32"}
     compile_(K._load_main_kernel, ld, dict(HEAD_DIM=512, NOPE=448, ROPE=64, BLOCK_N=4))
     compile_(K._load_indexer_kernel, ld, dict(D=128, FP8=False, BLOCK_N=8))
-    print("compiled")
-""")
+"""
 
 
-def _ptxas_available() -> bool:
-    try:
-        import triton
-    except ImportError:
-        return False
-    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
-
-
-@pytest.mark.skipif(os.environ.get("V4_KERNELS_COMPILE_CHECK") != "1",
-                    reason="set V4_KERNELS_COMPILE_CHECK=1 (about 10-30 s: a subprocess compiles for sm_90)")
-@pytest.mark.skipif(not _ptxas_available(), reason="needs Triton's NVIDIA backend (ptxas)")
+@sm90_compile_check
 def test_kernels_compile_for_sm90():
     """The interpreter accepts tiles a GPU compiler rejects: compile every kernel for sm_90 (no GPU needed)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-4000:]
+    run_compile_check(_COMPILE)

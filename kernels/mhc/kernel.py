@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from v4_kernels.fp8_linear.kernel import round_to  # bf16 stores rounded to nearest even, also in the interpreter
+from v4_kernels.fp8_linear.kernel import round_to, store_rounded  # bf16 to nearest even, also in the interpreter
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -76,6 +76,22 @@ _DOT_PRECISION = "ieee" if _INTERPRET else "tf32x3"
 
 # ---- kernels ----------------------------------------------------------------------------------
 @triton.jit
+def _load_streams(x_ptr, offs_t, offs_i, offs_d, stride_xt, D, mask):
+    """The hc streams X[t, i, d] of a (token, D) block as fp32 [BLOCK_T, HC, BLOCK_D]; mask [BLOCK_T, 1, BLOCK_D]."""
+    return tl.load(x_ptr + offs_t[:, None, None] * stride_xt + offs_i[None, :, None] * D + offs_d[None, None, :],
+                   mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_partials(mix_ptr, sq_ptr, split, T, offs_t, t_mask, acc, sq, MIX_PAD: tl.constexpr):
+    """Split `split` of the partial mixes [SPLIT, T, MIX_PAD] and squared norms [SPLIT, T] that
+    `_hc_pre_finish_kernel` sums."""
+    offs_r = tl.arange(0, MIX_PAD)
+    tl.store(mix_ptr + (split * T + offs_t[:, None]) * MIX_PAD + offs_r[None, :], acc, mask=t_mask[:, None])
+    tl.store(sq_ptr + split * T + offs_t, sq, mask=t_mask)
+
+
+@triton.jit
 def _hc_mix_kernel(
     x_ptr, fn_ptr, mix_ptr, sq_ptr,
     T, K, stride_xt, k_per_split,
@@ -102,8 +118,7 @@ def _hc_mix_kernel(
         acc = tl.dot(xt, tl.trans(f), acc, input_precision=DOT_PRECISION)
         sq += tl.sum(xt * xt, axis=1)
 
-    tl.store(mix_ptr + (pid_s * T + offs_t[:, None]) * MIX_PAD + offs_r[None, :], acc, mask=t_mask[:, None])
-    tl.store(sq_ptr + pid_s * T + offs_t, sq, mask=t_mask)
+    _store_partials(mix_ptr, sq_ptr, pid_s, T, offs_t, t_mask, acc, sq, MIX_PAD)
 
 
 @triton.jit
@@ -169,11 +184,9 @@ def _hc_pre_finish_kernel(
     # u = sum_i pre_i X_i for this block of D.
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    x3 = tl.load(x_ptr + offs_t[:, None, None] * stride_xt + offs_i[None, :, None] * D + offs_d[None, None, :],
-                 mask=t_mask[:, None, None] & d_mask[None, None, :], other=0.0).to(tl.float32)
-    u = round_to(tl.sum(pre[:, :, None] * x3, axis=1), u_ptr.dtype.element_ty, INTERPRET)
-    tl.store(u_ptr + offs_t[:, None] * D + offs_d[None, :], u.to(u_ptr.dtype.element_ty),
-             mask=t_mask[:, None] & d_mask[None, :])
+    x3 = _load_streams(x_ptr, offs_t, offs_i, offs_d, stride_xt, D, t_mask[:, None, None] & d_mask[None, None, :])
+    store_rounded(u_ptr + offs_t[:, None] * D + offs_d[None, :], tl.sum(pre[:, :, None] * x3, axis=1),
+                  t_mask[:, None] & d_mask[None, :], INTERPRET)
 
 
 @triton.jit
@@ -198,8 +211,7 @@ def _hc_post_kernel(
     td_mask = t_mask[:, None] & d_mask[None, :]
 
     y = tl.load(y_ptr + offs_t[:, None] * stride_yt + offs_d[None, :], mask=td_mask, other=0.0).to(tl.float32)
-    x3 = tl.load(x_ptr + offs_t[:, None, None] * stride_xt + offs_i[None, :, None] * D + offs_d[None, None, :],
-                 mask=td_mask[:, None, :], other=0.0).to(tl.float32)
+    x3 = _load_streams(x_ptr, offs_t, offs_i, offs_d, stride_xt, D, td_mask[:, None, :])
     if FUSE_MIX:
         offs_r = tl.arange(0, MIX_PAD)
         acc = tl.zeros((BLOCK_T, MIX_PAD), dtype=tl.float32)
@@ -219,8 +231,7 @@ def _hc_post_kernel(
             acc = tl.dot(o, tl.trans(f), acc, input_precision=DOT_PRECISION)
             sq += tl.sum(o * o, axis=1)
     if FUSE_MIX:
-        tl.store(mix_ptr + (pid_d * T + offs_t[:, None]) * MIX_PAD + offs_r[None, :], acc, mask=t_mask[:, None])
-        tl.store(sq_ptr + pid_d * T + offs_t, sq, mask=t_mask)
+        _store_partials(mix_ptr, sq_ptr, pid_d, T, offs_t, t_mask, acc, sq, MIX_PAD)
 
 
 # ---- wrappers ---------------------------------------------------------------------------------

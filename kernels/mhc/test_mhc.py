@@ -17,35 +17,14 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from v4_kernels.mhc import kernel as K  # noqa: E402
+from v4_kernels.testing import DEVICE, assert_close, dtype_id  # noqa: E402
+from v4_kernels.testing import one_cpu_thread  # noqa: E402, F401  # autouse: importing it applies it here
 from v4_plugin.ops import mhc as ref  # noqa: E402
 
 HC = 4
 EPS = dict(norm_eps=1e-6, hc_eps=1e-6)
 PRE = dict(EPS, sinkhorn_iters=20)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """Interpreted kernels are single-threaded NumPy; one torch thread avoids OpenMP spin-waits on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _id(v):
-    return str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else None
 FP32_TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, atol: float) -> None:
-    """|actual - expected| <= atol + rtol |expected| elementwise (torch.testing's first call imports for 6 s)."""
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    a, e = actual.double(), expected.double()
-    err = (a - e).abs()
-    bad = ~(err <= atol + rtol * e.abs())
-    assert not bad.any(), f"{int(bad.sum())}/{bad.numel()} outside rtol={rtol} atol={atol}; max abs err {err.max():.3g}"
 
 
 def _params(d: int, gen: torch.Generator, rows: int = (2 + HC) * HC):
@@ -77,7 +56,7 @@ def _post_comb(t: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor
 CASES = [(t, d, torch.float32) for d in (128, 4096) for t in (1, 3, 5, 127)] + [(5, 7168, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("t,d,dtype", CASES, ids=_id)
+@pytest.mark.parametrize("t,d,dtype", CASES, ids=dtype_id)
 def test_hc_pre(t, d, dtype):
     gen = torch.Generator().manual_seed(1000 * t + d)
     x = _streams(t, d, dtype, gen)
@@ -90,7 +69,7 @@ def test_hc_pre(t, d, dtype):
     assert_close(comb, comb_ref, **FP32_TOL)
 
 
-@pytest.mark.parametrize("t,d,dtype", CASES, ids=_id)
+@pytest.mark.parametrize("t,d,dtype", CASES, ids=dtype_id)
 def test_hc_post(t, d, dtype):
     gen = torch.Generator().manual_seed(7 + 1000 * t + d)
     x = _streams(t, d, dtype, gen)
@@ -102,7 +81,7 @@ def test_hc_post(t, d, dtype):
 
 
 @pytest.mark.parametrize("t,d,dtype", [(1, 128, torch.float32), (5, 4096, torch.float32), (127, 128, torch.float32),
-                                       (3, 7168, torch.bfloat16)], ids=_id)
+                                       (3, 7168, torch.bfloat16)], ids=dtype_id)
 def test_hc_post_pre_fused(t, d, dtype):
     """Fused hc_post + next hc_pre == hc_post, then hc_pre of the streams the kernel stored."""
     gen = torch.Generator().manual_seed(11 + t + d)
@@ -119,7 +98,7 @@ def test_hc_post_pre_fused(t, d, dtype):
 
 
 @pytest.mark.parametrize("t,d,dtype", [(1, 128, torch.float32), (127, 4096, torch.float32), (3, 7168, torch.bfloat16)],
-                         ids=_id)
+                         ids=dtype_id)
 def test_hc_head(t, d, dtype):
     gen = torch.Generator().manual_seed(23 + t + d)
     x = _streams(t, d, dtype, gen)

@@ -17,6 +17,7 @@ if not torch.cuda.is_available():  # tests/conftest.py does not cover kernels/; 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from v4_kernels.sparse_attention.kernel import main_record_layout, sparse_attention
+from v4_kernels.testing import assert_close
 from v4_plugin.config import parse_config, preset_config
 from v4_plugin.kvcache import pack_main, unpack_main
 from v4_plugin.layout import main_entry_bytes
@@ -30,19 +31,6 @@ CFGS = {
     "flash": preset_config("flash"),
     "pro": preset_config("pro"),
 }
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float) -> None:
-    """|actual - expected| <= atol + rtol * |expected| elementwise, same shape, no NaN.
-
-    (torch.testing.assert_close imports torch.distributed.tensor on first use: ~5-10 s here.)
-    """
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    a, e = actual.double(), expected.double()
-    assert not a.isnan().any() and not e.isnan().any()
-    err = (a - e).abs()
-    bad = err > atol + rtol * e.abs()
-    assert not bad.any(), f"{int(bad.sum())}/{bad.numel()} mismatched, max abs err {err.max().item():.3g}"
 
 
 def _cache(cfg, num_slots: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
