@@ -3,7 +3,6 @@
 VENV      := .venv
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
-DEMO_DIR  := .demo/tiny-flash
 
 .PHONY: demo test
 
@@ -12,11 +11,9 @@ $(STAMP): pyproject.toml .ci/install .ci/pins.txt .ci/sglang-deps.txt .ci/tv_cpu
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m v4_plugin make-tiny $(DEMO_DIR) --preset flash --seed 0
-	$(PY) -m v4_plugin generate --model $(DEMO_DIR) --prompt "Tell me about compressed attention." --max-tokens 24
+	$(PY) -m vllm_backend.demo
 	$(PY) -m v4_plugin kv-plan --model flash --context 1M
 	$(PY) -m v4_plugin kv-plan --model pro --context 1M
-	$(PY) -m v4_plugin kv-plan --model v3.2 --context 1M
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,0 +1,22 @@
+"""SGLang adapter of the DeepSeek-V4 plugin (a thin layer: no V4 math lives here).
+
+* `plugin.register` is the `sglang.srt.plugins` entry point: it makes SGLang resolve
+  DeepSeek-V4 checkpoints to `models.deepseek_v4_plugin`, registers the `v4_plugin` attention
+  backend and installs the few hooks that give our memory pools to SGLang's scheduler.
+* `models/` is the external model package (`SGLANG_EXTERNAL_MODEL_PACKAGE`): the model class.
+* `backend.py` turns SGLang's forward metadata into the core's `BatchPlan` / `LayerCaches`.
+* `pools.py` sizes and allocates the window, compressed, indexer and compressor-state caches from
+  `v4_plugin.layout`.
+
+Written against sglang 0.5.23 (private names are used; see `plugin.TESTED_SGLANG`).
+"""
+
+from v4_plugin import __version__
+
+NATIVE_ARCH = "DeepseekV4ForCausalLM"  # what V4 checkpoints name in config.json
+PLUGIN_ARCH = "DeepseekV4PluginForCausalLM"  # the name SGLang sees once the plugin is active
+BACKEND_NAME = "v4_plugin"  # --attention-backend v4_plugin
+MODELS_PACKAGE = "sglang_backend.models"
+PROJECT = "deepseek-v4-plugin"
+
+__all__ = ["__version__", "NATIVE_ARCH", "PLUGIN_ARCH", "BACKEND_NAME", "MODELS_PACKAGE", "PROJECT"]

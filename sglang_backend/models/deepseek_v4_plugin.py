@@ -1,0 +1,167 @@
+"""DeepSeek-V4 for SGLang, served by the core reference model over SGLang's memory pools.
+
+The class holds the checkpoint as the core loader returns it (dequantized, in the model dtype, under
+the official tensor names) and runs every step through `v4_plugin`'s `ReferenceModel.forward_paged`;
+the `v4_plugin` attention backend supplies the batch plan and the per-layer paged caches.
+
+Two names, one implementation: `DeepseekV4PluginForCausalLM` (what SGLang sees once the plugin
+renames the architecture) and `DeepseekV4ForCausalLM` (the checkpoint's own name: as part of the
+external model package it wins the registry over SGLang's native class).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sglang_backend import BACKEND_NAME, NATIVE_ARCH, PROJECT, __version__
+
+logger = logging.getLogger("sglang_backend")
+
+
+def implementation() -> str:
+    """Which kernels run the core's math in this process: 'triton' where the kernel dispatch layer
+    is active on a GPU, else 'torch' (the pure-PyTorch core)."""
+    try:
+        from v4_kernels import dispatch  # type: ignore[attr-defined]
+
+        return "triton" if dispatch.active() else "torch"
+    except Exception:  # noqa: BLE001 - no dispatch layer: the core's torch ops
+        return "torch"
+
+
+def startup_line(backend: str) -> str:
+    return (f"{PROJECT} {__version__}: serving {NATIVE_ARCH} with the {backend} attention backend "
+            f"({implementation()})")
+
+
+def _configured_backend() -> str:
+    try:
+        from sglang.srt.runtime_context import attention_backends
+
+        names = [b for b in attention_backends() if b]
+        return names[0] if names else BACKEND_NAME
+    except Exception:  # noqa: BLE001
+        return BACKEND_NAME
+
+
+def _require_single_rank() -> None:
+    """The adapter holds the whole model on one rank; refuse tensor/pipeline parallelism clearly."""
+    try:
+        from sglang.srt.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_world_size
+
+        tp, pp = get_tensor_model_parallel_world_size(), get_pp_group().world_size
+    except Exception:  # noqa: BLE001 - parallel state not initialised (unit tests)
+        return
+    if tp > 1 or pp > 1:
+        raise ValueError(f"{PROJECT} {__version__}: the SGLang backend runs DeepSeek-V4 on a single rank; "
+                         f"got --tp-size {tp} / --pp-size {pp}. Use --tp-size 1 --pp-size 1, or set "
+                         "V4_PLUGIN_DISABLE=1 to serve with SGLang's native DeepSeek-V4.")
+
+
+class _Tree(nn.Module):
+    """Container so that every checkpoint tensor is registered under its official dotted name."""
+
+
+def _register(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    *path, leaf = name.split(".")
+    mod = root
+    for part in path:
+        child = mod._modules.get(part)
+        if child is None:
+            child = _Tree()
+            mod.add_module(part, child)
+        mod = child
+    if tensor.is_floating_point():
+        mod.register_parameter(leaf, nn.Parameter(tensor, requires_grad=False))
+    else:
+        mod.register_buffer(leaf, tensor)
+
+
+class DeepseekV4PluginForCausalLM(nn.Module):
+    def __init__(self, config, quant_config=None, prefix: str = ""):
+        super().__init__()
+        from v4_plugin.config import load_config
+
+        from sglang_backend import settings
+
+        _require_single_rank()
+        self.config = config
+        self.model_dir = Path(getattr(config, "_name_or_path", "") or ".")
+        self.dtype = torch.get_default_dtype()  # SGLang sets the model dtype around construction
+        self.cfg = load_config(self._resolved_dir())
+        self.quant = settings.quant_sim()
+        self.ref = None  # ReferenceModel, built in load_weights
+        logger.info(startup_line(_configured_backend()))
+
+    def _resolved_dir(self) -> Path:
+        if self.model_dir.is_dir():
+            return self.model_dir
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(self.model_dir), local_files_only=True))
+
+    # ---- weights --------------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load through the core: validated, dequantized, official names (`CheckpointError` names the
+        tensor and shard). SGLang's raw file iterator is not consumed."""
+        from v4_plugin.checkpoint import load_checkpoint
+        from v4_plugin.model import ReferenceModel
+
+        tensors = load_checkpoint(self._resolved_dir(), self.cfg, dtype=self.dtype, include_mtp=False)
+        for name, t in tensors.items():
+            _register(self, name, t)
+        self.tensors = tensors
+        self.ref = ReferenceModel(self.cfg, tensors, dtype=self.dtype, quant=self.quant)
+
+    def _reference_for(self, fmt):
+        """The reference model whose quantization simulation matches the cache storage: FP8 records hold
+        simulated KV values, FP4 indexer records simulated keys (otherwise storing would round again)."""
+        from dataclasses import replace
+
+        from v4_plugin.layout import IndexerCache
+        from v4_plugin.model import ReferenceModel
+        from v4_plugin.paged import KVStorage
+
+        want = self.quant
+        if fmt.kv is KVStorage.FP8 and not want.kv_cache:
+            want = replace(want, kv_cache=True)
+        if fmt.indexer is IndexerCache.FP4 and not want.indexer:
+            want = replace(want, indexer=True)
+        if want != self.ref.quant:
+            logger.info("deepseek-v4-plugin: %s storage -> reference quantization %s", fmt, want)
+            self.ref = ReferenceModel(self.cfg, self.tensors, dtype=self.dtype, quant=want)
+        return self.ref
+
+    # ---- forward --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch, input_embeds=None,
+                **kwargs):
+        from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+
+        from sglang.srt.model_executor.forward_context import get_attn_backend
+
+        backend = get_attn_backend()
+        meta = getattr(backend, "forward_metadata", None)
+        if meta is None:  # idle batch
+            return LogitsProcessorOutput(next_token_logits=torch.zeros(0, self.cfg.vocab_size,
+                                                                       device=input_ids.device))
+        from v4_plugin.paged import forward_paged
+
+        fmt = backend.token_to_kv_pool.st.cache_format()
+        out = forward_paged(self._reference_for(fmt), input_ids.to(torch.long), meta.plan, meta.caches, fmt)
+        logits = out.logits
+        if forward_batch.forward_mode.is_extend():
+            logits = logits[meta.last_index]
+        return LogitsProcessorOutput(next_token_logits=logits)
+
+
+class DeepseekV4ForCausalLM(DeepseekV4PluginForCausalLM):
+    """The checkpoint's own architecture name (wins SGLang's registry through the external package)."""
+
+
+EntryClass = [DeepseekV4PluginForCausalLM, DeepseekV4ForCausalLM]

@@ -1,0 +1,172 @@
+"""`sglang.srt.plugins` entry point: make SGLang serve DeepSeek-V4 with this project's implementation.
+
+SGLang calls `register()` in every process (main, each scheduler, detokenizer, DP controller), before
+it parses server arguments there, so it is cheap and idempotent. Unless `V4_PLUGIN_DISABLE=1` (then
+SGLang's native DeepSeek-V4 code serves, untouched), it:
+
+1. points `SGLANG_EXTERNAL_MODEL_PACKAGE` at `sglang_backend.models` (children inherit it). SGLang
+   then resolves architectures from our package first, without importing its ~260 built-in models;
+   on a name clash the external class wins (`DeepseekV4ForCausalLM` included);
+2. renames the architecture of a DeepSeek-V4 config from `DeepseekV4ForCausalLM` to
+   `DeepseekV4PluginForCausalLM` when SGLang loads it (an AFTER hook on
+   `sglang.srt.utils.hf_transformers.config.get_config`). SGLang keys five native paths on the
+   architecture string (the `dsv4` backend and page size 256, the DSV4 pool configurator and pool,
+   MLA shape derivation, FP8 defaults); none of them can run on CPU, SM80 or SM89. Under the new
+   name none of them fires and SGLang treats the model as one MQA head of head_dim;
+3. adds `v4_plugin` to `--attention-backend` choices and to the attention-backend registry, and
+   makes it (with page size 128) the default for our architecture;
+4. hooks SGLang's pool sizing (`create_memory_pool_configurator`) and pool construction
+   (`KVCacheConfigurator._build_token_to_kv_pool`) for our architecture only: the caches are the
+   core's layout (`sglang_backend.pools`), sized by `v4_plugin.layout`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from . import BACKEND_NAME, MODELS_PACKAGE, NATIVE_ARCH, PLUGIN_ARCH
+from .parsers import register_parsers
+from .settings import DISABLE_ENV, disabled
+
+logger = logging.getLogger(__name__)
+
+TESTED_SGLANG = ("0.5.23",)
+EXTERNAL_PACKAGE_ENV = "SGLANG_EXTERNAL_MODEL_PACKAGE"
+PAGE_SIZE = 128  # token slots per page: a multiple of every compress ratio (4, 128)
+
+_state = {"registered": False}
+
+
+def register() -> None:
+    """Entry point (`sglang.srt.plugins`). Safe to call any number of times, in any process."""
+    if _state["registered"]:
+        return
+    register_parsers()  # selected by name (--tool-call-parser / --reasoning-parser), so always offered
+    if disabled():
+        logger.info("deepseek-v4-plugin: %s is set; SGLang's native DeepSeek-V4 serves", DISABLE_ENV)
+        _state["registered"] = True
+        return
+    _check_version()
+    _use_external_model_package()
+    _register_attention_backend()
+    _register_model_defaults()
+    _install_hooks()
+    _state["registered"] = True
+
+
+def _check_version() -> None:
+    try:
+        from importlib.metadata import version
+
+        found = version("sglang")
+    except Exception:  # noqa: BLE001 - metadata may be missing in odd installs
+        return
+    if found not in TESTED_SGLANG:
+        logger.warning("deepseek-v4-plugin: sglang %s is outside the tested versions %s; registering anyway",
+                       found, ", ".join(TESTED_SGLANG))
+
+
+def _use_external_model_package() -> None:
+    current = os.environ.get(EXTERNAL_PACKAGE_ENV)
+    if current and current != MODELS_PACKAGE:
+        # One package per variable: a user's own package hides ours.
+        logger.warning("deepseek-v4-plugin: %s=%s is set by the user; DeepSeek-V4 will not be served by the plugin",
+                       EXTERNAL_PACKAGE_ENV, current)
+        return
+    os.environ[EXTERNAL_PACKAGE_ENV] = MODELS_PACKAGE
+
+
+def _register_attention_backend() -> None:
+    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+    from sglang.srt.layers.attention.attention_registry import register_attention_backend
+
+    if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
+        add_attention_backend_choices([BACKEND_NAME])
+    register_attention_backend(BACKEND_NAME)(create_backend)
+
+
+def create_backend(runner):
+    """Attention-backend factory (`ATTENTION_BACKENDS["v4_plugin"]`), called in the scheduler."""
+    from .backend import V4PluginAttnBackend
+
+    return V4PluginAttnBackend(runner)
+
+
+def _register_model_defaults() -> None:
+    from sglang.srt.arg_groups.model_override_base import register_model_override
+
+    register_model_override(PLUGIN_ARCH)(model_defaults)
+
+
+def model_defaults(server_args, hf_config) -> dict:
+    """Server-argument defaults for our architecture (SGLang's per-architecture override registry)."""
+    from sglang.srt.arg_groups.overrides import resolving_view
+
+    cfg = resolving_view(server_args)
+    out: dict = {}
+    for name in ("attention_backend", "prefill_attention_backend", "decode_attention_backend"):
+        chosen = getattr(cfg, name, None)
+        if chosen not in (None, BACKEND_NAME):
+            logger.info("deepseek-v4-plugin: attention backend %s -> %s for DeepSeek-V4 (%s)",
+                        chosen, BACKEND_NAME, name)
+        if name == "attention_backend" or chosen is not None:
+            out[name] = BACKEND_NAME
+    page = getattr(cfg, "page_size", None)
+    if page is None or page % PAGE_SIZE:
+        if page not in (None, 1):
+            logger.warning("deepseek-v4-plugin: --page-size %s is not a multiple of %d; using %d",
+                           page, PAGE_SIZE, PAGE_SIZE)
+        out["page_size"] = PAGE_SIZE
+    return out
+
+
+# ---- hooks -----------------------------------------------------------------------------------------
+GET_CONFIG = "sglang.srt.utils.hf_transformers.config.get_config"
+POOL_CONFIGURATOR = "sglang.srt.model_executor.pool_configurator.create_memory_pool_configurator"
+BUILD_POOL = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_token_to_kv_pool"
+
+
+def _install_hooks() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(GET_CONFIG, rename_architecture, HookType.AFTER)
+    HookRegistry.register(POOL_CONFIGURATOR, _pool_configurator, HookType.AROUND)
+    HookRegistry.register(BUILD_POOL, _build_pool, HookType.AROUND)
+
+
+def rename_architecture(config, *args, **kwargs):
+    """AFTER `get_config`: DeepseekV4ForCausalLM -> DeepseekV4PluginForCausalLM (in place; the result is cached)."""
+    archs = getattr(config, "architectures", None)
+    if archs and archs[0] == NATIVE_ARCH and not disabled():
+        config.architectures = [PLUGIN_ARCH, *archs[1:]]
+        # The core loader dequantizes the checkpoint itself: SGLang must not build FP8 linears for it.
+        quant = getattr(config, "quantization_config", None)
+        if quant is not None:
+            config.v4_plugin_quantization_config = quant
+            try:
+                delattr(config, "quantization_config")
+            except AttributeError:
+                config.quantization_config = None
+    return config
+
+
+def is_ours(hf_config) -> bool:
+    archs = getattr(hf_config, "architectures", None) or []
+    return bool(archs) and archs[0] == PLUGIN_ARCH
+
+
+def _pool_configurator(original, kvc, *args, **kwargs):
+    if is_ours(kvc.model_config.hf_config):
+        from .pools import V4PoolConfigurator
+
+        return V4PoolConfigurator(kvc)
+    return original(kvc, *args, **kwargs)
+
+
+def _build_pool(original, self, *args, **kwargs):
+    if is_ours(self.model_config.hf_config):
+        from .pools import build_token_pool
+
+        return build_token_pool(self, **kwargs)
+    return original(self, *args, **kwargs)

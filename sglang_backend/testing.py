@@ -1,0 +1,120 @@
+"""Helpers for the SGLang adapter's tests (real engines on CPU, tiny checkpoints, no mocks)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+
+import torch
+
+# Exact mode: float KV entries and no quantization simulation on both sides (tiny random models
+# are chaotic under FP8 rounding, so token equality is only meaningful without it).
+EXACT_ENV = {"V4_PLUGIN_QUANT_SIM": "off"}
+
+# What every CPU engine in the tests gets (setup-and-ci.md §3: no SGLANG_USE_CPU_ENGINE, a token cap).
+CPU_ENGINE_ARGS = dict(
+    device="cpu",
+    dtype="float32",
+    disable_overlap_schedule=True,
+    cuda_graph_backend_decode="disabled",
+    disable_prefill_cuda_graph=True,
+    log_level="info",
+)
+
+
+def prompt_ids(length: int, vocab: int, seed: int) -> list[int]:
+    """A prompt of random non-special token ids (0 = BOS, 1 = EOS in the tiny tokenizer)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, vocab, (length,), generator=g).tolist()
+
+
+def reference_model(model_dir: str, *, quant_off: bool = True):
+    from v4_plugin.checkpoint import load_checkpoint
+    from v4_plugin.config import load_config
+    from v4_plugin.model import QuantSim, ReferenceModel
+
+    cfg = load_config(model_dir)
+    tensors = load_checkpoint(model_dir, cfg, dtype=torch.float32, include_mtp=False)
+    return ReferenceModel(cfg, tensors, dtype=torch.float32, quant=QuantSim.off() if quant_off else QuantSim())
+
+
+def reference_greedy(model, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+    return [model.generate(list(p), max_new_tokens) for p in prompts]
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Set env vars for the duration (engine processes spawned inside inherit them)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def stderr_to_file() -> Iterator[str]:
+    """Route fd 2 to a temp file while the block runs: SGLang's scheduler process, spawned inside,
+    keeps it as its stderr (where its log lines go). Yields the file's path."""
+    fd, path = tempfile.mkstemp(prefix="sglang-", suffix=".log")
+    saved = os.dup(2)
+    os.dup2(fd, 2)
+    try:
+        yield path
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
+
+
+class EngineDied(RuntimeError):
+    """An SGLang child process failed (it signals the parent with SIGQUIT)."""
+
+
+def _raise_on_sigquit(signum, frame):
+    # SGLang's default handler SIGKILLs the whole process tree, pytest included; fail the test instead.
+    raise EngineDied("an SGLang scheduler/detokenizer process failed; see its log")
+
+
+def start_engine(model_dir: str, **kwargs):
+    """`sglang.Engine` on CPU with the test defaults; returns (engine, log path)."""
+    import sglang as sgl
+
+    args = {**CPU_ENGINE_ARGS, "skip_tokenizer_init": True, "custom_sigquit_handler": _raise_on_sigquit, **kwargs}
+    with stderr_to_file() as log:
+        try:
+            engine = sgl.Engine(model_path=model_dir, **args)
+        except BaseException as exc:
+            from sglang.srt.utils import kill_process_tree
+
+            kill_process_tree(os.getpid(), include_parent=False)
+            raise EngineDied(f"engine failed to start: {exc!r}\n{open(log).read()[-6000:]}") from exc
+    return engine, log
+
+
+def shutdown_engine(engine) -> None:
+    """Shut an engine down; first point SGLang's log handlers back at the real stderr (pytest closes
+    the capture stream they were created with, and shutdown logs)."""
+    import logging
+    import sys
+
+    for name in [None, *logging.root.manager.loggerDict]:
+        for handler in logging.getLogger(name).handlers:
+            # exact type: pytest's own capture handlers are subclasses and must keep their streams
+            if type(handler) is logging.StreamHandler:
+                handler.setStream(sys.__stderr__)
+    engine.shutdown()
+
+
+def generate(engine, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[dict]:
+    """Greedy generation of a batch submitted together (concurrent requests)."""
+    params = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True}
+    out = engine.generate(input_ids=[list(p) for p in prompts], sampling_params=params)
+    return out if isinstance(out, list) else [out]

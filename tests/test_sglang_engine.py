@@ -1,0 +1,106 @@
+"""M2/M3: SGLang's own engine (`sglang.Engine`, CPU) serving the tiny checkpoints through the plugin.
+
+One engine per preset, started once (module-scoped, one at a time), in exact mode on both sides
+(`--kv-cache-dtype auto` = float entries, `V4_PLUGIN_QUANT_SIM=off`):
+
+* flash runs with a forced small `--chunked-prefill-size` (128: SGLang wants a multiple of the page size), pro unchunked; both must give the
+  reference model's greedy tokens for every prompt length, so chunked == unchunked == reference;
+* all prompts submitted together (concurrent, mixed lengths) == each alone;
+* a second request sharing a long prefix hits SGLang's radix cache (its `cached_tokens`) and still
+  gives the reference tokens;
+* the scheduler logged the plugin's startup line (ours ran, not SGLang's native DeepSeek-V4).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("sglang")
+
+from sglang_backend import testing as T  # noqa: E402
+from v4_plugin.tiny import make_tiny  # noqa: E402
+
+LENGTHS = [1, 3, 4, 5, 127, 128, 129, 511, 513]
+NEW_TOKENS = 6
+VOCAB = 384
+ENGINE_ARGS = {
+    "flash": {"chunked_prefill_size": 128, "max_total_tokens": 4096},
+    "pro": {"chunked_prefill_size": 2048, "max_total_tokens": 4096},  # > any step here: no chunking
+}
+
+
+@pytest.fixture(scope="module", params=["flash", "pro"])
+def served(request, tmp_path_factory):
+    preset = request.param
+    model_dir = str(make_tiny(tmp_path_factory.mktemp(f"sgl-{preset}") / preset, preset, seed=0))
+    with T.environment(T.EXACT_ENV):
+        engine, log = T.start_engine(model_dir, **ENGINE_ARGS[preset])
+    try:
+        yield preset, model_dir, engine, log
+    finally:
+        T.shutdown_engine(engine)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    cache = {}
+
+    def get(model_dir):
+        if model_dir not in cache:
+            cache[model_dir] = T.reference_model(model_dir)
+        return cache[model_dir]
+
+    return get
+
+
+def _prompts(preset):
+    return [T.prompt_ids(n, VOCAB, seed=1000 * n + len(preset)) for n in LENGTHS]
+
+
+def test_startup_line_names_plugin(served):
+    _, _, _, log = served
+    text = open(log).read()
+    assert "deepseek-v4-plugin 0.1.0: serving DeepseekV4ForCausalLM with the v4_plugin attention backend (" in text
+
+
+def test_greedy_tokens_equal_reference_alone_and_concurrent(served, reference):
+    preset, model_dir, engine, _ = served
+    prompts = _prompts(preset)
+    want = T.reference_greedy(reference(model_dir), prompts, NEW_TOKENS)
+    alone = [T.generate(engine, [p], NEW_TOKENS)[0]["output_ids"] for p in prompts]
+    for n, got, exp in zip(LENGTHS, alone, want):
+        assert got == exp, f"{preset}: prompt length {n}: {got} != reference {exp}"
+    together = [o["output_ids"] for o in T.generate(engine, prompts, NEW_TOKENS)]
+    assert together == alone
+
+
+def test_shared_prefix_hits_radix_cache(served, reference):
+    preset, model_dir, engine, _ = served
+    prefix = T.prompt_ids(300, VOCAB, seed=77)
+    first = prefix + T.prompt_ids(9, VOCAB, seed=78)
+    second = prefix + T.prompt_ids(21, VOCAB, seed=79)
+    want = T.reference_greedy(reference(model_dir), [first, second], NEW_TOKENS)
+    out1 = T.generate(engine, [first], NEW_TOKENS)[0]
+    out2 = T.generate(engine, [second], NEW_TOKENS)[0]
+    assert out2["meta_info"]["cached_tokens"] >= 256, out2["meta_info"]  # two whole 128-token pages
+    assert [out1["output_ids"], out2["output_ids"]] == want
+
+
+def test_reported_capacity_follows_the_formula(served):
+    """SGLang's pool configurator for our architecture is `pools.token_capacity` of the profiled
+    budget; the pool SGLang reports is that, capped by --max-total-tokens."""
+    import re
+
+    import torch
+
+    from sglang_backend import pools
+    from v4_plugin.config import load_config
+
+    preset, model_dir, engine, log = served
+    found = re.findall(r"deepseek-v4-plugin: (\d+) B of cache memory -> (\d+) token slots", open(log).read())
+    assert found, "the plugin's pool configurator did not run"
+    budget, slots = map(int, found[-1])
+    assert slots == pools.token_capacity(load_config(model_dir), budget, page_size=128, float_kv=True,
+                                         dtype=torch.float32)
+    info = engine.get_server_info()
+    assert info["max_total_num_tokens"] == min(slots, ENGINE_ARGS[preset]["max_total_tokens"])

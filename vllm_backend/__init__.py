@@ -1,0 +1,6 @@
+"""vLLM adapter of deepseek-v4-plugin: registration, model class, KV-cache specs and metadata.
+
+Thin by design: no V4 math lives here. The model math is the core's (`v4_plugin.model` /
+`v4_plugin.paged`); this package tells vLLM what to allocate and hands vLLM's block tables and
+cache tensors to the core. `vllm_backend.plugin:register` is the `vllm.general_plugins` entry point.
+"""

@@ -1,0 +1,153 @@
+"""KV capacity under vLLM: what vLLM's block manager makes of our cache specs, and a closed-form
+model of it from `v4_plugin.layout` alone (for `v4-plugin kv-plan`; no vLLM import needed).
+
+vLLM (0.32/0.33, packed block-outermost layout) sizes one pool of `num_blocks` block ids; a block
+id addresses one slab in every cache group. The slab is the largest group's bytes per block: the
+compressed-KV group (every CSA/HCA `compressed` and CSA `index_keys` page of 256 tokens); the window
+and compressor-state layers are split into as many groups as needed to fit in that slab. Startup
+logs `KV cache size: T tokens, Maximum concurrency for L tokens per request: C`, with
+
+    C = num_blocks / sum over groups of (blocks one request of L tokens may hold)
+    T = int(C * L)
+
+where a sliding-window group of block b and window w charges every request
+`cdiv(min(w - 1 + I, L), b) + 1` blocks (I = tokens in flight per step = max_num_batched_tokens),
+and the compressed group `cdiv(L, 256)`. Hence T is far below `num_blocks * 256` when I is large:
+the window/state reserve is charged per request. Storage per token is `slab / 256` (no padding:
+our specs declare no alignment).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from v4_plugin.config import LayerType, V4Config
+from v4_plugin.layout import IndexerCache, compressor_state_bytes, indexer_entry_bytes, main_entry_bytes
+
+BLOCK = 256
+WINDOW_BLOCK = 64
+STATE_BLOCK = {LayerType.CSA: 4, LayerType.HCA: 8}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class VllmCapacity:
+    slab_bytes: int  # bytes per block id (256 tokens)
+    num_blocks: int
+    blocks_per_request: int  # for one request of max_model_len tokens, all groups
+    max_concurrency: float
+    tokens: int  # what vLLM logs as "KV cache size: N tokens"
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.slab_bytes / BLOCK
+
+
+def _approximate_gcd(values: list[int], lower_bound: int) -> int:
+    """vLLM's choice of layer repeats per group: the d >= lower_bound with least padding (ties: larger d)."""
+    best, best_pad = lower_bound, None
+    for d in range(max(1, lower_bound), max(values) + 1):
+        pad = sum((d - x % d) % d for x in values)
+        if best_pad is None or pad < best_pad or (pad == best_pad and d > best):
+            best, best_pad = d, pad
+    return best
+
+
+@dataclass
+class _Bucket:
+    pages: dict[int, int]  # page bytes -> layers with that page (insertion order = layer order)
+    block: int
+    window: int | None  # None: the compressed (full-attention) bucket
+
+    def add(self, page: int) -> None:
+        self.pages[page] = self.pages.get(page, 0) + 1
+
+    @property
+    def layers(self) -> int:
+        return sum(self.pages.values())
+
+    @property
+    def balanced(self) -> bool:
+        return len(set(self.pages.values())) == 1
+
+    def widest(self, n: int) -> int:
+        return sum(_cdiv(count, n) * page for page, count in self.pages.items())
+
+
+def planned_capacity(cfg: V4Config, memory_bytes: int, *, max_model_len: int, max_num_batched_tokens: int,
+                     fp8: bool = True, indexer: IndexerCache | None = IndexerCache.FP8,
+                     dtype_bytes: int = 2, in_flight_batches: int = 1) -> VllmCapacity:
+    """Closed-form model of vLLM's KV capacity for our specs (the formula for the planner).
+
+    fp8: 584-B records (`--kv-cache-dtype fp8*`) or entries of `dtype_bytes` per element (`auto`);
+    indexer: key format for FP8 caches (None = float keys, the `auto` case). Mirrors vLLM 0.32's
+    `_get_packed_kv_cache_groups` (buckets by spec type/block/window, split into groups by a common
+    number of layer repeats) and `get_max_concurrency_for_kv_cache_config`.
+    """
+    main = main_entry_bytes(cfg) if fp8 else cfg.head_dim * dtype_bytes
+    idx = indexer_entry_bytes(cfg, indexer) if indexer is not None else cfg.index_head_dim * dtype_bytes
+    L, I = max_model_len, max_num_batched_tokens * in_flight_batches
+
+    # Buckets in the order vLLM meets the layers (per layer: window, state, compressed, index_state, index_keys).
+    buckets: dict[tuple, _Bucket] = {}
+
+    def bucket(block: int, window: int | None) -> _Bucket:
+        return buckets.setdefault((block, window), _Bucket({}, block, window))
+
+    for kind in cfg.layer_types:
+        bucket(WINDOW_BLOCK, cfg.sliding_window).add(WINDOW_BLOCK * main)
+        if kind is LayerType.SWA:
+            continue
+        c, m, b = (2 if kind is LayerType.CSA else 1), kind.ratio, STATE_BLOCK[kind]
+        bucket(b, c * m).add(b * compressor_state_bytes(cfg, kind) // (c * m))
+        bucket(BLOCK, None).add(BLOCK // m * main)
+        if kind is LayerType.CSA:
+            bucket(b, c * m).add(b * compressor_state_bytes(cfg, kind, indexer=True) // (c * m))
+            bucket(BLOCK, None).add(BLOCK // m * idx)
+
+    all_b = list(buckets.values())
+    min_repeats = max((max(b.pages.values()) for b in all_b if b.balanced and len(b.pages) > 1), default=0)
+    repeats = (_approximate_gcd([max(b.pages.values()) for b in all_b if b.balanced], min_repeats)
+               if min_repeats else None)
+
+    def num_groups(b: _Bucket) -> int:
+        return _cdiv(max(b.pages.values()), repeats) if b.balanced and repeats is not None else 1
+
+    def is_state(b: _Bucket) -> bool:
+        return repeats is None and b.window is not None
+
+    anchor = max(b.widest(b.layers if is_state(b) else num_groups(b)) for b in all_b)
+    slab, per_request = 0, 0
+    for b in all_b:
+        n = num_groups(b)
+        if anchor and is_state(b):
+            n = max(n, _cdiv(b.layers, max(anchor // next(iter(b.pages)), 1)))
+        slab = max(slab, b.widest(n))
+        held = _cdiv(L, b.block) if b.window is None else _cdiv(min(b.window - 1 + I, L), b.block) + 1
+        per_request += n * held
+    num_blocks = memory_bytes // slab
+    concurrency = num_blocks / per_request
+    return VllmCapacity(slab, num_blocks, per_request, concurrency, int(concurrency * L))
+
+
+def vllm_capacity(vllm_config, specs: dict, memory_bytes: int | None = None) -> VllmCapacity:
+    """What vLLM's own KV-cache config code makes of `specs` (layer name -> spec) for `memory_bytes`
+    (default: `cache_config.kv_cache_memory_bytes`): grouping, packing, block count, capacity."""
+    from vllm.v1.attention.backends.utils import resolve_kv_cache_layout
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity, get_kv_cache_configs
+
+    from .backend import V4PagedBackend
+
+    layouts = [[layout.name for layout in V4PagedBackend.supported_kv_cache_layouts()]]
+    resolve_kv_cache_layout(vllm_config, layouts, list(specs.values()))
+    memory = memory_bytes if memory_bytes is not None else vllm_config.cache_config.kv_cache_memory_bytes
+    config = get_kv_cache_configs(vllm_config, [specs], [memory])[0]
+    tokens, concurrency = get_kv_cache_capacity(vllm_config, config)
+    from vllm.v1.core.kv_cache_utils import _pool_bytes_per_block
+
+    slab = _pool_bytes_per_block(vllm_config, config.kv_cache_groups)
+    per_request = round(config.num_blocks / concurrency)
+    return VllmCapacity(slab, config.num_blocks, per_request, concurrency, tokens)

@@ -1,0 +1,132 @@
+"""KV-cache specs: what vLLM's KV cache manager allocates for each DeepSeek-V4 layer.
+
+Every layer owns up to five paged caches (the core's `LayerCaches`), each declared to vLLM with one
+of upstream's own spec classes, so vLLM's grouping, packing, block managers and prefix caching
+apply unchanged (no core patches, no spec registration):
+
+| cache (`<layer>.attn.<name>`) | spec                     | block (tokens) | entries/block | kept            |
+|-------------------------------|--------------------------|----------------|---------------|-----------------|
+| window       (every layer)    | SlidingWindowMLASpec     | 64             | 64            | last 128 tokens |
+| state        (CSA / HCA)      | SlidingWindowMLASpec     | 4 / 8          | 4 / 8         | last 8 / 128    |
+| compressed   (CSA / HCA)      | MLAAttentionSpec, r=4/128| 256            | 64 / 2        | whole context   |
+| index_state  (CSA)            | SlidingWindowMLASpec     | 4              | 4             | last 8          |
+| index_keys   (CSA)            | MLAAttentionSpec, r=4    | 256            | 64            | whole context   |
+
+Entry widths and element types come from the core (`v4_plugin.paged.cache_entry`, which takes every
+byte count from `v4_plugin.layout`). Pages are not padded (`alignment=None`): our kernels need no
+TMA-friendly strides, so a block of 256 tokens costs exactly the planner's bytes per token.
+A block id always covers 256 logical tokens; a ratio-r cache stores 256/r entries per block
+(`tokens_per_state=r`), so the scheduler never sees compression.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from v4_plugin.config import LayerType, V4Config
+from v4_plugin.layout import IndexerCache
+
+BLOCK_SIZE = 256
+WINDOW_BLOCK = 64
+STATE_BLOCK = {LayerType.CSA: 4, LayerType.HCA: 8}
+CACHE_NAMES = ("window", "state", "compressed", "index_state", "index_keys")
+INDEXER_ENV = "V4_PLUGIN_INDEXER_CACHE"  # fp8 (default) | fp4, for FP8 KV caches
+
+_FP8_DTYPES = ("fp8", "fp8_e4m3", "fp8_ds_mla")
+SUPPORTED_CACHE_DTYPES = ("auto", *_FP8_DTYPES)
+
+
+def validate_cache_dtype(cache_dtype: str) -> None:
+    if cache_dtype not in SUPPORTED_CACHE_DTYPES and cache_dtype not in ("bfloat16", "float16", "float32"):
+        raise ValueError(
+            f"deepseek-v4-plugin: --kv-cache-dtype {cache_dtype!r} is not supported; use 'auto' (entries in the "
+            f"model dtype, exact) or one of {', '.join(_FP8_DTYPES)} (584-byte FP8 records)"
+        )
+
+
+def indexer_cache_choice(vllm_config=None) -> IndexerCache:
+    """FP8 (132-B) or FP4 (68-B) indexer keys: `--attention-config '{"use_fp4_indexer_cache": true}'`
+    (vLLM's own flag) or V4_PLUGIN_INDEXER_CACHE=fp4|fp8 (the env var wins)."""
+    env = os.environ.get(INDEXER_ENV, "").strip().lower()
+    if env:
+        try:
+            return IndexerCache(env)
+        except ValueError:
+            raise ValueError(f"{INDEXER_ENV}={env!r}: choose 'fp8' or 'fp4'") from None
+    attn = getattr(vllm_config, "attention_config", None) if vllm_config is not None else None
+    if attn is not None and getattr(attn, "use_fp4_indexer_cache", False):
+        return IndexerCache.FP4
+    return IndexerCache.FP8
+
+
+def cache_format(cache_dtype: str, indexer: IndexerCache = IndexerCache.FP8):
+    """vLLM's --kv-cache-dtype -> the core's `CacheFormat`."""
+    from v4_plugin.paged import CacheFormat, KVStorage
+
+    validate_cache_dtype(cache_dtype)
+    if cache_dtype in _FP8_DTYPES:
+        return CacheFormat(KVStorage.FP8, indexer)
+    return CacheFormat(KVStorage.FLOAT, None)
+
+
+@dataclass(frozen=True)
+class CacheDecl:
+    """One cache of one layer as vLLM sees it."""
+
+    name: str  # window | state | compressed | index_state | index_keys
+    width: int  # elements per entry
+    dtype: torch.dtype  # element dtype
+    block_size: int  # logical tokens per block id
+    tokens_per_entry: int  # 1 for position-indexed caches, r for compressed ones
+    window: int | None  # tokens kept behind the current position (sliding-window caches)
+
+
+def layer_caches(cfg: V4Config, kind: LayerType, fmt, dtype: torch.dtype) -> list[CacheDecl]:
+    """The caches of one layer type, in `CACHE_NAMES` order."""
+    from v4_plugin.paged import cache_entry
+
+    entry = cache_entry(cfg, kind, fmt, dtype)
+    c = 2 if kind is LayerType.CSA else 1
+    out = []
+    for name in CACHE_NAMES:
+        if name not in entry:
+            continue
+        width, edtype = entry[name]
+        if name == "window":
+            out.append(CacheDecl(name, width, edtype, WINDOW_BLOCK, 1, cfg.sliding_window))
+        elif name in ("state", "index_state"):
+            out.append(CacheDecl(name, width, edtype, STATE_BLOCK[kind], 1, c * kind.ratio))
+        else:
+            out.append(CacheDecl(name, width, edtype, BLOCK_SIZE, kind.ratio, None))
+    return out
+
+
+def make_spec(decl: CacheDecl, cache_dtype_str: str):
+    """The vLLM spec object of one cache."""
+    from vllm.v1.kv_cache_interface import MLAAttentionSpec, SlidingWindowMLASpec
+
+    common = dict(
+        block_size=decl.block_size, num_kv_heads=1, max_tp_shards=1, head_size=decl.width, dtype=decl.dtype,
+        cache_dtype_str=cache_dtype_str, model_version="deepseek_v4",
+    )
+    if decl.window is not None:
+        return SlidingWindowMLASpec(sliding_window=decl.window, **common)
+    return MLAAttentionSpec(tokens_per_state=decl.tokens_per_entry, **common)
+
+
+def attn_prefix(layer_id: int) -> str:
+    return f"model.layers.{layer_id}.attn"
+
+
+def model_kv_specs(cfg: V4Config, cache_dtype: str = "auto", dtype: torch.dtype = torch.bfloat16,
+                   indexer: IndexerCache = IndexerCache.FP8) -> dict:
+    """layer name -> spec for every cache of the main layers (what the model's cache layers report)."""
+    fmt = cache_format(cache_dtype, indexer)
+    specs = {}
+    for i, kind in enumerate(cfg.layer_types):
+        for decl in layer_caches(cfg, kind, fmt, dtype):
+            specs[f"{attn_prefix(i)}.{decl.name}"] = make_spec(decl, cache_dtype)
+    return specs

@@ -1,0 +1,168 @@
+"""`vllm.general_plugins` entry point: make vLLM serve DeepSeek-V4 with this project's implementation.
+
+`register()` runs in every vLLM process (API server, engine core, workers, the registry's
+inspection subprocess), so it is cheap, idempotent, and imports no model code: the model class is
+registered by string and loads only where the model is built.
+
+What it does, unless `V4_PLUGIN_DISABLE=1` (then vLLM's native `DeepseekV4ForCausalLM` serves):
+
+* registers `DeepseekV4ForCausalLM` (overwriting vLLM's entry: the last registration wins) and the
+  distinct name `DeepseekV4PluginForCausalLM` (for A/B runs through `--hf-overrides`, registered
+  even when disabled);
+* extends the config class vLLM uses for `model_type` deepseek_v4 to the transformers dialect
+  (`hf_config.py`);
+* replaces vLLM's per-architecture config hook for those names (`MODELS_CONFIG_MAP`): the native
+  hook rewrites `quant_method` fp8 -> deepseek_v4_fp8 for its own FP8 layers; ours tells vLLM the
+  checkpoint is loaded by the plugin (no vLLM quantization method), and fixes the block size to 256;
+* keeps chunked prefill and prefix caching on for our architectures on CPUs without AMX, where
+  vLLM's CPU platform turns both off for every MLA model (`model_type` deepseek_v4 sets `use_mla`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from .parsers import register_parsers
+
+logger = logging.getLogger("vllm.deepseek_v4_plugin")  # a child of vLLM's logger: same handlers
+
+ARCH = "DeepseekV4ForCausalLM"
+PLUGIN_ARCH = "DeepseekV4PluginForCausalLM"
+MODEL_CLASS = "vllm_backend.model:DeepseekV4ForCausalLM"
+DISABLE_ENV = "V4_PLUGIN_DISABLE"
+BLOCK_SIZE = 256  # logical tokens per block id: a multiple of 128 so every block holds whole C128 entries
+TESTED_VLLM = ((0, 32), (0, 33))  # minor versions whose internals this adapter was written against
+
+_state = {"registered": False}
+
+
+def disabled() -> bool:
+    """True when the user handed DeepSeek-V4 back to vLLM's native implementation."""
+    return os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def served_architectures() -> tuple[str, ...]:
+    """Architecture names this plugin serves in this process."""
+    return (PLUGIN_ARCH,) if disabled() else (ARCH, PLUGIN_ARCH)
+
+
+def _vllm_minor() -> tuple[int, int] | None:
+    import vllm
+
+    try:
+        major, minor = vllm.__version__.split(".")[:2]
+        return int(major), int(minor)
+    except (AttributeError, ValueError):
+        return None
+
+
+def register() -> None:
+    """Entry point (`vllm.general_plugins`). Safe to call any number of times."""
+    from vllm.model_executor.models import ModelRegistry
+
+    version = _vllm_minor()
+    if version not in TESTED_VLLM and not _state["registered"]:
+        logger.warning("deepseek-v4-plugin: vLLM %s is outside the tested versions %s; registering anyway",
+                       version, ", ".join(f"{a}.{b}" for a, b in TESTED_VLLM))
+    register_parsers()  # selected by name (--tool-call-parser / --reasoning-parser), so always offered
+    for arch in served_architectures():
+        ModelRegistry.register_model(arch, MODEL_CLASS)
+        _install_config_hook(arch)
+    if not disabled():
+        _install_config_class()
+    _keep_chunked_prefill_and_prefix_caching_on_cpu()
+    _state["registered"] = True
+
+
+# ---- config class keyed by model_type ---------------------------------------------------------------
+def _install_config_class() -> None:
+    """vLLM's `DeepseekV4Config`, extended to read transformers-dialect config.json files."""
+    from vllm.transformers_utils.config import _CONFIG_REGISTRY
+
+    from .hf_config import DeepseekV4PluginHFConfig
+
+    _CONFIG_REGISTRY["deepseek_v4"] = DeepseekV4PluginHFConfig
+
+
+# ---- per-architecture config hook ------------------------------------------------------------------
+def _install_config_hook(arch: str) -> None:
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    MODELS_CONFIG_MAP[arch] = _config_hook_class()
+
+
+_HOOK: list = []
+
+
+def _config_hook_class():
+    """`VerifyAndUpdateConfig` subclass for our architectures (built once, on first use)."""
+    if _HOOK:
+        return _HOOK[0]
+    from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+    class DeepseekV4PluginConfig(VerifyAndUpdateConfig):
+        @staticmethod
+        def verify_and_update_model_config(model_config) -> None:
+            # The core's loader dequantizes the FP8/FP4 checkpoint itself; vLLM must not build its own
+            # quantized layers (native rewrites fp8 -> deepseek_v4_fp8 for those). Runs before
+            # ModelConfig._verify_quantization, which reads model_arch_config.quantization_config.
+            arch_cfg = getattr(model_config, "model_arch_config", None)
+            if arch_cfg is not None and getattr(arch_cfg, "quantization_config", None) is not None:
+                arch_cfg.quantization_config = None
+            if getattr(model_config, "quantization", None) in ("fp8", "deepseek_v4_fp8"):
+                model_config.quantization = None
+
+        @staticmethod
+        def verify_and_update_config(vllm_config) -> None:
+            cache_config = vllm_config.cache_config
+            if cache_config.user_specified_block_size and cache_config.block_size != BLOCK_SIZE:
+                logger.warning("deepseek-v4-plugin: block size %s overridden to %d (whole C128 entries per block)",
+                               cache_config.block_size, BLOCK_SIZE)
+            cache_config.block_size = BLOCK_SIZE
+            cache_config.user_specified_block_size = True
+            from .kv_specs import validate_cache_dtype
+
+            validate_cache_dtype(cache_config.cache_dtype)
+
+    _HOOK.append(DeepseekV4PluginConfig)
+    return DeepseekV4PluginConfig
+
+
+# ---- CPU platform: keep chunked prefill and prefix caching -----------------------------------------
+def _ours(vllm_config) -> bool:
+    model_config = vllm_config.model_config
+    if model_config is None:
+        return False
+    archs = getattr(model_config, "architectures", None) or []
+    return any(a in served_architectures() for a in archs)
+
+
+def _keep_chunked_prefill_and_prefix_caching_on_cpu() -> None:
+    """Wrap `CpuPlatform.check_and_update_config` so that, for our architectures only, the MLA branch
+    ("MLA is enabled on a non-GPU platform; forcing chunked prefill and prefix caching to be
+    disabled") is undone. Our caches are paged by vLLM's block manager like any attention cache, so
+    both features are exact for us (tests prove it)."""
+    try:
+        from vllm.platforms.cpu import CpuPlatform
+    except Exception:  # not a CPU build of vLLM
+        return
+    original = CpuPlatform.__dict__["check_and_update_config"]
+    inner = original.__func__
+    if getattr(inner, "_v4_plugin_wrapped", False):
+        return
+
+    def check_and_update_config(cls, vllm_config) -> None:
+        if not _ours(vllm_config):
+            return inner(cls, vllm_config)
+        sched, cache = vllm_config.scheduler_config, vllm_config.cache_config
+        before = (sched.enable_chunked_prefill, cache.enable_prefix_caching, sched.max_num_batched_tokens)
+        inner(cls, vllm_config)
+        after = (sched.enable_chunked_prefill, cache.enable_prefix_caching, sched.max_num_batched_tokens)
+        if after != before:
+            sched.enable_chunked_prefill, cache.enable_prefix_caching, sched.max_num_batched_tokens = before
+            logger.info("deepseek-v4-plugin: keeping chunked prefill=%s and prefix caching=%s on CPU "
+                        "(vLLM turns both off for MLA models on CPUs without AMX)", before[0], before[1])
+
+    check_and_update_config._v4_plugin_wrapped = True
+    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)

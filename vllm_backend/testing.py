@@ -1,0 +1,147 @@
+"""Helpers shared by the vLLM adapter's tests (`tests/test_vllm_*.py`), the demo and the benchmark.
+
+Nothing here is needed to serve; it only builds tiny engines and checks their output against the
+core's reference model (the oracle).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+PLUGIN_LOGGER = "vllm.deepseek_v4_plugin"
+KV_LOGGER = "vllm.v1.core.kv_cache_utils"  # logs "CPU KV cache size: N tokens, Maximum concurrency ..."
+STARTUP_MARK = "serving DeepseekV4ForCausalLM with the"
+
+
+class LogCapture(logging.Filter):
+    """Collects the plugin's log records. A filter, not a handler: vLLM re-applies its logging
+    dictConfig while an engine starts, which strips handlers (not filters) from `vllm.*` loggers."""
+
+    def __init__(self, *loggers: str):
+        super().__init__()
+        self.loggers = loggers or (PLUGIN_LOGGER,)
+        self.lines: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.lines.append(record.getMessage())
+        return True
+
+    def __enter__(self) -> "LogCapture":
+        for name in self.loggers:
+            logging.getLogger(name).addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name in self.loggers:
+            logging.getLogger(name).removeFilter(self)
+
+    def startup_lines(self) -> list[str]:
+        return [line for line in self.lines if STARTUP_MARK in line]
+
+
+class EnvPatch:
+    """Set environment variables for a block (in-process engines read them at construction)."""
+
+    def __init__(self, **values: str):
+        self.values, self.saved = values, {}
+
+    def __enter__(self):
+        for k, v in self.values.items():
+            self.saved[k] = os.environ.get(k)
+            os.environ[k] = v
+        return self
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def make_llm(model_dir: str | Path, **overrides):
+    """An in-process vLLM engine on the CPU in exact mode (fp32, auto KV, eager)."""
+    from vllm import LLM
+
+    kwargs = dict(
+        model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
+        distributed_executor_backend="uni", disable_log_stats=False, kv_cache_dtype="auto",
+    )
+    kwargs.update(overrides)
+    return LLM(**kwargs)
+
+
+def engine_core(llm):
+    """The in-process EngineCore (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    return llm.llm_engine.engine_core.engine_core
+
+
+def counters(llm) -> dict[str, float]:
+    """vLLM's own metrics (counters and gauges) by name, summed over labels."""
+    out: dict[str, float] = {}
+    for metric in llm.get_metrics():
+        value = getattr(metric, "value", None)
+        if isinstance(value, (int, float)):
+            out[metric.name] = out.get(metric.name, 0) + value
+    return out
+
+
+def random_prompt(length: int, seed: int, vocab: int = 384) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, vocab, (length,), generator=g).tolist()
+
+
+def reference_model(model_dir: str | Path):
+    """The core's model in exact mode (no quantization simulation), fp32."""
+    from v4_plugin.checkpoint import load_checkpoint
+    from v4_plugin.config import load_config
+    from v4_plugin.model import QuantSim, ReferenceModel
+
+    cfg = load_config(model_dir)
+    return ReferenceModel(cfg, load_checkpoint(model_dir, cfg, dtype=torch.float32, include_mtp=False),
+                          dtype=torch.float32, quant=QuantSim.off())
+
+
+@dataclass
+class Comparison:
+    tokens_equal: bool
+    max_logprob_error: float
+    first_mismatch: int | None = None
+    detail: list[str] = field(default_factory=list)
+
+
+def compare_with_reference(ref, prompt: list[int], tokens: list[int], logprobs: list[float] | None,
+                           tie_tolerance: float = 1e-4) -> Comparison:
+    """Teacher-forced check of a greedy completion: the reference runs prompt + tokens[:-1] once, and
+    each generated token must be the reference's argmax (a near-tie within `tie_tolerance` in
+    log-probability ends the comparison as equal-so-far), with its log-probability matching."""
+    ids = torch.tensor(prompt + tokens[:-1])
+    with torch.inference_mode():
+        logits = ref.forward(ids).logits.float()
+    lp = torch.log_softmax(logits, dim=-1)
+    start = len(prompt) - 1
+    worst, detail = 0.0, []
+    for k, tok in enumerate(tokens):
+        row = lp[start + k]
+        best = int(row.argmax())
+        if best != tok:
+            gap = float(row[best] - row[tok])
+            if gap <= tie_tolerance:
+                detail.append(f"near-tie at step {k}: {best} vs {tok} (gap {gap:.2e}); stopped comparing")
+                break
+            return Comparison(False, worst, k, [f"step {k}: vLLM {tok}, reference {best} (gap {gap:.3e})"])
+        if logprobs is not None:
+            worst = max(worst, abs(float(row[tok]) - logprobs[k]))
+    return Comparison(True, worst, None, detail)
+
+
+def sampled_logprobs(completion) -> list[float] | None:
+    """Log-probabilities of the sampled tokens of one vLLM CompletionOutput."""
+    if completion.logprobs is None:
+        return None
+    return [step[tok].logprob for tok, step in zip(completion.token_ids, completion.logprobs)]
