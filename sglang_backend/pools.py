@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from v4_plugin.config import LayerType, V4Config, load_config
-from v4_plugin.layout import IndexerCache, indexer_entry_bytes, main_entry_bytes
+from v4_plugin.layout import IndexerCache
+from v4_plugin.paged import cache_entry
 
 from . import settings
 
@@ -58,27 +59,8 @@ def storage_choice(kv_cache_dtype: str | None, model_dtype: torch.dtype) -> Stor
 
 
 def entry_specs(cfg: V4Config, kind: LayerType, st: StorageChoice) -> dict[str, tuple[int, torch.dtype]]:
-    """Per cache name: (entry width, element dtype). Widths in bytes come from `v4_plugin.layout` only."""
-    try:  # the core's statement of the same thing, once it exists
-        from v4_plugin.paged import cache_entry
-
-        return dict(cache_entry(cfg, kind, st.cache_format(), st.dtype))
-    except ImportError:
-        pass
-    if st.float_kv:
-        main, idx = (cfg.head_dim, st.dtype), (cfg.index_head_dim, st.dtype)
-    else:
-        main, idx = (main_entry_bytes(cfg), torch.uint8), (indexer_entry_bytes(cfg, st.indexer), torch.uint8)
-    out = {"window": main}
-    if kind is LayerType.SWA:
-        return out
-    c = 2 if kind is LayerType.CSA else 1
-    out["state"] = (2 * c * cfg.head_dim, torch.float32)
-    out["compressed"] = main
-    if kind is LayerType.CSA:
-        out["index_state"] = (2 * c * cfg.index_head_dim, torch.float32)
-        out["index_keys"] = idx
-    return out
+    """Per cache name: (entry width, element dtype), as the core states it (`v4_plugin.paged.cache_entry`)."""
+    return dict(cache_entry(cfg, kind, st.cache_format(), st.dtype))
 
 
 def _bytes(spec: tuple[int, torch.dtype]) -> int:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
 import time
-from types import ModuleType
 
 import jinja2
 import pytest
@@ -17,6 +15,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 from transformers import AutoTokenizer  # noqa: E402
 
+from chat_corpus import official_encoder  # noqa: E402
 from v4_plugin.chat import encode_messages  # noqa: E402
 from v4_plugin.tokenizer import write_tokenizer  # noqa: E402
 
@@ -192,25 +191,11 @@ def test_generation_prompt_endings(tok) -> None:
     assert ids[0] == 0 and ids[1] == 3 and ids[-2:] == [4, 6]
 
 
-def _official_encoder() -> ModuleType:
-    """vLLM's copy of DeepSeek's ``encoding_dsv4.py``, loaded without importing vLLM."""
-    spec = importlib.util.find_spec("vllm")
-    if spec is None or spec.origin is None:
-        pytest.skip("vLLM is not installed")
-    path = pathlib.Path(spec.origin).parent / "tokenizers" / "deepseek_v4_encoding.py"
-    if not path.exists():
-        pytest.skip("this vLLM has no deepseek_v4_encoding.py")
-    module_spec = importlib.util.spec_from_file_location("_dsv4_encoding", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("name", CONVERSATIONS)
 @pytest.mark.parametrize("thinking", [False, True])
 def test_matches_official_encoder(name: str, thinking: bool) -> None:
     """The official encoder always opens a turn after a trailing user/system message."""
-    official = _official_encoder()
+    official = official_encoder()
     messages = CONVERSATIONS[name]
     expected = official.encode_messages(messages, thinking_mode="thinking" if thinking else "chat")
     assert encode_messages(messages, thinking=thinking) == expected
