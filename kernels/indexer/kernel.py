@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from v4_kernels.kv_store.kernel import e4m3_to_f32, e8m0_value
 from v4_plugin.config import FP4_BLOCK
 
 __all__ = ["index_scores", "select_topk", "index_topk", "indexer_record_format", "scores_tiles", "topk_tiles"]
@@ -62,35 +63,12 @@ def indexer_record_format(record_bytes: int, index_head_dim: int) -> int:
 
 # ---- dequantization (fp32 out) -----------------------------------------------------------------
 @triton.jit
-def _e4m3_to_f32(raw, FP8_HW: tl.constexpr):
-    """e4m3fn bytes -> fp32 (hardware convert, or an exact integer decode for any target)."""
-    if FP8_HW:
-        v = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    else:
-        r = raw.to(tl.uint32)
-        mag = r & 0x7F
-        sign = (r & 0x80) << 24
-        normal = (((mag + 960) << 20) | sign).to(tl.float32, bitcast=True)
-        sub = mag.to(tl.float32) * 0.001953125
-        v = tl.where(mag < 8, tl.where(sign != 0, -sub, sub), normal)
-    return v
-
-
-@triton.jit
 def _e2m1_to_f32(code):
     """e2m1 codes (int32 0..15) -> fp32: 0, .5, 1, 1.5, 2, 3, 4, 6 and their negatives (code 8 = -0.0)."""
     mag = code & 7
     big = ((mag + 252) << 22).to(tl.float32, bitcast=True)  # mag >= 2: 2^((mag >> 1) - 1) * (1 + (mag & 1) / 2)
     v = tl.where(mag < 2, mag.to(tl.float32) * 0.5, big)
     return (v.to(tl.int32, bitcast=True) | ((code & 8) << 28)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _e8m0_to_f32(raw):
-    b = raw.to(tl.int32)
-    bits = tl.where(b == 0, 0x400000, b << 23)
-    bits = tl.where(b == 255, 0x7FC00000, bits)
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -102,14 +80,14 @@ def _load_keys(keys_ptr, slot, valid, stride_keys, DI: tl.constexpr, KEY_FMT: tl
     row_ok = valid[:, None]
     if KEY_FMT == 1:
         d = tl.arange(0, DI)[None, :]
-        v = _e4m3_to_f32(tl.load(rec + d, mask=row_ok, other=0), FP8_HW)
+        v = e4m3_to_f32(tl.load(rec + d, mask=row_ok, other=0), FP8_HW)
         scale = tl.load((keys_ptr + row_off + DI).to(tl.pointer_type(tl.float32)),
                         mask=valid, other=0.0)
         k = v * scale[:, None]
     elif KEY_FMT == 2:
         i = tl.arange(0, DI // 2)[None, :]  # byte i holds dims 2i (low nibble) and 2i + 1 (high)
         byte = tl.load(rec + i, mask=row_ok, other=0).to(tl.int32)
-        scale = _e8m0_to_f32(tl.load(rec + DI // 2 + i // 16, mask=row_ok, other=127))
+        scale = e8m0_value(tl.load(rec + DI // 2 + i // 16, mask=row_ok, other=127).to(tl.int32))
         lo = _e2m1_to_f32(byte & 0xF) * scale
         hi = _e2m1_to_f32((byte >> 4) & 0xF) * scale
         k = tl.interleave(lo, hi)

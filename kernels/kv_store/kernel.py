@@ -187,6 +187,16 @@ def e4m3_value(code):
 
 
 @triton.jit
+def e4m3_to_f32(raw, FP8_HW: tl.constexpr):
+    """e4m3fn bytes (any int dtype) -> fp32: the hardware convert (FP8_HW, sm89+) or `e4m3_value` (any target)."""
+    if FP8_HW:
+        v = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        v = e4m3_value(raw.to(tl.int32) & 0xFF)
+    return v
+
+
+@triton.jit
 def e8m0_value(byte):
     """E8M0 byte (int32) -> 2^(byte - 127) as fp32; 255 -> NaN."""
     v = tl.where(byte == 0, 0x00400000, byte << 23).to(tl.float32, bitcast=True)

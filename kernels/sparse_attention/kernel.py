@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from v4_kernels.kv_store.kernel import e4m3_to_f32, e8m0_value
 from v4_plugin.config import FP8_KV_BLOCK
 from v4_plugin.layout import BF16_BYTES, SCALE_SECTION_ALIGN
 
@@ -65,34 +66,6 @@ def main_record_layout(head_dim: int, rope_dim: int) -> tuple[int, int, int]:
 
 # ---- dequantization helpers (fp32 out) ---------------------------------------------------------
 @triton.jit
-def _e4m3_to_f32(raw, FP8_HW: tl.constexpr):
-    """e4m3fn bytes -> fp32. FP8_HW: hardware convert (sm89+); else integer decode (any target).
-
-    The integer path is exact for every finite code (0x7F / 0xFF, the NaN codes, never occur:
-    the quantizer clamps to +-448).
-    """
-    if FP8_HW:
-        v = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    else:
-        r = raw.to(tl.uint32)
-        mag = r & 0x7F
-        sign = (r & 0x80) << 24
-        normal = (((mag + 960) << 20) | sign).to(tl.float32, bitcast=True)  # exponent e - 7 + 127
-        sub = mag.to(tl.float32) * 0.001953125  # subnormal: m * 2^-9
-        v = tl.where(mag < 8, tl.where(sign != 0, -sub, sub), normal)
-    return v
-
-
-@triton.jit
-def _e8m0_to_f32(raw):
-    """E8M0 bytes -> fp32 2^(b - 127), exactly as `e8m0_to_float` (b = 0 -> 2^-127, b = 255 -> NaN)."""
-    b = raw.to(tl.int32)
-    bits = tl.where(b == 0, 0x400000, b << 23)
-    bits = tl.where(b == 255, 0x7FC00000, bits)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _load_kv_tile(kv_ptr, slot, valid, stride_kv,
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NOPE: tl.constexpr, SCALE_OFF: tl.constexpr,
                   KV_FP8: tl.constexpr, FP8_HW: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -112,9 +85,9 @@ def _load_kv_tile(kv_ptr, slot, valid, stride_kv,
         is_nope = (blk < NOPE // 64)[None, :, None]
         is_rope = ((blk * 64 >= NOPE) & (blk * 64 < HEAD_DIM))[None, :, None]
         ok3 = valid[:, None, None]
-        v8 = _e4m3_to_f32(tl.load(kv_ptr + row[:, None, None] + col3, mask=ok3 & is_nope, other=0), FP8_HW)
-        sc = _e8m0_to_f32(tl.load(kv_ptr + row[:, None] + SCALE_OFF + blk[None, :],
-                                  mask=valid[:, None] & (blk < NOPE // 64)[None, :], other=127))
+        v8 = e4m3_to_f32(tl.load(kv_ptr + row[:, None, None] + col3, mask=ok3 & is_nope, other=0), FP8_HW)
+        sc = e8m0_value(tl.load(kv_ptr + row[:, None] + SCALE_OFF + blk[None, :],
+                                mask=valid[:, None] & (blk < NOPE // 64)[None, :], other=127).to(tl.int32))
         rope_base = (kv_ptr + row + NOPE).to(tl.pointer_type(tl.bfloat16))
         if HEAD_DIM - NOPE == 64:
             rope = tl.load(rope_base[:, None] + i[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
