@@ -66,7 +66,7 @@ def test_logged_kv_capacity_equals_planner_model(engine):
     == the planner's model of vLLM (window/state reserves per request included) within 1 %."""
     from v4_plugin.config import load_config
 
-    from vllm_backend.capacity import planned_capacity
+    from v4_plugin.capacity import vllm_planned_capacity
 
     llm, _, logs = engine
     lines = [line for line in logs.lines if "KV cache size" in line]
@@ -75,7 +75,7 @@ def test_logged_kv_capacity_equals_planner_model(engine):
                   lines[0])
     tokens, max_len, concurrency = int(m[1].replace(",", "")), int(m[2].replace(",", "")), float(m[3])
     config = llm.llm_engine.vllm_config
-    want = planned_capacity(
+    want = vllm_planned_capacity(
         load_config(llm.model_dir), config.cache_config.kv_cache_memory_bytes, max_model_len=max_len,
         max_num_batched_tokens=config.scheduler_config.max_num_batched_tokens, fp8=False, indexer=None,
         dtype_bytes=4,

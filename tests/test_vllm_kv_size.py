@@ -1,7 +1,7 @@
 """KV size through vLLM's own KV-cache config code, for the real Flash and Pro configs (no weights):
 our per-layer specs -> vLLM's grouping/packing (`get_kv_cache_configs`) -> bytes per block and the
 capacity vLLM would log. (a) bytes per token within 2 % of the planner (here: exact, no page padding);
-(b) the closed-form planner model of vLLM's capacity (`vllm_backend.capacity.planned_capacity`)
+(b) the closed-form planner model of vLLM's capacity (`v4_plugin.capacity.vllm_planned_capacity`)
 equals vLLM's within 1 %. The live engines' logged capacity is checked in test_vllm_generate.py."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ pytest.importorskip("vllm")
 from v4_plugin.config import preset_config
 from v4_plugin.layout import IndexerCache, plan
 
-from vllm_backend.capacity import planned_capacity, vllm_capacity
+from v4_plugin.capacity import vllm_planned_capacity
+from vllm_backend.kv_specs import vllm_capacity
 from vllm_backend.kv_specs import model_kv_specs
 
 PLANNER = {  # spec §5.5 / issue 5: bytes per token, FP8 / FP4 indexer keys
@@ -67,7 +68,7 @@ def test_planner_capacity_model_matches_vllm(configs, name, max_model_len, batch
     vc = configs(name, max_model_len, batched)
     for indexer in IndexerCache:
         got = vllm_capacity(vc, model_kv_specs(cfg, "fp8_ds_mla", torch.bfloat16, indexer), MEMORY)
-        want = planned_capacity(cfg, MEMORY, max_model_len=max_model_len, max_num_batched_tokens=batched,
+        want = vllm_planned_capacity(cfg, MEMORY, max_model_len=max_model_len, max_num_batched_tokens=batched,
                                 fp8=True, indexer=indexer)
         assert got.num_blocks == want.num_blocks
         assert abs(got.tokens - want.tokens) <= 0.01 * want.tokens, (got, want)

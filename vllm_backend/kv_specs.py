@@ -26,12 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
+from v4_plugin.capacity import BLOCK as BLOCK_SIZE
+from v4_plugin.capacity import STATE_BLOCK, WINDOW_BLOCK, VllmCapacity
 from v4_plugin.config import LayerType, V4Config
 from v4_plugin.layout import IndexerCache
 
-BLOCK_SIZE = 256
-WINDOW_BLOCK = 64
-STATE_BLOCK = {LayerType.CSA: 4, LayerType.HCA: 8}
 CACHE_NAMES = ("window", "state", "compressed", "index_state", "index_keys")
 INDEXER_ENV = "V4_PLUGIN_INDEXER_CACHE"  # fp8 (default) | fp4, for FP8 KV caches
 
@@ -130,3 +129,21 @@ def model_kv_specs(cfg: V4Config, cache_dtype: str = "auto", dtype: torch.dtype 
         for decl in layer_caches(cfg, kind, fmt, dtype):
             specs[f"{attn_prefix(i)}.{decl.name}"] = make_spec(decl, cache_dtype)
     return specs
+
+
+def vllm_capacity(vllm_config, specs: dict, memory_bytes: int | None = None) -> VllmCapacity:
+    """What vLLM's own KV-cache config code makes of `specs` (layer name -> spec) for `memory_bytes`
+    (default: `cache_config.kv_cache_memory_bytes`): grouping, packing, block count, capacity."""
+    from vllm.v1.attention.backends.utils import resolve_kv_cache_layout
+    from vllm.v1.core.kv_cache_utils import _pool_bytes_per_block, get_kv_cache_capacity, get_kv_cache_configs
+
+    from .backend import V4PagedBackend
+
+    layouts = [[layout.name for layout in V4PagedBackend.supported_kv_cache_layouts()]]
+    resolve_kv_cache_layout(vllm_config, layouts, list(specs.values()))
+    memory = memory_bytes if memory_bytes is not None else vllm_config.cache_config.kv_cache_memory_bytes
+    config = get_kv_cache_configs(vllm_config, [specs], [memory])[0]
+    tokens, concurrency = get_kv_cache_capacity(vllm_config, config)
+    slab = _pool_bytes_per_block(vllm_config, config.kv_cache_groups)
+    per_request = round(config.num_blocks / concurrency)
+    return VllmCapacity(slab, config.num_blocks, per_request, concurrency, tokens)

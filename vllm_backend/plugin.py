@@ -31,7 +31,6 @@ ARCH = "DeepseekV4ForCausalLM"
 PLUGIN_ARCH = "DeepseekV4PluginForCausalLM"
 MODEL_CLASS = "vllm_backend.model:DeepseekV4ForCausalLM"
 DISABLE_ENV = "V4_PLUGIN_DISABLE"
-BLOCK_SIZE = 256  # logical tokens per block id: a multiple of 128 so every block holds whole C128 entries
 TESTED_VLLM = ((0, 32), (0, 33))  # minor versions whose internals this adapter was written against
 
 _state = {"registered": False}
@@ -115,6 +114,8 @@ def _config_hook_class():
 
         @staticmethod
         def verify_and_update_config(vllm_config) -> None:
+            from v4_plugin.capacity import BLOCK as BLOCK_SIZE
+
             cache_config = vllm_config.cache_config
             if cache_config.user_specified_block_size and cache_config.block_size != BLOCK_SIZE:
                 logger.warning("deepseek-v4-plugin: block size %s overridden to %d (whole C128 entries per block)",

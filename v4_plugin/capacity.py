@@ -1,5 +1,8 @@
-"""KV capacity under vLLM: what vLLM's block manager makes of our cache specs, and a closed-form
-model of it from `v4_plugin.layout` alone (for `v4-plugin kv-plan`; no vLLM import needed).
+"""Token capacity of a cache budget under each serving framework's block manager, from
+`v4_plugin.layout`'s bytes alone (no framework import): what `v4-plugin kv-plan` predicts and what the
+adapters' tests hold the frameworks' own logged figures to.
+
+## vLLM
 
 vLLM (0.32/0.33, packed block-outermost layout) sizes one pool of `num_blocks` block ids; a block
 id addresses one slab in every cache group. The slab is the largest group's bytes per block: the
@@ -21,10 +24,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from v4_plugin.config import LayerType, V4Config
-from v4_plugin.layout import IndexerCache, compressor_state_bytes, indexer_entry_bytes, main_entry_bytes
+from .config import LayerType, V4Config
+from .layout import IndexerCache, compressor_state_bytes, indexer_entry_bytes, main_entry_bytes
 
-BLOCK = 256
+# The block sizes (tokens per block id) of the caches the vLLM adapter declares (`vllm_backend.kv_specs`).
+BLOCK = 256  # compressed caches: a multiple of 128, so every block holds whole C128 entries
 WINDOW_BLOCK = 64
 STATE_BLOCK = {LayerType.CSA: 4, LayerType.HCA: 8}
 
@@ -77,7 +81,7 @@ class _Bucket:
         return sum(_cdiv(count, n) * page for page, count in self.pages.items())
 
 
-def planned_capacity(cfg: V4Config, memory_bytes: int, *, max_model_len: int, max_num_batched_tokens: int,
+def vllm_planned_capacity(cfg: V4Config, memory_bytes: int, *, max_model_len: int, max_num_batched_tokens: int,
                      fp8: bool = True, indexer: IndexerCache | None = IndexerCache.FP8,
                      dtype_bytes: int = 2, in_flight_batches: int = 1) -> VllmCapacity:
     """Closed-form model of vLLM's KV capacity for our specs (the formula for the planner).
@@ -133,21 +137,4 @@ def planned_capacity(cfg: V4Config, memory_bytes: int, *, max_model_len: int, ma
     return VllmCapacity(slab, num_blocks, per_request, concurrency, int(concurrency * L))
 
 
-def vllm_capacity(vllm_config, specs: dict, memory_bytes: int | None = None) -> VllmCapacity:
-    """What vLLM's own KV-cache config code makes of `specs` (layer name -> spec) for `memory_bytes`
-    (default: `cache_config.kv_cache_memory_bytes`): grouping, packing, block count, capacity."""
-    from vllm.v1.attention.backends.utils import resolve_kv_cache_layout
-    from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity, get_kv_cache_configs
-
-    from .backend import V4PagedBackend
-
-    layouts = [[layout.name for layout in V4PagedBackend.supported_kv_cache_layouts()]]
-    resolve_kv_cache_layout(vllm_config, layouts, list(specs.values()))
-    memory = memory_bytes if memory_bytes is not None else vllm_config.cache_config.kv_cache_memory_bytes
-    config = get_kv_cache_configs(vllm_config, [specs], [memory])[0]
-    tokens, concurrency = get_kv_cache_capacity(vllm_config, config)
-    from vllm.v1.core.kv_cache_utils import _pool_bytes_per_block
-
-    slab = _pool_bytes_per_block(vllm_config, config.kv_cache_groups)
-    per_request = round(config.num_blocks / concurrency)
-    return VllmCapacity(slab, config.num_blocks, per_request, concurrency, tokens)
+# ---- SGLang --------------------------------------------------------------------------------------
