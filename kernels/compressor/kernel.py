@@ -48,8 +48,9 @@ from v4_plugin.config import FP8_KV_BLOCK
 from v4_plugin.layout import IndexerCache
 from v4_plugin.ops.rope import Rope
 
+from ..formats import round_bf16
 from ..kv_store.kernel import (fp4_fake_pairs, fp8_fake_pairs, indexer_record_bytes, main_record_bytes, next_pow2,
-                               records_view, round_bf16, write_indexer_record, write_main_record)
+                               records_view, write_indexer_record, write_main_record)
 
 __all__ = ["pool_finish", "pool_finish_store", "tile_config"]
 

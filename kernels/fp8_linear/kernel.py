@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from v4_kernels.formats import e8m0_value, round_bf16
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ACT_BLOCK = 128  # activation quantization block along K; also the weight scale block
 WEIGHT_BLOCK = 128
@@ -44,14 +46,6 @@ _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float
 
 
 # ---- number-format helpers (also used by the FP4 MoE kernels) ---------------------------------
-@triton.jit
-def e8m0_to_f32(byte):
-    """E8M0 scale bytes (any integer type holding 0..255) -> fp32 2^(byte - 127); 255 -> NaN, 0 -> 2^-127."""
-    b = byte.to(tl.int32) & 0xFF
-    bits = tl.where(b == 0, 0x400000, tl.where(b == 255, 0x7FC00000, b << 23))  # 2^-127 is subnormal
-    return bits.to(tl.float32, bitcast=True)
-
-
 @triton.jit
 def e4m3_scale(amax):
     """2^ceil(log2(amax / 448)) for fp32 amax >= 1e-4, bit-exact with the fp32 division torch does.
@@ -90,9 +84,7 @@ def round_to(v, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     if DTYPE == tl.float32:
         return v
     elif DTYPE == tl.bfloat16 and INTERPRET:
-        b = v.to(tl.int32, bitcast=True)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
-        return b.to(tl.float32, bitcast=True)
+        return round_bf16(v)
     else:
         return v.to(DTYPE).to(tl.float32)
 
@@ -179,7 +171,7 @@ def _mn_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 def _weight_scales(ws_ptr, offs_n, n_mask, kb, n_kb, SCALE_E8M0: tl.constexpr):
     """fp32 block scales ws[n // 128, kb] of the columns offs_n (E8M0 bytes decoded, or fp32 as stored)."""
     w_scale = tl.load(ws_ptr + (offs_n // 128) * n_kb + kb, mask=n_mask, other=0)
-    return e8m0_to_f32(w_scale) if SCALE_E8M0 else w_scale
+    return e8m0_value(w_scale) if SCALE_E8M0 else w_scale
 
 
 @triton.jit

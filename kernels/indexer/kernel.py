@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from v4_kernels.kv_store.kernel import e4m3_to_f32, e8m0_value
+from v4_kernels.formats import e2m1_value, e4m3_to_f32, e8m0_value
 from v4_plugin.config import FP4_BLOCK
 
 __all__ = ["index_scores", "select_topk", "index_topk", "indexer_record_format", "scores_tiles", "topk_tiles"]
@@ -63,15 +63,6 @@ def indexer_record_format(record_bytes: int, index_head_dim: int) -> int:
 
 # ---- dequantization (fp32 out) -----------------------------------------------------------------
 @triton.jit
-def _e2m1_to_f32(code):
-    """e2m1 codes (int32 0..15) -> fp32: 0, .5, 1, 1.5, 2, 3, 4, 6 and their negatives (code 8 = -0.0)."""
-    mag = code & 7
-    big = ((mag + 252) << 22).to(tl.float32, bitcast=True)  # mag >= 2: 2^((mag >> 1) - 1) * (1 + (mag & 1) / 2)
-    v = tl.where(mag < 2, mag.to(tl.float32) * 0.5, big)
-    return (v.to(tl.int32, bitcast=True) | ((code & 8) << 28)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _load_keys(keys_ptr, slot, valid, stride_keys, DI: tl.constexpr, KEY_FMT: tl.constexpr, FP8_HW: tl.constexpr,
                ROW_ALIGN: tl.constexpr):
     """Keys of `slot` [BN] as fp32 [BN, DI]; invalid rows are 0. ROW_ALIGN: see `_row_align`."""
@@ -88,8 +79,8 @@ def _load_keys(keys_ptr, slot, valid, stride_keys, DI: tl.constexpr, KEY_FMT: tl
         i = tl.arange(0, DI // 2)[None, :]  # byte i holds dims 2i (low nibble) and 2i + 1 (high)
         byte = tl.load(rec + i, mask=row_ok, other=0).to(tl.int32)
         scale = e8m0_value(tl.load(rec + DI // 2 + i // 16, mask=row_ok, other=127).to(tl.int32))
-        lo = _e2m1_to_f32(byte & 0xF) * scale
-        hi = _e2m1_to_f32((byte >> 4) & 0xF) * scale
+        lo = e2m1_value(byte & 0xF) * scale
+        hi = e2m1_value((byte >> 4) & 0xF) * scale
         k = tl.interleave(lo, hi)
     else:
         d = tl.arange(0, DI)[None, :]

@@ -18,8 +18,12 @@ if not torch.cuda.is_available():  # read when @triton.jit decorates, so before 
 
 from v4_kernels.kv_store.kernel import (indexer_record_bytes, load_indexer, load_main, main_record_bytes,  # noqa: E402
                                         store_indexer, store_main)
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from v4_kernels.formats import e2m1_value, e4m3_value, e8m0_value  # noqa: E402
 from v4_kernels.testing import DEVICES, run_compile_check, sm90_compile_check  # noqa: E402
-from v4_plugin import kvcache  # noqa: E402
+from v4_plugin import kvcache, quant  # noqa: E402
 from v4_plugin.config import parse_config, preset_config  # noqa: E402
 from v4_plugin.layout import IndexerCache, indexer_entry_bytes, main_entry_bytes  # noqa: E402
 from v4_plugin.ops.compressor import simulate_kv_storage  # noqa: E402
@@ -238,3 +242,37 @@ _COMPILE = """
 def test_kernels_compile_for_sm90():
     """The interpreter accepts tiles a GPU compiler rejects: compile every kernel for sm_90 (no GPU needed)."""
     run_compile_check(_COMPILE)
+
+
+# ---- the shared decoders of `v4_kernels.formats`, exhaustively -------------------------------------
+@triton.jit
+def _decode_all(codes_ptr, out_ptr, FORMAT: tl.constexpr):
+    offs = tl.arange(0, 256)
+    code = tl.load(codes_ptr + offs).to(tl.int32)
+    if FORMAT == 0:
+        v = e8m0_value(code)
+    elif FORMAT == 1:
+        v = e4m3_value(code)
+    else:
+        v = e2m1_value(code & 0xF)
+    tl.store(out_ptr + offs, v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decoders_match_the_core_for_every_code(device):
+    """E8M0 (0 -> 2^-127, 255 -> NaN), e4m3fn (NaN codes included) and e2m1 (-0 kept) for all 256 bytes,
+    bit for bit against torch's / the core's decoders."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    want = {
+        0: quant.e8m0_to_float(codes),
+        1: codes.view(torch.float8_e4m3fn).float(),
+        2: quant.e2m1_decode((codes & 0xF).long()),
+    }
+    for fmt, expected in want.items():
+        out = torch.empty(256, device=device)
+        _decode_all[(1,)](codes.to(device), out, FORMAT=fmt)
+        got = out.cpu()
+        assert torch.equal(torch.isnan(got), torch.isnan(expected)), fmt
+        ok = ~torch.isnan(expected)
+        assert torch.equal(got[ok].view(torch.int32), expected[ok].view(torch.int32)), fmt  # signs of zeros too
+

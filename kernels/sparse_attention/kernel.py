@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from v4_kernels.kv_store.kernel import e4m3_to_f32, e8m0_value
+from v4_kernels.formats import e4m3_to_f32, e8m0_value
 from v4_plugin.config import FP8_KV_BLOCK
 from v4_plugin.layout import BF16_BYTES, SCALE_SECTION_ALIGN
 
