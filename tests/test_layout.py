@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from v4_plugin.cli import main
+from v4_plugin.cli import main, parse_bytes
 from v4_plugin.config import LayerType, parse_config, preset_config
 from v4_plugin.layout import (IndexerCache, checkpoint_bytes, compressor_state_bytes, indexer_entry_bytes,
                               main_entry_bytes, page_layout, plan)
@@ -58,6 +58,34 @@ def test_cli_reports_bad_config_cleanly(tmp_path):
     table = subprocess.run([sys.executable, "-m", "v4_plugin", "kv-plan", "--model", "flash"],
                            check=True, capture_output=True, text=True).stdout
     assert "3,850.2500 B" in table and "21 CSA" in table
+
+
+@pytest.mark.parametrize("text,nbytes", [
+    ("85899345920", 80 * 2**30), ("80G", 80 * 2**30), ("80GiB", 80 * 2**30), ("80g", 80 * 10**9),
+    ("80GB", 80 * 10**9), ("1.5g", 1_500_000_000), ("512M", 512 * 2**20),
+])
+def test_kv_cache_memory_reads_like_vllm(text, nbytes):
+    assert parse_bytes(text) == nbytes
+
+
+def test_cli_vllm_mode_table_and_clear_errors(capsys):
+    """The table ends with the line vLLM logs; --block-size is overridden; misuse is a one-line error."""
+    base = ["kv-plan", "--framework", "vllm", "--model", "pro", "--kv-cache-memory", "80G"]
+    assert main([*base, "--max-num-batched-tokens", "2K", "--block-size", "16"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith("GPU KV cache size: ") and "tokens per request: " in out[-1]
+    assert "1,048,576 tokens per request" in out[-1]  # default --max-model-len: max_position_embeddings
+    assert any("256 tokens" in line and "--block-size 16 is overridden" in line for line in out)
+    for args, message in [
+        (base, "needs --max-num-batched-tokens"),
+        ([*base, "--max-num-batched-tokens", "2048", "--indexer-cache", "fp4"], "applies to FP8 KV caches"),
+        ([*base, "--max-num-batched-tokens", "2048", "--context", "1M"], "--context is for the framework-free plan"),
+        (["kv-plan", "--framework", "vllm", "--max-num-batched-tokens", "2048"], "needs --kv-cache-memory"),
+        (["kv-plan", "--kv-cache-memory", "80G"], "--kv-cache-memory needs --framework"),
+    ]:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (args, err)
 
 
 def test_entry_formats_from_dims():

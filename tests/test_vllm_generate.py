@@ -63,10 +63,9 @@ def test_greedy_tokens_and_logprobs_equal_reference(engine):
 
 def test_logged_kv_capacity_equals_planner_model(engine):
     """vLLM's startup line "KV cache size: N tokens, Maximum concurrency for L tokens per request: C"
-    == the planner's model of vLLM (window/state reserves per request included) within 1 %."""
-    from v4_plugin.config import load_config
-
-    from v4_plugin.capacity import vllm_planned_capacity
+    == what `v4-plugin kv-plan --framework vllm` predicts for the engine's budget and flags (the
+    planner's model of vLLM, window/state reserves per request included) within 1 %."""
+    from test_layout import kv_plan
 
     llm, _, logs = engine
     lines = [line for line in logs.lines if "KV cache size" in line]
@@ -75,10 +74,10 @@ def test_logged_kv_capacity_equals_planner_model(engine):
                   lines[0])
     tokens, max_len, concurrency = int(m[1].replace(",", "")), int(m[2].replace(",", "")), float(m[3])
     config = llm.llm_engine.vllm_config
-    want = vllm_planned_capacity(
-        load_config(llm.model_dir), config.cache_config.kv_cache_memory_bytes, max_model_len=max_len,
-        max_num_batched_tokens=config.scheduler_config.max_num_batched_tokens, fp8=False, indexer=None,
-        dtype_bytes=4,
-    )
-    assert abs(tokens - want.tokens) <= 0.01 * want.tokens, (lines[0], want)
-    assert abs(concurrency - want.max_concurrency) <= 0.01 * want.max_concurrency
+    want = kv_plan("--framework", "vllm", "--model", str(llm.model_dir), "--device", "cpu",
+                   "--kv-cache-memory", str(config.cache_config.kv_cache_memory_bytes), "--max-model-len", str(max_len),
+                   "--max-num-batched-tokens", str(config.scheduler_config.max_num_batched_tokens),
+                   "--kv-cache-dtype", "auto", "--dtype", "float32")
+    assert abs(tokens - want["kv_cache_size_tokens"]) <= 0.01 * want["kv_cache_size_tokens"], (lines[0], want)
+    assert abs(concurrency - want["max_concurrency"]) <= 0.01 * want["max_concurrency"], (lines[0], want)
+    assert want["log_line"] == lines[0]  # the very line vLLM printed

@@ -1,24 +1,25 @@
 """KV size through vLLM's own KV-cache config code, for the real Flash and Pro configs (no weights):
 our per-layer specs -> vLLM's grouping/packing (`get_kv_cache_configs`) -> bytes per block and the
 capacity vLLM would log. (a) bytes per token within 2 % of the planner (here: exact, no page padding);
-(b) the closed-form planner model of vLLM's capacity (`v4_plugin.capacity.vllm_planned_capacity`)
-equals vLLM's within 1 %. The live engines' logged capacity is checked in test_vllm_generate.py."""
+(b) the closed-form planner model of vLLM's capacity (`v4_plugin.capacity.vllm_planned_capacity`) and
+what `v4-plugin kv-plan --framework vllm` prints equal vLLM's within 1 %. The live engines' logged
+capacity is checked in test_vllm_generate.py."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
 pytest.importorskip("vllm")
 
+from test_layout import kv_plan
+from v4_plugin.capacity import vllm_planned_capacity
 from v4_plugin.config import preset_config
 from v4_plugin.layout import IndexerCache, plan
-
-from v4_plugin.capacity import vllm_planned_capacity
-from vllm_backend.kv_specs import vllm_capacity
-from vllm_backend.kv_specs import model_kv_specs
+from vllm_backend.kv_specs import model_kv_specs, vllm_capacity
 
 PLANNER = {  # spec §5.5 / issue 5: bytes per token, FP8 / FP4 indexer keys
     ("flash", IndexerCache.FP8): 3850.25, ("flash", IndexerCache.FP4): 3514.25,
@@ -72,3 +73,69 @@ def test_planner_capacity_model_matches_vllm(configs, name, max_model_len, batch
                                 fp8=True, indexer=indexer)
         assert got.num_blocks == want.num_blocks
         assert abs(got.tokens - want.tokens) <= 0.01 * want.tokens, (got, want)
+
+
+# vLLM's engine-core line (kv_cache_utils.update_kv_cache_capacity), as the CLI must print it.
+LOG_LINE = re.compile(r"(GPU|CPU) KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per "
+                      r"request: (\d+\.\d\d)x")
+
+
+@pytest.mark.parametrize("name", ["flash", "pro"])
+@pytest.mark.parametrize("memory_flag,memory,max_model_len,batched", [
+    ("80G", 80 << 30, 65536, 8192), ("141GiB", 141 << 30, 1 << 20, 2048), ("24GB", 24 * 10**9, 4096, 256),
+])
+def test_cli_prediction_matches_vllm(configs, name, memory_flag, memory, max_model_len, batched):
+    """`v4-plugin kv-plan --framework vllm` == vLLM's own grouping and capacity code, for FP8 records with
+    FP8 / FP4 indexer keys and for bf16 entries (`auto`); --block-size is accepted and overridden."""
+    cfg = preset_config(name)
+    vc = configs(name, max_model_len, batched)
+    for cache_dtype, indexer in (("fp8_ds_mla", IndexerCache.FP8), ("fp8", IndexerCache.FP4), ("auto", None)):
+        got = vllm_capacity(vc, model_kv_specs(cfg, cache_dtype, torch.bfloat16, indexer or IndexerCache.FP8),
+                            memory)
+        cli = kv_plan("--framework", "vllm", "--model", name, "--device", "cpu", "--kv-cache-memory", memory_flag,
+                      "--max-model-len", str(max_model_len), "--max-num-batched-tokens", str(batched),
+                      "--kv-cache-dtype", cache_dtype, "--block-size", "16",
+                      *(["--indexer-cache", indexer.value] if indexer else []))
+        where = f"{name} {cache_dtype} {indexer}: CLI {cli}, vLLM {got}"
+        assert cli["kv_cache_memory_bytes"] == memory and cli["block_size"] == 256, where
+        assert cli["bytes_per_block"] == got.slab_bytes and cli["num_blocks"] == got.num_blocks, where
+        assert abs(cli["kv_cache_size_tokens"] - got.tokens) <= 0.01 * got.tokens, where
+        assert abs(cli["max_concurrency"] - got.max_concurrency) <= 0.01 * got.max_concurrency, where
+        m = LOG_LINE.fullmatch(cli["log_line"])
+        assert m and m[1] == "CPU" and int(m[2].replace(",", "")) == cli["kv_cache_size_tokens"], where
+        assert int(m[3].replace(",", "")) == max_model_len, where
+
+
+def test_cli_async_scheduling_reserves_two_batches(configs):
+    """With async scheduling (vLLM's GPU default) two batches are in flight: the window/state reserve
+    doubles. vLLM's figure comes from a CPU config with the scheduler flag turned on afterwards (the CPU
+    platform forces it off at construction; `VllmConfig.max_concurrent_batches` reads it live)."""
+    cfg = preset_config("flash")
+    vc = configs("flash", 65536, 8192)
+    vc.scheduler_config.async_scheduling = True
+    try:
+        assert vc.max_in_flight_tokens == 2 * 8192
+        got = vllm_capacity(vc, model_kv_specs(cfg, "fp8_ds_mla", torch.bfloat16), MEMORY)
+    finally:
+        vc.scheduler_config.async_scheduling = False
+    cli = kv_plan("--framework", "vllm", "--model", "flash", "--kv-cache-memory", str(MEMORY),
+                  "--max-model-len", "64K", "--max-num-batched-tokens", "8192", "--kv-cache-dtype", "fp8_ds_mla")
+    assert cli["async_scheduling"] is True and cli["log_line"].startswith("GPU KV cache size: ")
+    assert cli["num_blocks"] == got.num_blocks
+    assert abs(cli["kv_cache_size_tokens"] - got.tokens) <= 0.01 * got.tokens, (cli, got)
+    single = kv_plan("--framework", "vllm", "--model", "flash", "--kv-cache-memory", str(MEMORY),
+                     "--max-model-len", "64K", "--max-num-batched-tokens", "8192", "--kv-cache-dtype", "fp8_ds_mla",
+                     "--no-async-scheduling")
+    assert single["kv_cache_size_tokens"] > cli["kv_cache_size_tokens"]
+
+
+@pytest.mark.parametrize("flag", ["tensor_parallel_size", "pipeline_parallel_size"])
+def test_tensor_and_pipeline_parallelism_are_refused_when_vllm_builds_its_config(tmp_path, flag):
+    """Refused by the plugin's config hook, before vLLM starts an engine or a worker."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    (tmp_path / "config.json").write_text(json.dumps(preset_config("flash").to_dict()))
+    args = EngineArgs(model=str(tmp_path), skip_tokenizer_init=True, enforce_eager=True, max_model_len=4096,
+                      **{flag: 2})
+    with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} 2 .*not implemented.*--data-parallel-size"):
+        args.create_engine_config()

@@ -32,6 +32,11 @@ BLOCK = 256  # compressed caches: a multiple of 128, so every block holds whole 
 WINDOW_BLOCK = 64
 STATE_BLOCK = {LayerType.CSA: 4, LayerType.HCA: 8}
 
+# vLLM's --kv-cache-dtype values the adapter serves: `auto` stores entries in the model dtype (float
+# indexer keys); the FP8 names store 584-B records and FP8 / FP4 indexer keys.
+VLLM_FP8_CACHE_DTYPES = ("fp8", "fp8_e4m3", "fp8_ds_mla")
+VLLM_CACHE_DTYPES = ("auto", *VLLM_FP8_CACHE_DTYPES)
+
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -138,3 +143,91 @@ def vllm_planned_capacity(cfg: V4Config, memory_bytes: int, *, max_model_len: in
 
 
 # ---- SGLang --------------------------------------------------------------------------------------
+#
+# SGLang (0.5.23) has no block manager: its allocator hands out token slots in pages of P tokens
+# (P a multiple of 128, so every compressed block lies inside one page). With hybrid-SWA memory
+# (`SWATokenToKVPoolAllocator`), every token of a request holds a slot of the *full* pool and, while
+# it is among the last `sliding_window` positions (or in the step being computed), a slot of the
+# *SWA* pool; SGLang frees SWA slots leaving the window, a page at a time.
+#
+# * full slot: the compressed entries and indexer keys, amortised over their ratio (a page of P
+#   slots holds P/m entries): exactly `layout.plan(cfg).bytes_per_token` for FP8 records;
+# * SWA slot: the raw window entry of every layer and the compressor rows of that position
+#   ([value | ape-biased gate], fp32), which the core's paged execution keeps per position.
+#
+# SGLang sizes the SWA pool in one of two ways, and the plugin's pool configurator follows it:
+#
+# * ratio (default): swa_tokens = full_tokens * swa_full_tokens_ratio (SGLang's
+#   `--swa-full-tokens-ratio`, fallback 0.8), both floored to whole pages, and
+#   full_tokens = memory / (full_bytes + ratio * swa_bytes);
+# * request cap (`--max-running-requests` given, ratio not given, chunked prefill on): a fixed
+#   swa_tokens, SGLang's own worst case for that many requests (`compute_swa_request_cap`:
+#   window + eviction interval + 2 pages per request, plus the prefill chunks in flight), and
+#   full_tokens = (memory - swa_tokens * swa_bytes) / full_bytes.
+#
+# max_total_num_tokens, what SGLang reports, is full_tokens. SGLang's padding page 0 of each pool
+# is not budgeted (as in SGLang's own configurators).
+
+
+@dataclass(frozen=True)
+class SglangCapacity:
+    full_bytes_per_token: float  # compressed entries + indexer keys per full-pool slot
+    swa_bytes_per_token: int  # window entries + compressor rows per SWA-pool slot
+    full_tokens: int  # max_total_num_tokens
+    swa_tokens: int
+
+    @property
+    def bytes(self) -> float:
+        """Cache bytes the two pools take (padding pages excluded)."""
+        return self.full_tokens * self.full_bytes_per_token + self.swa_tokens * self.swa_bytes_per_token
+
+
+def sglang_slot_bytes(cfg: V4Config, *, fp8: bool = True, indexer: IndexerCache | None = IndexerCache.FP8,
+                      dtype_bytes: int = 2) -> tuple[float, int]:
+    """(bytes per full-pool slot, bytes per SWA-pool slot) over the main layers.
+
+    fp8: 584-B records (`--kv-cache-dtype fp8*`), else float entries of `dtype_bytes` per element
+    (`auto`, the model dtype); indexer: key format of FP8 caches (None = float keys).
+    """
+    main = main_entry_bytes(cfg) if fp8 else cfg.head_dim * dtype_bytes
+    idx = indexer_entry_bytes(cfg, indexer) if indexer is not None else cfg.index_head_dim * dtype_bytes
+    full, swa = 0.0, 0
+    for kind in cfg.layer_types:
+        swa += main
+        if kind is LayerType.SWA:
+            continue
+        rows = 2 * kind.ratio if kind is LayerType.CSA else kind.ratio  # positions a compressor state spans
+        full += main / kind.ratio
+        swa += compressor_state_bytes(cfg, kind) // rows
+        if kind is LayerType.CSA:
+            full += idx / kind.ratio
+            swa += compressor_state_bytes(cfg, kind, indexer=True) // rows
+    return full, swa
+
+
+def sglang_planned_capacity(cfg: V4Config, memory_bytes: int | None, *, page_size: int,
+                            swa_full_tokens_ratio: float | None = None, swa_tokens: int | None = None,
+                            max_full_tokens: int | None = None, fp8: bool = True,
+                            indexer: IndexerCache | None = IndexerCache.FP8, dtype_bytes: int = 2) -> SglangCapacity:
+    """SGLang's pool sizes for `memory_bytes` of cache memory (None: unbounded) and at most
+    `max_full_tokens` full slots (`--max-total-tokens`), in ratio mode (`swa_full_tokens_ratio`) or
+    request-cap mode (`swa_tokens`: SGLang's cap for --max-running-requests); give exactly one."""
+    if (swa_full_tokens_ratio is None) == (swa_tokens is None):
+        raise ValueError("sglang_planned_capacity: give swa_full_tokens_ratio or swa_tokens, not both")
+    if page_size % LayerType.HCA.ratio:
+        raise ValueError(f"page_size {page_size} is not a multiple of {LayerType.HCA.ratio}")
+    if memory_bytes is None and max_full_tokens is None:
+        raise ValueError("sglang_planned_capacity: give memory_bytes or max_full_tokens")
+    full_b, swa_b = sglang_slot_bytes(cfg, fp8=fp8, indexer=indexer, dtype_bytes=dtype_bytes)
+    swa = None if swa_tokens is None else _cdiv(swa_tokens, page_size) * page_size
+    full = max_full_tokens if max_full_tokens is not None else memory_bytes
+    if memory_bytes is not None:
+        if swa is None:
+            by_bytes = int(max(0, memory_bytes) // (full_b + swa_full_tokens_ratio * swa_b))
+        else:
+            by_bytes = int(max(0, memory_bytes - swa * swa_b) // full_b)
+        full = by_bytes if max_full_tokens is None else min(by_bytes, max_full_tokens)
+    full = full // page_size * page_size
+    if swa is None:
+        swa = int(full * swa_full_tokens_ratio) // page_size * page_size
+    return SglangCapacity(full_b, swa_b, full, swa)

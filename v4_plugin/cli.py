@@ -2,6 +2,13 @@
 
     v4-plugin kv-plan --model {flash,pro,flash-0731,pro-0813,v3.2,PATH} [--indexer-cache fp8|fp4] [--context N]
                       [--gpu-memory GIB] [--json]
+    v4-plugin kv-plan --framework vllm --model {flash,...,PATH} --kv-cache-memory BYTES --max-num-batched-tokens N
+                      [--max-model-len N] [--kv-cache-dtype auto|fp8|fp8_e4m3|fp8_ds_mla] [--indexer-cache fp8|fp4]
+                      [--dtype auto|bfloat16|float16|float32] [--device gpu|cpu] [--[no-]async-scheduling]
+                      [--block-size N] [--json]
+    v4-plugin kv-plan --framework sglang --model {flash,...,PATH} --kv-cache-memory BYTES [--page-size N]
+                      [--swa-full-tokens-ratio R | --swa-tokens N] [--max-total-tokens N]
+                      [--kv-cache-dtype ...] [--indexer-cache fp8|fp4] [--dtype ...] [--json]
     v4-plugin make-tiny OUT [--preset flash|pro|flash-0731|pro-0813] [--seed N]
     v4-plugin generate --model DIR --prompt TEXT [--max-tokens N] [--raw]
 
@@ -12,15 +19,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
-from .config import PRESETS, ConfigError, load_config, preset_config
-from .layout import IndexerCache, KVPlan, checkpoint_bytes, plan, plan_v32
+from .capacity import (BLOCK, VLLM_CACHE_DTYPES, VLLM_FP8_CACHE_DTYPES, sglang_planned_capacity,
+                       vllm_planned_capacity)
+from .config import PRESETS, ConfigError, V4Config, load_config, preset_config
+from .layout import IndexerCache, KVPlan, checkpoint_bytes, main_entry_bytes, plan, plan_v32
 
 GIB = 1 << 30
 _SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+DEFAULT_CONTEXT = 1 << 20
 
 
 def parse_tokens(text: str) -> int:
@@ -34,11 +46,35 @@ def parse_tokens(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a token count: {text!r} (use e.g. 131072, 128K, 1M)") from None
 
 
+_BYTE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+               "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """A byte count as vLLM's `--kv-cache-memory-bytes` reads it (`85899345920`, `80G` = 80 GiB,
+    `80g` = 80e9), or spelled out (`80GiB`, `80GB` = 80e9)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(?:([kKmMgGtT])(iB|B)?)?", text.strip())
+    if m is None:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r} (use e.g. 85899345920, 80G, 80GiB, 80GB)")
+    number, prefix, unit = m.group(1), m.group(2) or "", m.group(3)
+    if unit == "iB":
+        prefix = prefix.upper()
+    elif unit == "B":
+        prefix = prefix.lower()
+    return int(float(number) * _BYTE_UNITS[prefix])
+
+
+def _model_config(model: str) -> tuple[V4Config, str]:
+    """A preset name or a config path -> (config, display name)."""
+    if model in PRESETS:
+        return preset_config(model), f"deepseek-v4-{model}"
+    return load_config(model), model
+
+
 def _plan_for(model: str, context: int, fmt: IndexerCache) -> KVPlan:
     if model in ("v3.2", "v32"):
         return plan_v32(context=context)
-    cfg = preset_config(model) if model in PRESETS else load_config(model)
-    name = f"deepseek-v4-{model}" if model in PRESETS else model
+    cfg, name = _model_config(model)
     return plan(cfg, context=context, indexer_cache=fmt, name=name, weight_bytes=checkpoint_bytes(cfg))
 
 
@@ -66,13 +102,148 @@ def _print_plan(p: KVPlan, gpu_memory_gib: float | None) -> None:
     if gpu_memory_gib is not None:
         fits = p.sequences_fitting(int(gpu_memory_gib * GIB))
         rows.append((f"sequences in {gpu_memory_gib:g} GiB", "n/a (weights unknown)" if fits is None else f"{fits:,}"))
+    _print_rows(rows)
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
 
 
+# ---- kv-plan --framework: the capacity a serving framework logs for a cache budget --------------------
+# Each framework mode reads the parsed flags and returns (JSON fields, rows of the table, the log line the
+# framework prints at startup). A new framework adds its flags in `build_parser` and one entry here.
+FrameworkPlan = Callable[[argparse.Namespace, V4Config, str], tuple[dict, list[tuple[str, str]], str]]
+
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def _vllm_plan(args: argparse.Namespace, cfg: V4Config, name: str) -> tuple[dict, list[tuple[str, str]], str]:
+    """vLLM's startup capacity for our KV specs (`v4_plugin.capacity.vllm_planned_capacity`)."""
+    if args.max_num_batched_tokens is None:
+        raise ValueError("--framework vllm needs --max-num-batched-tokens (vLLM's default depends on the device: "
+                         "`vllm serve` uses 8192 on H100/H200, 16384 on GPUs of 160 GB or more, 2048 on CPU)")
+    fp8 = args.kv_cache_dtype in VLLM_FP8_CACHE_DTYPES
+    if args.indexer_cache is not None and not fp8:
+        raise ValueError(f"--indexer-cache applies to FP8 KV caches (--kv-cache-dtype "
+                         f"{'|'.join(VLLM_FP8_CACHE_DTYPES)}); with {args.kv_cache_dtype!r} the indexer keys are "
+                         "stored in the model dtype")
+    indexer = IndexerCache(args.indexer_cache or "fp8") if fp8 else None
+    dtype = "bfloat16" if args.dtype == "auto" else args.dtype  # every V4 checkpoint's torch_dtype
+    max_model_len = args.max_model_len or cfg.max_position_embeddings
+    for flag, value in (("--kv-cache-memory", args.kv_cache_memory), ("--max-model-len", max_model_len),
+                        ("--max-num-batched-tokens", args.max_num_batched_tokens)):
+        if value <= 0:
+            raise ValueError(f"{flag} must be positive, got {value}")
+    async_scheduling = args.device == "gpu" if args.async_scheduling is None else args.async_scheduling
+    in_flight = 2 if async_scheduling else 1  # VllmConfig.max_concurrent_batches without pipeline parallelism
+    cap = vllm_planned_capacity(cfg, args.kv_cache_memory, max_model_len=max_model_len,
+                                max_num_batched_tokens=args.max_num_batched_tokens, fp8=fp8, indexer=indexer,
+                                dtype_bytes=_DTYPE_BYTES[dtype], in_flight_batches=in_flight)
+    line = (f"{args.device.upper()} KV cache size: {cap.tokens:,} tokens, Maximum concurrency for "
+            f"{max_model_len:,} tokens per request: {cap.max_concurrency:.2f}x")
+    block_note = "fixed by the plugin"
+    if args.block_size is not None and args.block_size != BLOCK:
+        block_note += f"; --block-size {args.block_size} is overridden, as the plugin logs"
+    fields = {
+        "framework": "vllm", "model": name, "kv_cache_memory_bytes": args.kv_cache_memory, "block_size": BLOCK,
+        "kv_cache_dtype": args.kv_cache_dtype, "indexer_cache": indexer.value if indexer else "float",
+        "dtype": dtype, "max_model_len": max_model_len, "max_num_batched_tokens": args.max_num_batched_tokens,
+        "async_scheduling": async_scheduling, "bytes_per_block": cap.slab_bytes,
+        "bytes_per_token": cap.bytes_per_token, "num_blocks": cap.num_blocks,
+        "blocks_per_request": cap.blocks_per_request, "kv_cache_size_tokens": cap.tokens,
+        "max_concurrency": cap.max_concurrency, "log_line": line,
+    }
+    entries = (f"{main_entry_bytes(cfg)}-B FP8 records, {indexer.value} indexer keys" if fp8
+               else f"{dtype} entries and indexer keys")
+    rows = [
+        ("model", name),
+        ("framework", "vLLM 0.32 / 0.33 with deepseek-v4-plugin's KV specs"),
+        ("KV cache memory", f"{args.kv_cache_memory:,} B ({args.kv_cache_memory / GIB:,.2f} GiB)"),
+        ("block size", f"{BLOCK} tokens ({block_note})"),
+        ("KV cache dtype", f"{args.kv_cache_dtype} ({entries})"),
+        ("bytes per block", f"{cap.slab_bytes:,} B = {cap.bytes_per_token:,.4f} B per token"),
+        ("blocks", f"{cap.num_blocks:,}"),
+        ("blocks per request", f"{cap.blocks_per_request:,} (compressed caches of {max_model_len:,} tokens + "
+                               f"window/state reserve for {in_flight} x {args.max_num_batched_tokens:,} tokens "
+                               "in flight)"),
+    ]
+    return fields, rows, line
+
+
+SGLANG_PAGE_SIZE = 128  # the plugin's default --page-size (any multiple of 128 works)
+SGLANG_SWA_RATIO = 0.8  # SGLang's fallback --swa-full-tokens-ratio
+
+
+def _sglang_plan(args: argparse.Namespace, cfg: V4Config, name: str) -> tuple[dict, list[tuple[str, str]], str]:
+    """SGLang's pool sizes for our hybrid-SWA pools (`v4_plugin.capacity.sglang_planned_capacity`)."""
+    fp8 = args.kv_cache_dtype in VLLM_FP8_CACHE_DTYPES
+    if args.indexer_cache is not None and not fp8:
+        raise ValueError(f"--indexer-cache applies to FP8 KV caches (--kv-cache-dtype {'|'.join(VLLM_FP8_CACHE_DTYPES)})")
+    if args.swa_tokens is not None and args.swa_full_tokens_ratio is not None:
+        raise ValueError("give --swa-full-tokens-ratio or --swa-tokens, not both")
+    page = args.page_size or SGLANG_PAGE_SIZE
+    indexer = IndexerCache(args.indexer_cache or "fp8") if fp8 else None
+    dtype = "bfloat16" if args.dtype == "auto" else args.dtype
+    ratio = None if args.swa_tokens is not None else (args.swa_full_tokens_ratio or SGLANG_SWA_RATIO)
+    cap = sglang_planned_capacity(cfg, args.kv_cache_memory, page_size=page, swa_full_tokens_ratio=ratio,
+                                  swa_tokens=args.swa_tokens, max_full_tokens=args.max_total_tokens, fp8=fp8,
+                                  indexer=indexer, dtype_bytes=_DTYPE_BYTES[dtype])
+    line = f"max_total_num_tokens={cap.full_tokens}, SWA pool {cap.swa_tokens} tokens"
+    mode = f"--swa-tokens {args.swa_tokens}" if ratio is None else f"--swa-full-tokens-ratio {ratio:g}"
+    fields = {
+        "framework": "sglang", "model": name, "kv_cache_memory_bytes": args.kv_cache_memory, "page_size": page,
+        "kv_cache_dtype": args.kv_cache_dtype, "indexer_cache": indexer.value if indexer else "float",
+        "dtype": dtype, "swa_full_tokens_ratio": ratio, "full_bytes_per_token": cap.full_bytes_per_token,
+        "swa_bytes_per_token": cap.swa_bytes_per_token, "max_total_num_tokens": cap.full_tokens,
+        "swa_tokens": cap.swa_tokens, "log_line": line,
+    }
+    rows = [
+        ("model", name),
+        ("framework", "SGLang 0.5.23 with deepseek-v4-plugin's hybrid-SWA pools"),
+        ("KV cache memory", f"{args.kv_cache_memory:,} B ({args.kv_cache_memory / GIB:,.2f} GiB)"),
+        ("page size", f"{page} tokens"),
+        ("SWA sizing", mode),
+        ("full slot", f"{cap.full_bytes_per_token:,.4f} B (compressed entries + indexer keys)"),
+        ("SWA slot", f"{cap.swa_bytes_per_token:,} B (window entries + compressor rows)"),
+    ]
+    return fields, rows, line
+
+
+FRAMEWORKS: dict[str, FrameworkPlan] = {"vllm": _vllm_plan, "sglang": _sglang_plan}
+
+
+def _framework_plan(args: argparse.Namespace) -> int:
+    for flag, value in (("--context", args.context), ("--gpu-memory", args.gpu_memory)):
+        if value is not None:
+            raise ValueError(f"{flag} is for the framework-free plan; with --framework use --max-model-len and "
+                             "--kv-cache-memory")
+    if args.kv_cache_memory is None:
+        raise ValueError(f"--framework {args.framework} needs --kv-cache-memory (bytes of KV cache, e.g. 80G)")
+    if args.model in ("v3.2", "v32"):
+        raise ValueError("--framework plans DeepSeek-V4 models only")
+    cfg, name = _model_config(args.model)
+    fields, rows, line = FRAMEWORKS[args.framework](args, cfg, name)
+    if args.json:
+        print(json.dumps(fields, indent=2))
+    else:
+        _print_rows(rows)
+        print(line)
+    return 0
+
+
 def _kv_plan(args: argparse.Namespace) -> int:
-    p = _plan_for(args.model, args.context, IndexerCache(args.indexer_cache))
+    if args.framework is not None:
+        return _framework_plan(args)
+    for flag in ("kv_cache_memory", "max_model_len", "max_num_batched_tokens", "block_size", "async_scheduling",
+                 "page_size", "swa_full_tokens_ratio", "swa_tokens", "max_total_tokens"):
+        if getattr(args, flag) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} needs --framework (e.g. --framework vllm)")
+    if args.kv_cache_dtype != "auto" or args.dtype != "auto" or args.device != "gpu":
+        raise ValueError("--kv-cache-dtype, --dtype and --device need --framework (e.g. --framework vllm)")
+    args.context = DEFAULT_CONTEXT if args.context is None else args.context
+    p = _plan_for(args.model, args.context, IndexerCache(args.indexer_cache or "fp8"))
     if args.json:
         out = p.to_json()
         if args.gpu_memory is not None:
@@ -117,13 +288,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"deepseek-v4-plugin {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    kv = sub.add_parser("kv-plan", help="KV-cache bytes per token, per sequence and at a context length")
+    kv = sub.add_parser("kv-plan", help="KV-cache bytes per token, per sequence and at a context length; with "
+                                         "--framework, the capacity the framework logs for a cache budget")
     kv.add_argument("--model", default="flash",
                     help=f"{', '.join(PRESETS)}, v3.2, or a config.json / checkpoint directory")
-    kv.add_argument("--indexer-cache", choices=[f.value for f in IndexerCache], default="fp8")
-    kv.add_argument("--context", type=parse_tokens, default=1 << 20, help="tokens per sequence (e.g. 128K, 1M)")
+    kv.add_argument("--indexer-cache", choices=[f.value for f in IndexerCache],
+                    help="indexer key format (default fp8; with --framework vllm: of FP8 KV caches)")
+    kv.add_argument("--context", type=parse_tokens, help="tokens per sequence (e.g. 128K, 1M; default 1M)")
     kv.add_argument("--gpu-memory", type=float, help="GiB of accelerator memory, weights included")
     kv.add_argument("--json", action="store_true", help="print one JSON object")
+    serving = kv.add_argument_group("serving framework", "predict the KV capacity a framework logs at startup")
+    serving.add_argument("--framework", choices=list(FRAMEWORKS))
+    serving.add_argument("--kv-cache-memory", type=parse_bytes, metavar="BYTES",
+                         help="KV cache budget per replica: bytes, 80G (GiB, as vLLM's --kv-cache-memory-bytes "
+                              "reads it), 80GiB or 80GB")
+    serving.add_argument("--max-model-len", type=parse_tokens, help="default: the config's max_position_embeddings")
+    serving.add_argument("--kv-cache-dtype", choices=list(VLLM_CACHE_DTYPES), default="auto")
+    serving.add_argument("--dtype", choices=["auto", *_DTYPE_BYTES], default="auto",
+                         help="model dtype; auto = bfloat16 (entries of --kv-cache-dtype auto)")
+    serving.add_argument("--block-size", type=int, help="accepted and ignored: the plugin fixes 256-token blocks")
+    vllm = kv.add_argument_group("vLLM (--framework vllm)")
+    vllm.add_argument("--max-num-batched-tokens", type=parse_tokens,
+                      help="tokens per scheduler step (sizes the per-request window/state reserve)")
+    vllm.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
+                      help="where vLLM runs: names the log line and sets the default of --async-scheduling")
+    vllm.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                      help="two batches in flight (vLLM's default on GPUs; off on CPU)")
+    sglang = kv.add_argument_group("SGLang (--framework sglang)")
+    sglang.add_argument("--page-size", type=int, help=f"tokens per page, a multiple of 128 (default {SGLANG_PAGE_SIZE})")
+    sglang.add_argument("--swa-full-tokens-ratio", type=float,
+                        help=f"SWA pool tokens per full-pool token (SGLang's flag; default {SGLANG_SWA_RATIO})")
+    sglang.add_argument("--swa-tokens", type=parse_tokens, help="a fixed SWA pool instead of the ratio")
+    sglang.add_argument("--max-total-tokens", type=parse_tokens, help="SGLang's cap on the full pool")
     kv.set_defaults(func=_kv_plan)
 
     tiny = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the official on-disk format")

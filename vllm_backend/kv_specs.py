@@ -27,22 +27,19 @@ from dataclasses import dataclass
 import torch
 
 from v4_plugin.capacity import BLOCK as BLOCK_SIZE
-from v4_plugin.capacity import STATE_BLOCK, WINDOW_BLOCK, VllmCapacity
+from v4_plugin.capacity import STATE_BLOCK, VLLM_CACHE_DTYPES, VLLM_FP8_CACHE_DTYPES, WINDOW_BLOCK, VllmCapacity
 from v4_plugin.config import LayerType, V4Config
 from v4_plugin.layout import IndexerCache
 
 CACHE_NAMES = ("window", "state", "compressed", "index_state", "index_keys")
 INDEXER_ENV = "V4_PLUGIN_INDEXER_CACHE"  # fp8 (default) | fp4, for FP8 KV caches
 
-_FP8_DTYPES = ("fp8", "fp8_e4m3", "fp8_ds_mla")
-SUPPORTED_CACHE_DTYPES = ("auto", *_FP8_DTYPES)
-
 
 def validate_cache_dtype(cache_dtype: str) -> None:
-    if cache_dtype not in SUPPORTED_CACHE_DTYPES and cache_dtype not in ("bfloat16", "float16", "float32"):
+    if cache_dtype not in VLLM_CACHE_DTYPES and cache_dtype not in ("bfloat16", "float16", "float32"):
         raise ValueError(
             f"deepseek-v4-plugin: --kv-cache-dtype {cache_dtype!r} is not supported; use 'auto' (entries in the "
-            f"model dtype, exact) or one of {', '.join(_FP8_DTYPES)} (584-byte FP8 records)"
+            f"model dtype, exact) or one of {', '.join(VLLM_FP8_CACHE_DTYPES)} (584-byte FP8 records)"
         )
 
 
@@ -66,7 +63,7 @@ def cache_format(cache_dtype: str, indexer: IndexerCache = IndexerCache.FP8):
     from v4_plugin.paged import CacheFormat, KVStorage
 
     validate_cache_dtype(cache_dtype)
-    if cache_dtype in _FP8_DTYPES:
+    if cache_dtype in VLLM_FP8_CACHE_DTYPES:
         return CacheFormat(KVStorage.FP8, indexer)
     return CacheFormat(KVStorage.FLOAT, None)
 
@@ -135,14 +132,23 @@ def vllm_capacity(vllm_config, specs: dict, memory_bytes: int | None = None) -> 
     """What vLLM's own KV-cache config code makes of `specs` (layer name -> spec) for `memory_bytes`
     (default: `cache_config.kv_cache_memory_bytes`): grouping, packing, block count, capacity."""
     from vllm.v1.attention.backends.utils import resolve_kv_cache_layout
-    from vllm.v1.core.kv_cache_utils import _pool_bytes_per_block, get_kv_cache_capacity, get_kv_cache_configs
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity
 
     from .backend import V4PagedBackend
 
     layouts = [[layout.name for layout in V4PagedBackend.supported_kv_cache_layouts()]]
     resolve_kv_cache_layout(vllm_config, layouts, list(specs.values()))
     memory = memory_bytes if memory_bytes is not None else vllm_config.cache_config.kv_cache_memory_bytes
-    config = get_kv_cache_configs(vllm_config, [specs], [memory])[0]
+    try:  # vLLM 0.33: planning moved to kv_cache_planning; the engine groups the layers first
+        from vllm.v1.core.kv_cache_planning import (_pool_bytes_per_block, get_global_kv_cache_groups,
+                                                    get_kv_cache_configs)
+
+        groups = get_global_kv_cache_groups(vllm_config, [specs])
+        config = get_kv_cache_configs(vllm_config, [specs], [memory], groups)[0]
+    except ImportError:  # vLLM 0.32
+        from vllm.v1.core.kv_cache_utils import _pool_bytes_per_block, get_kv_cache_configs
+
+        config = get_kv_cache_configs(vllm_config, [specs], [memory])[0]
     tokens, concurrency = get_kv_cache_capacity(vllm_config, config)
     slab = _pool_bytes_per_block(vllm_config, config.kv_cache_groups)
     per_request = round(config.num_blocks / concurrency)

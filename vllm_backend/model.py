@@ -28,6 +28,7 @@ from v4_plugin.model import QuantSim
 
 from .backend import BACKEND_NAME, V4PagedBackend
 from .kv_specs import CacheDecl, attn_prefix, cache_format, indexer_cache_choice, layer_caches, make_spec
+from .plugin import check_parallelism
 
 logger = init_logger("vllm.deepseek_v4_plugin")
 
@@ -115,12 +116,7 @@ class DeepseekV4ForCausalLM(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         model_config = vllm_config.model_config
-        parallel = vllm_config.parallel_config
-        if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
-            raise ValueError(
-                "deepseek-v4-plugin serves one model replica per worker: use --data-parallel-size N for "
-                "several GPUs (tensor/pipeline parallelism are not implemented by this version)"
-            )
+        check_parallelism(vllm_config.parallel_config)
         self.model_dir = resolve_model_dir(model_config.model, getattr(model_config, "revision", None))
         self.cfg = load_config(self.model_dir)
         self.dtype = model_config.dtype

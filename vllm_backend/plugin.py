@@ -76,7 +76,13 @@ def register() -> None:
 
 # ---- config class keyed by model_type ---------------------------------------------------------------
 def _install_config_class() -> None:
-    """vLLM's `DeepseekV4Config`, extended to read transformers-dialect config.json files."""
+    """vLLM 0.32's own `DeepseekV4Config`, extended to read transformers-dialect config.json files.
+    vLLM 0.33 has no config class of its own for deepseek_v4: it reads config.json with transformers'
+    `DeepseekV4Config`, which reads both dialects, so there is nothing to install."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm.transformers_utils.configs.deepseek_v4") is None:
+        return
     from vllm.transformers_utils.config import _CONFIG_REGISTRY
 
     from .hf_config import DeepseekV4PluginHFConfig
@@ -89,6 +95,19 @@ def _install_config_hook(arch: str) -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     MODELS_CONFIG_MAP[arch] = _config_hook_class()
+
+
+# ---- parallelism ---------------------------------------------------------------------------------
+def check_parallelism(parallel_config) -> None:
+    """Refuse tensor / pipeline parallelism (not implemented): raised by the config hook when vLLM
+    builds its config, before any engine or worker process starts, and again by the model."""
+    tp, pp = parallel_config.tensor_parallel_size, parallel_config.pipeline_parallel_size
+    if tp > 1 or pp > 1:
+        raise ValueError(
+            f"deepseek-v4-plugin serves one model replica per worker: --tensor-parallel-size {tp} / "
+            f"--pipeline-parallel-size {pp} are not implemented by this version; use --data-parallel-size N "
+            f"for several GPUs, or V4_PLUGIN_DISABLE=1 for vLLM's native DeepSeek-V4"
+        )
 
 
 _HOOK: list = []
@@ -123,6 +142,7 @@ def _config_hook_class():
             cache_config.block_size = BLOCK_SIZE
             cache_config.user_specified_block_size = True
             from .kv_specs import validate_cache_dtype
+            check_parallelism(vllm_config.parallel_config)
 
             validate_cache_dtype(cache_config.cache_dtype)
 

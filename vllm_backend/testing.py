@@ -8,6 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +82,56 @@ def make_llm(model_dir: str | Path, **overrides):
     )
     kwargs.update(overrides)
     return LLM(**kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vllm_cli() -> list[str]:
+    """The `vllm` command of this environment (its console script, else the module)."""
+    exe = Path(sys.executable).with_name("vllm")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+
+
+def _healthy(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base}/health", timeout=5) as resp:
+            return resp.status == 200
+    except Exception:
+        return False
+
+
+@contextmanager
+def vllm_server(model_dir: str | Path, log: Path, *args: str, env: dict[str, str] | None = None,
+                startup_timeout: float = 600) -> Iterator[str]:
+    """`vllm serve MODEL_DIR --host 127.0.0.1 --port <free> ARGS...` as a real server (API process +
+    engine core, output in `log`), in its own process group; yields the base URL once /health answers
+    and kills the group on exit. Startup failure raises with the log's tail."""
+    port = free_port()
+    server_env = {**os.environ, **(env or {})}
+    server_env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    cmd = [*vllm_cli(), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=server_env,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while not _healthy(base):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"vllm serve {model_dir} did not come up:\n{log.read_text()[-4000:]}")
+            time.sleep(2)
+        yield base
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
 
 
 def engine_core(llm):
@@ -145,3 +203,39 @@ def sampled_logprobs(completion) -> list[float] | None:
     if completion.logprobs is None:
         return None
     return [step[tok].logprob for tok, step in zip(completion.token_ids, completion.logprobs)]
+
+
+# ---- greedy tokens from another process (cross-framework comparisons) ------------------------------
+TOKENS_MARK = "v4-plugin-greedy-tokens: "
+
+
+def greedy_tokens(model_dir: str | Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy completions (token ids) of token-id prompts from an in-process engine in exact mode."""
+    from vllm import SamplingParams
+
+    llm = make_llm(model_dir)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [list(out.outputs[0].token_ids) for out in outputs]
+
+
+def greedy_tokens_in_subprocess(model_dir: str | Path, prompts: list[list[int]], max_new_tokens: int,
+                                timeout: float = 900) -> list[list[int]]:
+    """`greedy_tokens` run by `python -m vllm_backend.testing` in a fresh process, so another framework's
+    engine can live in the caller's (vLLM and SGLang patch torch and logging process-wide)."""
+    import json
+
+    env = dict(os.environ, V4_PLUGIN_QUANT_SIM="off", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    proc = subprocess.run([sys.executable, "-m", "vllm_backend.testing", str(model_dir), str(max_new_tokens)],
+                          input=json.dumps(prompts), capture_output=True, text=True, env=env, timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(TOKENS_MARK)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"vLLM greedy run failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+    return json.loads(lines[-1][len(TOKENS_MARK):])
+
+
+if __name__ == "__main__":  # python -m vllm_backend.testing MODEL_DIR MAX_NEW_TOKENS < prompts.json
+    import json
+
+    tokens = greedy_tokens(sys.argv[1], json.load(sys.stdin), int(sys.argv[2]))
+    print(TOKENS_MARK + json.dumps(tokens), flush=True)
