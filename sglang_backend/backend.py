@@ -2,7 +2,8 @@
 
 No attention math here. SGLang calls `init_forward_metadata(forward_batch)` once per forward before
 `model.forward`; the model then asks the backend for the plan and the per-layer caches and runs the
-core's `ReferenceModel.forward_paged`, which reads and writes the caches in `V4TokenToKVPool`.
+core's `ReferenceModel.forward_paged`, which reads and writes the caches in `V4TokenToKVPool` (its
+full pool and, through SGLang's full->SWA slot mapping, its SWA pool).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from . import BACKEND_NAME
+from .pools import V4TokenToKVPool
 
 
 @dataclass
@@ -32,14 +34,14 @@ class V4PluginAttnBackend(AttentionBackend):
         self.token_to_kv_pool = model_runner.token_to_kv_pool
         self.forward_metadata: V4ForwardMetadata | None = None
         pool = self.token_to_kv_pool
-        if not hasattr(pool, "layers") or not hasattr(pool, "cfg"):
+        if not isinstance(pool, V4TokenToKVPool):
             raise RuntimeError(
                 f"the {BACKEND_NAME} attention backend serves DeepSeek-V4 through the plugin's pool; got "
                 f"{type(pool).__name__} (is the model DeepseekV4PluginForCausalLM?)")
 
     # ---- metadata -------------------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch):
-        from v4_plugin.paged import BatchPlan, LayerCaches, PagedCache
+        from v4_plugin.paged import BatchPlan
 
         fb, pool = forward_batch, self.token_to_kv_pool
         mode = fb.forward_mode
@@ -63,11 +65,10 @@ class V4PluginAttnBackend(AttentionBackend):
         max_len = max(seq_lens)
         n_pages = -(-max_len // page)
         rows = fb.req_pool_indices.to(torch.long)
-        # Page ids of each sequence, in order: the block table of the window / compressed / indexer caches.
-        locs = self.req_to_token_pool.req_to_token[rows][:, 0 : n_pages * page : page].to(torch.long)
-        pages = torch.div(locs, page, rounding_mode="floor")
-        caches = [LayerCaches(**{name: PagedCache(buf, pages) for name, buf in bufs.items()}) for bufs in pool.layers]
-        self.forward_metadata = V4ForwardMetadata(plan, caches, last_index)
+        # The full-pool slot of each page's first position, per sequence: the pool turns these into the
+        # block tables of its full (compressed) and SWA (window, compressor rows) caches.
+        page_starts = self.req_to_token_pool.req_to_token[rows][:, 0 : n_pages * page : page].to(torch.long)
+        self.forward_metadata = V4ForwardMetadata(plan, pool.layer_caches(page_starts), last_index)
 
     # ---- SGLang's per-layer entry points: not used by our model ------------------------------------
     def forward_extend(self, *args, **kwargs):

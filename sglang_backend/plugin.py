@@ -136,7 +136,8 @@ def _install_hooks() -> None:
 
 
 def rename_architecture(config, *args, **kwargs):
-    """AFTER `get_config`: DeepseekV4ForCausalLM -> DeepseekV4PluginForCausalLM (in place; the result is cached)."""
+    """AFTER `get_config`: DeepseekV4ForCausalLM -> DeepseekV4PluginForCausalLM, with hybrid-SWA
+    memory (in place; the result is cached)."""
     archs = getattr(config, "architectures", None)
     if archs and archs[0] == NATIVE_ARCH and not disabled():
         config.architectures = [PLUGIN_ARCH, *archs[1:]]
@@ -146,6 +147,9 @@ def rename_architecture(config, *args, **kwargs):
             config.v4_plugin_quantization_config = quant
             try:
                 delattr(config, "quantization_config")
+        # SGLang's generic opt-in (configs/model_config.py `is_hybrid_swa_model`): a full pool plus an
+        # SWA pool whose slots are recycled once they leave the window (`sglang_backend.pools`).
+        config.is_hybrid_swa = True
             except AttributeError:
                 config.quantization_config = None
     return config

@@ -1,19 +1,24 @@
-"""SGLang memory pools holding DeepSeek-V4's caches in the core's layout, sized by `v4_plugin.layout`.
+"""SGLang memory pools holding DeepSeek-V4's caches in the core's layout, sized by `v4_plugin.capacity`.
 
-SGLang allocates token slots `loc` in pages of `page_size` P = 128 k slots, so every 4- and 128-token
-block of a request lies inside one page (upstream DSV4 relies on the same fact). Every cache of a
-layer is paged by SGLang's page id `loc // P`:
+The plugin opts the model into SGLang's hybrid-SWA memory (`is_hybrid_swa` on the HF config, set by
+`plugin.rename_architecture`), so SGLang builds a `SWATokenToKVPoolAllocator`: every token of a
+request holds a slot `loc` of the *full* pool and, while it is within the sliding window (or in the
+step being computed), a slot of the *SWA* pool at `full_to_swa[loc]`. SGLang frees SWA slots leaving
+the window, a page at a time, and its SWA-aware radix cache only matches prefixes whose window is
+still resident. Slots come in pages of P = 128 k tokens, page-aligned in both pools (a token at
+position p sits at offset p % P of its page in both), so:
 
-* window, compressor state, indexer compressor state: one row per token, at data[loc // P, loc % P];
-* compressed entries (CSA, HCA) and indexer keys (CSA): entry j of a request covers positions
-  j*m ... j*m+m-1, all in page (j*m) // P, at data[page, j % (P/m)]: P/m entries per page.
+* full pool (`V4TokenToKVPool.full_kv_pool`): compressed entries and indexer keys. Entry j of a
+  request covers positions j*m ... j*m+m-1, all in one page, stored at data[page, j % (P/m)]; a
+  page holds P/m entries. Block table: the request's full page ids, `req_to_token[req, ::P] // P`.
+* SWA pool (`swa_kv_pool`): one row per position for the window entry and the compressor rows of
+  the main and indexer compressors, at data[swa_page, p % P]. Block table: `full_to_swa[...] // P`
+  of the same page-start slots; pages SGLang already evicted map to the padding page 0, which the
+  core never reads (it reads the window of the last `sliding_window` positions and compressor rows
+  of the last c*m <= 128 positions, all within the window SGLang keeps: eviction stops
+  `sliding_window` positions before a step's first token).
 
-So one block table serves every cache of a request: its page ids, `req_to_token[req, ::P] // P`.
-Token slots SGLang frees, retracts or shares through the radix cache carry all their state with them,
-which is what makes prefix reuse, chunked prefill and retraction exact.
-
-`token_capacity` is the sizing formula (bytes per token slot); the pool configurator uses it, and it
-is the function to move into `v4_plugin.layout`.
+Bytes per slot and pool sizes come from `v4_plugin.capacity.sglang_planned_capacity`.
 """
 
 from __future__ import annotations
@@ -23,16 +28,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from sglang.srt.mem_cache.base_swa_memory_pool import BaseSWAKVPool
+from sglang.srt.mem_cache.memory_pool import KVCache
+from sglang.srt.model_executor.pool_configurator import (
+    MemoryPoolConfig,
+    MemoryPoolConfigurator,
+    compute_swa_request_cap,
+)
 
+from v4_plugin.capacity import SglangCapacity, sglang_planned_capacity
 from v4_plugin.config import LayerType, V4Config, load_config
 from v4_plugin.layout import IndexerCache
-from v4_plugin.paged import cache_entry
+from v4_plugin.paged import CacheFormat, KVStorage, LayerCaches, PagedCache, cache_entry
 
 from . import settings
 
 logger = logging.getLogger(__name__)
 
-FP32 = 4
+FULL_CACHES = ("compressed", "index_keys")  # one row per compressed entry (m positions): full pool
+SWA_CACHES = ("window", "state", "index_state")  # one row per position: SWA pool
 
 
 # ---- formats ------------------------------------------------------------------------------------
@@ -44,53 +58,21 @@ class StorageChoice:
     indexer: IndexerCache | None  # None with float_kv
     dtype: torch.dtype  # element dtype of float entries (the model dtype)
 
-    def cache_format(self):
-        from v4_plugin.paged import CacheFormat, KVStorage
-
+    def cache_format(self) -> CacheFormat:
         if self.float_kv:
             return CacheFormat(kv=KVStorage.FLOAT, indexer=None)
         return CacheFormat(kv=KVStorage.FP8, indexer=self.indexer)
+
+    def capacity(self, cfg: V4Config, memory_bytes: int | None, **kwargs) -> SglangCapacity:
+        """`sglang_planned_capacity` for this storage (kwargs: page_size and the SWA sizing mode)."""
+        return sglang_planned_capacity(cfg, memory_bytes, fp8=not self.float_kv, indexer=self.indexer,
+                                       dtype_bytes=torch.empty(0, dtype=self.dtype).element_size(), **kwargs)
 
 
 def storage_choice(kv_cache_dtype: str | None, model_dtype: torch.dtype) -> StorageChoice:
     if settings.is_float_kv(kv_cache_dtype):
         return StorageChoice(True, None, model_dtype)
     return StorageChoice(False, settings.indexer_cache(), model_dtype)
-
-
-def entry_specs(cfg: V4Config, kind: LayerType, st: StorageChoice) -> dict[str, tuple[int, torch.dtype]]:
-    """Per cache name: (entry width, element dtype), as the core states it (`v4_plugin.paged.cache_entry`)."""
-    return dict(cache_entry(cfg, kind, st.cache_format(), st.dtype))
-
-
-def _bytes(spec: tuple[int, torch.dtype]) -> int:
-    width, dtype = spec
-    return width * torch.empty(0, dtype=dtype).element_size()
-
-
-PER_TOKEN = ("window", "state", "index_state")  # one row per token position
-PER_ENTRY = ("compressed", "index_keys")  # one row per compressed entry (m positions)
-
-
-# ---- sizing -------------------------------------------------------------------------------------
-def bytes_per_token_slot(cfg: V4Config, st: StorageChoice) -> float:
-    """Cache bytes one SGLang token slot costs over all main layers: the per-token rows (window entry,
-    compressor rows) plus the compressed entries and indexer keys amortised over their ratio (exact:
-    a page of P slots holds P/m entries)."""
-    total = 0.0
-    for kind in cfg.layer_types:
-        for name, spec in entry_specs(cfg, kind, st).items():
-            total += _bytes(spec) / (kind.ratio if name in PER_ENTRY else 1)
-    return total
-
-
-def token_capacity(cfg: V4Config, memory_bytes: int, *, page_size: int, float_kv: bool,
-                   dtype: torch.dtype = torch.bfloat16, indexer: IndexerCache | None = IndexerCache.FP8) -> int:
-    """Token slots (SGLang's max_total_num_tokens) that `memory_bytes` of cache memory holds:
-    memory / bytes_per_token_slot, floored to whole pages of `page_size`. (To move into v4_plugin.layout.)"""
-    st = StorageChoice(float_kv, None if float_kv else indexer, dtype)
-    tokens = int(max(0, memory_bytes) // bytes_per_token_slot(cfg, st))
-    return tokens // page_size * page_size
 
 
 def _model_dir(model_config) -> Path:
@@ -108,103 +90,164 @@ def v4_config_of(model_config) -> V4Config:
 
 
 # ---- the pool configurator (sizing) --------------------------------------------------------------
-class V4PoolConfigurator:
-    """SGLang `MemoryPoolConfigurator` for our architecture: tokens from bytes via `token_capacity`."""
+class V4PoolConfigurator(MemoryPoolConfigurator):
+    """SGLang's pool configurator for our architecture: full and SWA token counts from
+    `sglang_planned_capacity`, in SGLang's SWA sizing mode (see `v4_plugin.capacity`):
+
+    * request cap, as SGLang's DSV4 configurator: `--max-running-requests` given, no explicit
+      `--swa-full-tokens-ratio`, chunked prefill on. SWA tokens = `compute_swa_request_cap` plus,
+      with the radix cache on, `--swa-prefix-tails` (default 4 per request) windows of cached prefixes;
+    * ratio otherwise: SGLang's effective `--swa-full-tokens-ratio` (fallback 0.8).
+    """
 
     def __init__(self, kvc):
-        from sglang.srt.runtime_context import get_schedule
+        from sglang.srt.runtime_context import get_memory, get_schedule
 
-        self.kvc = kvc
         self.cfg = v4_config_of(kvc.model_config)
         self.st = storage_choice(kvc.kv_cache_dtype_str, kvc.model_dtype)
+        self.window = self.cfg.sliding_window
+        schedule = get_schedule()
+        self.swa_cap_tokens: int | None = None
+        self.swa_full_tokens_ratio: float | None = None
+        if (schedule.max_running_requests is not None and not schedule._swa_full_tokens_ratio_explicitly_set
+                and (schedule.chunked_prefill_size or 0) > 0):
+            requests = max(1, schedule.max_running_requests // kvc.attn_dp_size)
+            cap = compute_swa_request_cap(page_size=kvc.page_size, window=self.window,
+                                          attn_dp_size=kvc.attn_dp_size)
+            tails = 0 if get_memory().disable_radix_cache else (
+                schedule.swa_prefix_tails if schedule.swa_prefix_tails is not None else 4 * requests)
+            self.swa_cap_tokens = cap + tails * (self.window + kvc.page_size)
+        else:
+            self.swa_full_tokens_ratio = schedule.swa_full_tokens_ratio
 
-    def calculate_pool_sizes(self, available_bytes: int, page_size: int):
-        from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
+    def _sizes(self, memory_bytes: int | None, page_size: int, max_full_tokens: int | None = None) -> SglangCapacity:
+        cap = self.st.capacity(self.cfg, memory_bytes, page_size=page_size, max_full_tokens=max_full_tokens,
+                               swa_full_tokens_ratio=self.swa_full_tokens_ratio, swa_tokens=self.swa_cap_tokens)
+        if cap.swa_tokens <= self.window + page_size:
+            raise ValueError(f"deepseek-v4-plugin: an SWA pool of {cap.swa_tokens} tokens cannot hold one request "
+                             f"(window {self.window} + page {page_size}); raise --swa-full-tokens-ratio, "
+                             "--max-total-tokens or the cache memory")
+        return cap
 
-        tokens = token_capacity(self.cfg, available_bytes, page_size=page_size, float_kv=self.st.float_kv,
-                                dtype=self.st.dtype, indexer=self.st.indexer)
-        logger.info("deepseek-v4-plugin: %d B of cache memory -> %d token slots (%.2f B per token slot)",
-                    available_bytes, tokens, bytes_per_token_slot(self.cfg, self.st))
-        return MemoryPoolConfig(max_total_num_tokens=tokens)
+    def _config(self, cap: SglangCapacity, what: str) -> MemoryPoolConfig:
+        mode = (f"ratio {self.swa_full_tokens_ratio}" if self.swa_cap_tokens is None
+                else f"request cap {self.swa_cap_tokens}")
+        logger.info("deepseek-v4-plugin: %s -> full %d token slots (%.2f B each), SWA %d (%d B each; %s)",
+                    what, cap.full_tokens, cap.full_bytes_per_token, cap.swa_tokens, cap.swa_bytes_per_token, mode)
+        return MemoryPoolConfig(max_total_num_tokens=cap.full_tokens, full_max_total_num_tokens=cap.full_tokens,
+                                swa_max_total_num_tokens=cap.swa_tokens)
 
-    def calculate_pool_sizes_from_max_tokens(self, max_total_num_tokens: int, page_size: int):
-        from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
+    def calculate_pool_sizes(self, available_bytes: int, page_size: int) -> MemoryPoolConfig:
+        return self._config(self._sizes(available_bytes, page_size), f"{available_bytes} B of cache memory")
 
-        return MemoryPoolConfig(max_total_num_tokens=max_total_num_tokens // page_size * page_size)
-
-    def finalize_with_max_running_requests(self, config):
-        return config
-
-    @staticmethod
-    def validate_swa_pool_size(*args, **kwargs) -> None:
-        return None
+    def calculate_pool_sizes_from_max_tokens(self, max_total_num_tokens: int, page_size: int) -> MemoryPoolConfig:
+        # A token cap below what the byte budget holds (SGLang sized that first): only the cap binds.
+        cap = self._sizes(None, page_size, max_full_tokens=max_total_num_tokens)
+        return self._config(cap, f"--max-total-tokens {max_total_num_tokens}")
 
 
 # ---- the pool -----------------------------------------------------------------------------------
-def _kv_cache_base():
-    from sglang.srt.mem_cache.memory_pool import KVCache
+class V4CacheBuffers(KVCache):
+    """One side (full or SWA) of the pool: per main layer, its caches [pages, rows per page, width],
+    paged by SGLang's page id of that side (page 0 is SGLang's padding page)."""
 
-    return KVCache
+    def __init__(self, specs: list[dict[str, tuple[int, int, torch.dtype]]], *, size: int, page_size: int,
+                 dtype: torch.dtype, device, label: str):
+        """specs: per main layer, cache name -> (rows per page, entry width, element dtype)."""
+        super().__init__(size, page_size, dtype, len(specs), device, False, allocation_label=label)
+        self.num_pages = size // page_size + 1
+        self.layers: list[dict[str, torch.Tensor]] = [
+            {name: torch.zeros((self.num_pages, rows, width), dtype=dt, device=device)
+             for name, (rows, width, dt) in layer.items()}
+            for layer in specs]
+        self._finalize_allocation_log(size)
+
+    def get_kv_size_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
+
+    # SGLang's raw K/V interface: our caches are read and written by the core's forward_paged only.
+    def get_key_buffer(self, layer_id: int):
+        raise NotImplementedError("v4_plugin: the caches have no SGLang K/V buffers")
+
+    get_value_buffer = get_key_buffer
+    get_kv_buffer = get_key_buffer
+
+    def set_kv_buffer(self, *args, **kwargs):
+        raise NotImplementedError("v4_plugin: caches are written by the core's forward_paged")
 
 
-def build_token_pool(kvc, *, sizes, req_to_token_pool, **_):
+class V4TokenToKVPool(BaseSWAKVPool):
+    """All caches of all main layers, as SGLang's hybrid-SWA pool: compressed entries and indexer keys
+    in `full_kv_pool`, window and compressor rows in `swa_kv_pool` (addressed via SGLang's full->SWA
+    slot mapping). SGLang's own attention paths never touch it: the model reads and writes it through
+    the core's `forward_paged`, with the `LayerCaches` of `layer_caches`."""
+
+    def __init__(self, cfg: V4Config, st: StorageChoice, *, size: int, size_swa: int, page_size: int, device):
+        if page_size % LayerType.HCA.ratio or page_size % LayerType.CSA.ratio:
+            raise ValueError(f"v4_plugin: --page-size {page_size} must be a multiple of 128 "
+                             "(every compressed block must lie inside one page)")
+        super().__init__(size, page_size, st.dtype, cfg.num_hidden_layers, device, False)
+        self.cfg, self.st, self.size_swa = cfg, st, size_swa
+        full_specs, swa_specs = [], []
+        for kind in cfg.layer_types:
+            entries = cache_entry(cfg, kind, st.cache_format(), st.dtype)
+            full_specs.append({name: (page_size // kind.ratio, *entries[name]) for name in FULL_CACHES
+                               if name in entries})
+            swa_specs.append({name: (page_size, *entries[name]) for name in SWA_CACHES if name in entries})
+        self.full_kv_pool = V4CacheBuffers(full_specs, size=size, page_size=page_size, dtype=st.dtype,
+                                           device=device, label="V4 full (compressed)")
+        self.swa_kv_pool = V4CacheBuffers(swa_specs, size=size_swa, page_size=page_size, dtype=st.dtype,
+                                          device=device, label="V4 SWA (window + compressor rows)")
+        self.full_to_swa_index_mapping: torch.Tensor | None = None
+        self.mem_usage = self.get_kv_size_bytes() / 2**30
+        logger.info("deepseek-v4-plugin: KV pool of %d full / %d SWA token slots (page %d): %.4f GiB",
+                    size, size_swa, page_size, self.mem_usage)
+
+    def get_kv_size_bytes(self) -> int:
+        return self.full_kv_pool.get_kv_size_bytes() + self.swa_kv_pool.get_kv_size_bytes()
+
+    # ---- BaseSWAKVPool -----------------------------------------------------------------------------
+    def register_mapping(self, full_to_swa_index_mapping: torch.Tensor) -> None:
+        self.full_to_swa_index_mapping = full_to_swa_index_mapping
+
+    def translate_loc_from_full_to_swa(self, kv_indices: torch.Tensor) -> torch.Tensor:
+        if self.full_to_swa_index_mapping is None:
+            raise RuntimeError("v4_plugin: the SWA allocator has not registered its full->SWA mapping")
+        return self.full_to_swa_index_mapping[kv_indices]
+
+    def get_state_buf_infos(self):
+        raise NotImplementedError("v4_plugin: PD disaggregation (SWA state transfer) is not supported")
+
+    def get_key_buffer(self, layer_id: int):
+        raise NotImplementedError("v4_plugin: the caches have no SGLang K/V buffers")
+
+    get_value_buffer = get_key_buffer
+    get_kv_buffer = get_key_buffer
+
+    def set_kv_buffer(self, *args, **kwargs):
+        raise NotImplementedError("v4_plugin: caches are written by the core's forward_paged")
+
+    # ---- the core's view -----------------------------------------------------------------------------
+    def layer_caches(self, page_starts: torch.Tensor) -> list[LayerCaches]:
+        """Per main layer, the core's `LayerCaches` for a batch.
+
+        page_starts: int64 [num_seqs, pages], the full-pool slot of the first position of each page of
+        each sequence (`req_to_token[req, ::P]`). Full-pool block table: slot // P; SWA block table:
+        full_to_swa[slot] // P (0, the padding page, for pages SGLang already evicted).
+        """
+        full_pages = torch.div(page_starts, self.page_size, rounding_mode="floor")
+        swa_pages = torch.div(self.translate_loc_from_full_to_swa(page_starts), self.page_size, rounding_mode="floor")
+        return [LayerCaches(**{name: PagedCache(buf, full_pages) for name, buf in full.items()},
+                            **{name: PagedCache(buf, swa_pages) for name, buf in swa.items()})
+                for full, swa in zip(self.full_kv_pool.layers, self.swa_kv_pool.layers)]
+
+
+def build_token_pool(kvc, *, sizes, **_) -> V4TokenToKVPool:
     """AROUND `KVCacheConfigurator._build_token_to_kv_pool` for our architecture."""
     from sglang.srt.runtime_context import get_schedule
 
-    page_size = get_schedule().page_size
-    cfg = v4_config_of(kvc.model_config)
-    st = storage_choice(kvc.kv_cache_dtype_str, kvc.model_dtype)
-    cls = _pool_class()
-    return cls(cfg, st, size=sizes.max_total_num_tokens, page_size=page_size, device=kvc.device)
-
-
-_POOL_CLASS: list = []
-
-
-def _pool_class():
-    if _POOL_CLASS:
-        return _POOL_CLASS[0]
-    KVCache = _kv_cache_base()
-
-    class V4TokenToKVPool(KVCache):
-        """All caches of all main layers. SGLang's own attention paths never touch it: the model reads
-        and writes it through the core's `forward_paged` with block tables built by the backend."""
-
-        def __init__(self, cfg: V4Config, st: StorageChoice, *, size: int, page_size: int, device):
-            ratios = {LayerType.CSA.ratio, LayerType.HCA.ratio}
-            if any(page_size % r for r in ratios):
-                raise ValueError(f"v4_plugin: --page-size {page_size} must be a multiple of 128 "
-                                 "(every compressed block must lie inside one page)")
-            super().__init__(size, page_size, st.dtype, cfg.num_hidden_layers, device, False)
-            self.cfg, self.st = cfg, st
-            self.num_pages = size // page_size + 1  # SGLang's pages are 1 ... size / page_size; 0 pads
-            self.layers: list[dict[str, torch.Tensor]] = []
-            for kind in cfg.layer_types:
-                bufs = {}
-                for name, (width, dtype) in entry_specs(cfg, kind, st).items():
-                    rows = page_size // kind.ratio if name in PER_ENTRY else page_size
-                    bufs[name] = torch.zeros((self.num_pages, rows, width), dtype=dtype, device=device)
-                self.layers.append(bufs)
-            self.mem_usage = sum(t.numel() * t.element_size() for b in self.layers for t in b.values()) / 2**30
-            logger.info("deepseek-v4-plugin: KV pool of %d token slots (page %d): %.4f GiB",
-                        size, page_size, self.mem_usage)
-
-        # SGLang's KVCache interface: raw K/V buffers do not exist here.
-        def get_key_buffer(self, layer_id: int):
-            return self.layers[layer_id]["window"]
-
-        def get_value_buffer(self, layer_id: int):
-            return self.layers[layer_id]["window"]
-
-        def get_kv_buffer(self, layer_id: int):
-            return self.get_key_buffer(layer_id), self.get_value_buffer(layer_id)
-
-        def set_kv_buffer(self, *args, **kwargs):
-            raise NotImplementedError("v4_plugin: caches are written by the core's forward_paged")
-
-        def get_kv_size_bytes(self):
-            return int(self.mem_usage * 2**30)
-
-    V4TokenToKVPool.__module__ = __name__
-    _POOL_CLASS.append(V4TokenToKVPool)
-    return V4TokenToKVPool
+    if sizes.swa_max_total_num_tokens is None:
+        raise RuntimeError("v4_plugin: SGLang did not size an SWA pool (is_hybrid_swa is off for the model)")
+    return V4TokenToKVPool(v4_config_of(kvc.model_config), storage_choice(kvc.kv_cache_dtype_str, kvc.model_dtype),
+                           size=sizes.full_max_total_num_tokens, size_swa=sizes.swa_max_total_num_tokens,
+                           page_size=get_schedule().page_size, device=kvc.device)

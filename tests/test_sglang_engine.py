@@ -6,8 +6,10 @@ One engine per preset, started once (module-scoped, one at a time), in exact mod
 * flash runs with a forced small `--chunked-prefill-size` (128: SGLang wants a multiple of the page size), pro unchunked; both must give the
   reference model's greedy tokens for every prompt length, so chunked == unchunked == reference;
 * all prompts submitted together (concurrent, mixed lengths) == each alone;
-* a second request sharing a long prefix hits SGLang's radix cache (its `cached_tokens`) and still
-  gives the reference tokens;
+* the vLLM backend (its own engine, in a subprocess) gives the same greedy tokens for the same prompts;
+* a second request sharing a long prefix hits SGLang's SWA-aware radix cache (its `cached_tokens`)
+  and still gives the reference tokens;
+* the full and SWA pools have the sizes of the core's planner (`sglang_planned_capacity`);
 * the scheduler logged the plugin's startup line (ours ran, not SGLang's native DeepSeek-V4).
 """
 
@@ -74,6 +76,17 @@ def test_greedy_tokens_equal_reference_alone_and_concurrent(served, reference):
     assert together == alone
 
 
+def test_greedy_tokens_equal_vllm_backend(served):
+    """The same checkpoint and prompts through the vLLM backend (its own engine, in a subprocess) give
+    the same greedy tokens as SGLang, in exact mode on both sides."""
+    from vllm_backend.testing import greedy_tokens_in_subprocess
+
+    preset, model_dir, engine, _ = served
+    prompts = _prompts(preset)
+    sglang = [o["output_ids"] for o in T.generate(engine, prompts, NEW_TOKENS)]
+    assert sglang == greedy_tokens_in_subprocess(model_dir, prompts, NEW_TOKENS)
+
+
 def test_shared_prefix_hits_radix_cache(served, reference):
     preset, model_dir, engine, _ = served
     prefix = T.prompt_ids(300, VOCAB, seed=77)
@@ -86,21 +99,26 @@ def test_shared_prefix_hits_radix_cache(served, reference):
     assert [out1["output_ids"], out2["output_ids"]] == want
 
 
-def test_reported_capacity_follows_the_formula(served):
-    """SGLang's pool configurator for our architecture is `pools.token_capacity` of the profiled
-    budget; the pool SGLang reports is that, capped by --max-total-tokens."""
+def test_reported_capacity_follows_the_planner(served):
+    """SGLang's pool configurator for our architecture sizes the full and SWA pools by the core's
+    `sglang_planned_capacity` of the profiled budget, in SGLang's default SWA mode (ratio: no
+    --max-running-requests; SGLang's fallback --swa-full-tokens-ratio is 0.8); SGLang then caps the
+    full pool at --max-total-tokens and reports it as max_total_num_tokens."""
     import re
 
-    import torch
-
-    from sglang_backend import pools
+    from v4_plugin.capacity import sglang_planned_capacity
     from v4_plugin.config import load_config
 
     preset, model_dir, engine, log = served
-    found = re.findall(r"deepseek-v4-plugin: (\d+) B of cache memory -> (\d+) token slots", open(log).read())
+    text = open(log).read()
+    found = re.findall(r"deepseek-v4-plugin: (\d+) B of cache memory -> full (\d+) token slots", text)
     assert found, "the plugin's pool configurator did not run"
     budget, slots = map(int, found[-1])
-    assert slots == pools.token_capacity(load_config(model_dir), budget, page_size=128, float_kv=True,
-                                         dtype=torch.float32)
-    info = engine.get_server_info()
-    assert info["max_total_num_tokens"] == min(slots, ENGINE_ARGS[preset]["max_total_tokens"])
+    # exact mode: float32 entries (4 B), float indexer keys
+    planned = sglang_planned_capacity(load_config(model_dir), budget, page_size=128, swa_full_tokens_ratio=0.8,
+                                      fp8=False, indexer=None, dtype_bytes=4)
+    assert abs(slots - planned.full_tokens) <= 0.01 * planned.full_tokens
+    full = min(planned.full_tokens, ENGINE_ARGS[preset]["max_total_tokens"])
+    assert engine.get_server_info()["max_total_num_tokens"] == full
+    built = re.findall(r"KV pool of (\d+) full / (\d+) SWA token slots", text)
+    assert built and tuple(map(int, built[-1])) == (full, int(full * 0.8) // 128 * 128)

@@ -105,6 +105,10 @@ class DeepseekV4PluginForCausalLM(nn.Module):
 
         return Path(snapshot_download(str(self.model_dir), local_files_only=True))
 
+    def get_attention_sliding_window_size(self) -> int:
+        """SGLang's sliding window (positions kept in the SWA pool before a step's first token)."""
+        return self.cfg.sliding_window
+
     # ---- weights --------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load through the core: validated, dequantized, official names (`CheckpointError` names the
