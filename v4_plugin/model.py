@@ -5,7 +5,8 @@ Readable and eager, for one sequence at a time. Two entry points share the ops i
 * `forward(ids)`: the whole sequence from position 0 at once (the prefill form: banded window
   indices, every complete compressed block pooled in one go);
 * `step(ids, cache)`: the next chunk of any length, carrying an explicit `SequenceCache` (window
-  ring, compressor partial blocks, compressed entries, indexer keys).
+  ring, compressor partial blocks, compressed entries, indexer keys). `SequenceCache.checkpoint`
+  and `rollback` undo the tail of a step exactly (speculative verification, `v4_plugin.drafting`).
 
 Hot ops go through `dispatch` (Triton kernels for CUDA tensors, the torch ops otherwise; set
 V4_PLUGIN_KERNELS=torch for the pure reference on a GPU). Weights are the dequantized checkpoint
@@ -17,8 +18,9 @@ implementations that skip it.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -64,6 +66,17 @@ class Weights:
 
 
 @dataclass
+class _LayerMark:
+    """One layer's state at `SequenceCache.checkpoint`, and the compressor input fed since then."""
+
+    ring: torch.Tensor  # [window, head_dim] copy of the ring
+    # The compressor states themselves: `CompressorState.append` rebinds its tensors, never writes into them.
+    compressor: comp_ops.CompressorState | None
+    index_compressor: comp_ops.CompressorState | None
+    fed: dict[bool, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]  # indexer? -> [(kv, gate, ape)]
+
+
+@dataclass
 class LayerCache:
     """Per-layer state of one sequence."""
 
@@ -72,6 +85,48 @@ class LayerCache:
     index_keys: torch.Tensor | None  # [entries, index_head_dim] (CSA)
     compressor: comp_ops.CompressorState | None
     index_compressor: comp_ops.CompressorState | None
+    mark: _LayerMark | None = None
+
+    def feed(self, indexer: bool, kv: torch.Tensor, gate: torch.Tensor,
+             ape: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`CompressorState.append` on the main (or the indexer's) compressor, journalled after a checkpoint."""
+        if self.mark is not None:
+            self.mark.fed[indexer].append((kv, gate, ape))
+        return (self.index_compressor if indexer else self.compressor).append(kv, gate, ape)
+
+    def set_mark(self) -> None:
+        self.mark = _LayerMark(self.ring.clone(), copy.copy(self.compressor), copy.copy(self.index_compressor),
+                               {False: [], True: []})
+
+    def roll_back(self, marked: int, keep: int, current: int) -> None:
+        """Return to the state after `keep` tokens, from the mark taken after `marked` (marked <= keep <= current).
+
+        Ring slots of the dropped positions get back what they held at the mark (positions - window);
+        compressed entries and indexer keys are cut to the blocks complete at `keep` (those entries do
+        not depend on later tokens); each compressor is the marked state fed the first `keep - marked`
+        journalled rows again, which is the state the tokens up to `keep` leave.
+        """
+        mark, win = self.mark, self.ring.shape[0]
+        dropped = torch.arange(keep, current, device=self.ring.device) % win
+        self.ring[dropped] = mark.ring[dropped]
+        if self.compressor is not None:
+            self.compressed = self.compressed[: keep // self.compressor.ratio]
+            self.compressor = _replay(mark.compressor, mark.fed[False], keep - marked)
+        if self.index_compressor is not None:
+            self.index_keys = self.index_keys[: keep // self.index_compressor.ratio]
+            self.index_compressor = _replay(mark.index_compressor, mark.fed[True], keep - marked)
+        self.mark = None
+
+
+def _replay(state: comp_ops.CompressorState, fed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+            count: int) -> comp_ops.CompressorState:
+    """A copy of `state` after appending the first `count` journalled rows (kv, gate fp32 [n, c*e])."""
+    state = copy.copy(state)
+    if count:
+        kv = torch.cat([f[0] for f in fed])[:count]
+        gate = torch.cat([f[1] for f in fed])[:count]
+        state.append(kv, gate, fed[0][2])
+    return state
 
 
 @dataclass
@@ -80,12 +135,43 @@ class SequenceCache:
 
     layers: list[LayerCache]
     num_tokens: int = 0
+    marked_tokens: int | None = None  # num_tokens at the open checkpoint
+
+    @torch.inference_mode()
+    def checkpoint(self) -> None:
+        """Remember the current state, so that `rollback` can later drop tokens stepped after this point."""
+        for layer in self.layers:
+            layer.set_mark()
+        self.marked_tokens = self.num_tokens
+
+    @torch.inference_mode()
+    def rollback(self, num_tokens: int) -> None:
+        """Keep the first `num_tokens` tokens: the cache becomes exactly what stepping only those leaves.
+
+        Needs an open `checkpoint` taken at or before `num_tokens` and at most one window (the ring
+        size) of tokens stepped since; closes the checkpoint. `rollback(cache.num_tokens)` keeps all.
+        """
+        marked = self.marked_tokens
+        if marked is None:
+            raise ValueError("SequenceCache.rollback: no open checkpoint (call checkpoint() before the step)")
+        if not marked <= num_tokens <= self.num_tokens:
+            raise ValueError(f"SequenceCache.rollback: can keep {marked} ... {self.num_tokens} tokens "
+                             f"(checkpoint ... now), not {num_tokens}")
+        window = self.layers[0].ring.shape[0] if self.layers else 0
+        if self.num_tokens - marked > window:
+            raise ValueError(f"SequenceCache.rollback: {self.num_tokens - marked} tokens were stepped since the "
+                             f"checkpoint; at most the sliding window ({window}) can be rolled back")
+        for layer in self.layers:
+            layer.roll_back(marked, num_tokens, self.num_tokens)
+        self.num_tokens, self.marked_tokens = num_tokens, None
 
 
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # fp32 [T, vocab]
     streams: torch.Tensor  # [T, hc, D]: the residual streams before hc_head (the MTP input)
+    # layer id -> [T, hc, D]: the streams that main layer outputs, for the layers asked for with `capture`
+    captured: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class Block:
@@ -213,10 +299,10 @@ class Block:
         recent = positions[-win:]
         cache.ring[recent % win] = kv_new[-win:]
         if self.kind is not LayerType.SWA:
-            pooled, block_ids = cache.compressor.append(*self._projections(x, indexer=False))
+            pooled, block_ids = cache.feed(False, *self._projections(x, indexer=False))
             cache.compressed = torch.cat((cache.compressed, self._finish(pooled, block_ids, indexer=False)))
             if self.kind is LayerType.CSA:
-                pooled_i, ids_i = cache.index_compressor.append(*self._projections(x, indexer=True))
+                pooled_i, ids_i = cache.feed(True, *self._projections(x, indexer=True))
                 cache.index_keys = torch.cat((cache.index_keys, self._finish(pooled_i, ids_i, indexer=True)))
             chosen = self._compressed_indices(x, c_q, positions, cache.compressed.shape[0], cache.index_keys)
             indices = torch.cat((indices, torch.where(chosen >= 0, chosen + kv.shape[0], chosen)), dim=1)
@@ -276,38 +362,53 @@ class ReferenceModel:
     def _embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.w("embed.weight")[token_ids]
 
-    def _logits(self, streams: torch.Tensor, prefix: str) -> torch.Tensor:
+    def _head_hidden(self, streams: torch.Tensor, prefix: str) -> torch.Tensor:
+        """Streams [T, hc, D] -> hc_head output [T, D], before the final norm (`prefix`: "" or a draft block's)."""
         cfg = self.cfg
-        h = dispatch.hc_head(
+        return dispatch.hc_head(
             streams, self.w(f"{prefix}hc_head_fn", keep_dtype=True), self.w(f"{prefix}hc_head_scale", keep_dtype=True),
             self.w(f"{prefix}hc_head_base", keep_dtype=True), norm_eps=cfg.rms_norm_eps, hc_eps=cfg.hc_eps,
         )
-        h = rms_norm(h, self.w(f"{prefix}norm.weight"), cfg.rms_norm_eps)
+
+    def _head_logits(self, hidden: torch.Tensor, prefix: str) -> torch.Tensor:
+        """hc_head output [T, D] -> fp32 logits [T, vocab] through `{prefix}norm` and the shared head."""
+        h = rms_norm(hidden, self.w(f"{prefix}norm.weight"), self.cfg.rms_norm_eps)
         return h.float() @ self.w("head.weight").float().T
+
+    def _logits(self, streams: torch.Tensor, prefix: str) -> torch.Tensor:
+        return self._head_logits(self._head_hidden(streams, prefix), prefix)
 
     def _streams(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self._embed(token_ids).unsqueeze(1).repeat(1, self.cfg.hc_mult, 1)
 
     @torch.inference_mode()
-    def forward(self, token_ids: torch.Tensor) -> ModelOutput:
-        """Whole sequence from position 0: token_ids int64 [T] -> logits fp32 [T, vocab]."""
-        x = self._streams(token_ids)
-        for block in self.blocks:
+    def forward(self, token_ids: torch.Tensor, capture: Sequence[int] = ()) -> ModelOutput:
+        """Whole sequence from position 0: token_ids int64 [T] -> logits fp32 [T, vocab].
+
+        `capture`: main layer ids whose output streams to return in `ModelOutput.captured`."""
+        x, captured = self._streams(token_ids), {}
+        for i, block in enumerate(self.blocks):
             x = block.forward(x, token_ids, block.attention_full)
-        return ModelOutput(self._logits(x, ""), x)
+            if i in capture:
+                captured[i] = x
+        return ModelOutput(self._logits(x, ""), x, captured)
 
     def new_cache(self, device: torch.device | str = "cpu") -> SequenceCache:
         return SequenceCache([b.new_cache(device) for b in self.blocks])
 
     @torch.inference_mode()
-    def step(self, token_ids: torch.Tensor, cache: SequenceCache) -> ModelOutput:
-        """The next chunk of a sequence: positions cache.num_tokens ... + n - 1; updates cache in place."""
-        x = self._streams(token_ids)
+    def step(self, token_ids: torch.Tensor, cache: SequenceCache, capture: Sequence[int] = ()) -> ModelOutput:
+        """The next chunk of a sequence: positions cache.num_tokens ... + n - 1; updates cache in place.
+
+        `capture`: main layer ids whose output streams to return in `ModelOutput.captured`."""
+        x, captured = self._streams(token_ids), {}
         start = cache.num_tokens
-        for block, layer_cache in zip(self.blocks, cache.layers):
+        for i, (block, layer_cache) in enumerate(zip(self.blocks, cache.layers)):
             x = block.forward(x, token_ids, lambda u, b=block, c=layer_cache: b.attention_step(u, start, c))
+            if i in capture:
+                captured[i] = x
         cache.num_tokens += token_ids.shape[0]
-        return ModelOutput(self._logits(x, ""), x)
+        return ModelOutput(self._logits(x, ""), x, captured)
 
     @torch.inference_mode()
     def mtp_forward(self, streams: torch.Tensor, next_ids: torch.Tensor, depth: int = 0) -> ModelOutput:
@@ -317,18 +418,43 @@ class ReferenceModel:
         the token at t+1 for each position t. Returns the draft logits for position t+2 and the MTP's
         own pre-hc_head streams.
         """
+        self._require_mtp()
+        block = self.mtp_blocks[depth]
+        x = block.forward(self._mtp_input(streams, next_ids, depth), next_ids, block.attention_full)
+        return ModelOutput(self._logits(x, f"mtp.{depth}."), x)
+
+    def new_mtp_cache(self, depth: int = 0, device: torch.device | str = "cpu") -> SequenceCache:
+        """The window cache of MTP block `depth` for one sequence (a one-layer `SequenceCache`)."""
+        self._require_mtp()
+        return SequenceCache([self.mtp_blocks[depth].new_cache(device)])
+
+    @torch.inference_mode()
+    def mtp_step(self, streams: torch.Tensor, next_ids: torch.Tensor, cache: SequenceCache,
+                 depth: int = 0) -> ModelOutput:
+        """MTP block `depth` over the next rows, positions cache.num_tokens ... + n - 1 (`mtp_forward`'s step form).
+
+        streams [n, hc, D] and next_ids [n] as in `mtp_forward`; updates `cache` (from `new_mtp_cache`) in place.
+        """
+        self._require_mtp()
+        block, start = self.mtp_blocks[depth], cache.num_tokens
+        x = self._mtp_input(streams, next_ids, depth)
+        x = block.forward(x, next_ids, lambda u: block.attention_step(u, start, cache.layers[0]))
+        cache.num_tokens += next_ids.shape[0]
+        return ModelOutput(self._logits(x, f"mtp.{depth}."), x)
+
+    def _require_mtp(self) -> None:
         cfg = self.cfg
         if not cfg.has_mtp:
             raise ValueError(f"{cfg.source}: this checkpoint has no MTP block (its mtp.* tensors are DSpark drafter "
                              "stages, without e_proj/h_proj/enorm/hnorm); MTP drafting is not available")
-        block = self.mtp_blocks[depth]
-        p = f"mtp.{depth}."
+
+    def _mtp_input(self, streams: torch.Tensor, next_ids: torch.Tensor, depth: int) -> torch.Tensor:
+        """The MTP block's input streams [T, hc, D] (spec §10 steps 1-2)."""
+        cfg, p = self.cfg, f"mtp.{depth}."
         e = rms_norm(self._embed(next_ids), self.w(f"{p}enorm.weight"), cfg.rms_norm_eps)
         h = rms_norm(streams, self.w(f"{p}hnorm.weight"), cfg.rms_norm_eps)
-        act_q = block.act_q
-        x = linear(e, self.w(f"{p}e_proj.weight"), act_q).unsqueeze(1) + linear(h, self.w(f"{p}h_proj.weight"), act_q)
-        x = block.forward(x, next_ids, block.attention_full)
-        return ModelOutput(self._logits(x, p), x)
+        act_q = self.mtp_blocks[depth].act_q
+        return linear(e, self.w(f"{p}e_proj.weight"), act_q).unsqueeze(1) + linear(h, self.w(f"{p}h_proj.weight"), act_q)
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:

@@ -1,0 +1,268 @@
+"""Speculative decoding in the core: exact rollback, drafting == the drafters' reference, greedy output unchanged.
+
+Everything runs on the tiny checkpoints in fp32 with the quantization simulation off (see
+test_reference_model.py: with it on, a last-ulp difference between chunkings can flip an FP8
+rounding). Positions are chosen around the 4- and 128-token block edges (the window is 128 too).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from test_paged import TinyEngine
+from v4_plugin.config import parse_config
+from v4_plugin.drafting import (DSparkDrafter, Method, MTPDrafter, ReplayDrafter, SpeculativeConfigError,
+                                plan_speculation, speculative_generate)
+from v4_plugin.model import QuantSim, ReferenceModel, SequenceCache
+from v4_plugin.paged import EXACT
+from v4_plugin.tiny import TINY_PRESETS, random_weights
+
+TOL = dict(atol=2e-4, rtol=1e-4)
+STATE_TOL = dict(atol=1e-5, rtol=1e-5)
+K = 5  # drafts per step: the target verifies K + 1 tokens
+EDGES = [3, 4, 5, 8, 127, 128, 129, 255, 256]
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, ReferenceModel]:
+    out = {}
+    for preset in ("flash", "pro", "flash-0731"):
+        cfg = parse_config(TINY_PRESETS[preset], f"tiny-{preset}")
+        out[preset] = ReferenceModel(cfg, random_weights(cfg, seed=0), quant=QuantSim.off())
+    return out
+
+
+def _ids(n: int, seed: int, vocab: int = 384) -> torch.Tensor:
+    return torch.randint(2, vocab - 1, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_same_cache(got: SequenceCache, want: SequenceCache) -> None:
+    assert got.num_tokens == want.num_tokens and got.marked_tokens is None
+    for g, w in zip(got.layers, want.layers, strict=True):
+        torch.testing.assert_close(g.ring, w.ring, **STATE_TOL)
+        torch.testing.assert_close(g.compressed, w.compressed, **STATE_TOL)
+        if w.index_keys is not None:
+            torch.testing.assert_close(g.index_keys, w.index_keys, **STATE_TOL)
+        for gs, ws in ((g.compressor, w.compressor), (g.index_compressor, w.index_compressor)):
+            if ws is None:
+                assert gs is None
+                continue
+            assert gs.num_tokens == ws.num_tokens
+            torch.testing.assert_close(gs.partial_kv, ws.partial_kv, **STATE_TOL)
+            torch.testing.assert_close(gs.partial_score, ws.partial_score, **STATE_TOL)
+            if ws.prev_kv is None:
+                assert gs.prev_kv is None
+            else:
+                torch.testing.assert_close(gs.prev_kv, ws.prev_kv, **STATE_TOL)
+                torch.testing.assert_close(gs.prev_score, ws.prev_score, **STATE_TOL)
+
+
+# ---- rollback ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", ["flash", "pro"])
+def test_rollback_equals_stepping_only_the_kept_tokens(models, preset):
+    """Verify K+1 tokens (the first j+1 true, the rest wrong) at every block edge, roll back to j+1:
+    window ring, partial blocks (4 and 128), compressed entries and indexer keys equal a cache
+    that stepped only the kept tokens, and the continuation's logits equal the whole-sequence forward."""
+    model = models[preset]
+    ids = _ids(300, seed=7)
+    full = model.forward(ids).logits
+    cache, done = model.new_cache(), 0
+    for p in EDGES:
+        model.step(ids[done:p], cache)
+        done = p
+        for j in (0, 2, K):
+            wrong = (ids[p + j + 1 : p + K + 1] + 1) % model.cfg.vocab_size
+            trial = copy.deepcopy(cache)
+            trial.checkpoint()
+            model.step(torch.cat((ids[p : p + j + 1], wrong)), trial)
+            trial.rollback(p + j + 1)
+            kept = copy.deepcopy(cache)
+            model.step(ids[p : p + j + 1], kept)
+            _assert_same_cache(trial, kept)
+            after = model.step(ids[p + j + 1 : p + j + 10], trial).logits
+            torch.testing.assert_close(after, full[p + j + 1 : p + j + 10], **TOL)
+
+
+def test_rollback_to_the_checkpoint_and_bad_requests(models):
+    model = models["flash"]
+    ids = _ids(140, seed=3)
+    cache = model.new_cache()
+    model.step(ids[:126], cache)
+    before = copy.deepcopy(cache)
+    with pytest.raises(ValueError, match="no open checkpoint"):
+        cache.rollback(126)
+    cache.checkpoint()
+    model.step(ids[126:133], cache)  # crosses 128 and two 4-edges
+    with pytest.raises(ValueError, match="can keep 126 ... 133 tokens"):
+        cache.rollback(125)
+    cache.rollback(126)
+    _assert_same_cache(cache, before)
+    cache.checkpoint()
+    model.step(_ids(129, seed=4), cache)
+    with pytest.raises(ValueError, match="at most the sliding window"):
+        cache.rollback(126)
+
+
+def test_paged_cache_needs_no_rollback(models):
+    """`forward_paged` indexes every cache by position / entry number: a rejected suffix is overwritten
+    before anything reads it. Two sequences verify K+1 tokens per step (wrong tails, 0 ... K accepted)
+    in one batch and go on from the kept tokens; every kept row equals the whole-sequence forward."""
+    model = models["flash"]
+    seqs = [_ids(280, seed=11), _ids(200, seed=12)]
+    full = [model.forward(s).logits for s in seqs]
+    engine = TinyEngine(model, EXACT, 2, 300)
+    done = [125, 2]
+    engine.step([(s, seqs[s][: done[s]], 0) for s in range(2)])
+    step = 0
+    while all(d + K + 1 <= len(s) for d, s in zip(done, seqs)):
+        keep = [(step + s) % (K + 1) for s in range(2)]  # accepted drafts this step
+        chunks = []
+        for s, seq in enumerate(seqs):
+            p, j = done[s], keep[s]
+            chunks.append((s, torch.cat((seq[p : p + j + 1], (seq[p + j + 1 : p + K + 1] + 1) % 384)), p))
+        for s, logits in enumerate(engine.step(chunks)):
+            p, j = done[s], keep[s]
+            torch.testing.assert_close(logits[: j + 1], full[s][p : p + j + 1], **TOL)
+            done[s] = p + j + 1
+        step += 1
+    assert done[0] > 256 and step > 20
+
+
+# ---- drafting -------------------------------------------------------------------------------------
+class CopyTarget(ReplayDrafter):
+    """Proposes the plain greedy continuation, wrong at one draft index per step (`wrong_at(step)`,
+    >= k: none), so the number of accepted drafts is known in advance."""
+
+    def __init__(self, prompt_len: int, greedy: list[int], wrong_at):
+        super().__init__(prompt_len, greedy)
+        self.wrong_at, self.steps = wrong_at, 0
+
+    def observe(self, token_ids, out, next_token):
+        super().observe(token_ids, out, next_token)
+        assert self.continuation[self.position - self.prompt_len] == next_token
+
+    def propose(self, k):
+        drafts = super().propose(k)
+        bad = self.wrong_at(self.steps)
+        if bad < k:
+            drafts[bad] = (drafts[bad] + 1) % 384
+        self.steps += 1
+        return drafts
+
+
+PROMPT_LENGTHS = [1, 126]  # drafts then cross 4-edges (and 128)
+NEW_TOKENS = 14
+
+
+@pytest.mark.parametrize("preset,method,k", [("flash", "mtp", 1), ("flash", "mtp", 3), ("flash-0731", "dspark", 5)])
+def test_speculative_greedy_equals_plain_greedy(models, preset, method, k):
+    model = models[preset]
+    plan = plan_speculation(model.cfg, method, k)
+    for length in PROMPT_LENGTHS:
+        prompt = _ids(length, seed=length).tolist()
+        drafter = (MTPDrafter if plan.method is Method.MTP else DSparkDrafter)(model)
+        out = speculative_generate(model, drafter, prompt, NEW_TOKENS, plan.num_speculative_tokens)
+        assert out.tokens == model.generate(prompt, NEW_TOKENS)
+        assert all(0 <= a <= k for a in out.accepted)
+
+
+@pytest.mark.parametrize("preset", ["flash", "pro"])
+def test_full_and_partial_acceptance(models, preset):
+    """A drafter copying the target: with all drafts right every step emits K+1 tokens; with draft i
+    wrong exactly i are accepted; the output is plain greedy either way (drafts cross 128)."""
+    model = models[preset]
+    prompt = _ids(110, seed=5).tolist()
+    greedy = model.generate(prompt, 40 + K)  # the last step drafts up to K past the 40th token
+    full = speculative_generate(model, CopyTarget(len(prompt), greedy, lambda s: K), prompt, 40, K)
+    assert full.tokens == greedy[:40]
+    assert full.accepted == [K] * 7 and full.acceptance_length == K + 1  # 1 + 7 * 6 >= 40 tokens
+    partial = speculative_generate(model, CopyTarget(len(prompt), greedy, lambda s: s % (K + 2)), prompt, 40, K)
+    assert partial.tokens == greedy[:40]
+    assert partial.accepted == [min(s % (K + 2), K) for s in range(len(partial.accepted))]
+
+
+def test_stop_token_ends_the_output_as_plain_greedy_does(models):
+    model = models["flash"]
+    prompt = _ids(20, seed=9).tolist()
+    greedy = model.generate(prompt, 30)
+    stop = greedy[9]
+    expected = model.generate(prompt, 30, stop_ids=(stop,))
+    got = speculative_generate(model, CopyTarget(len(prompt), greedy, lambda s: K), prompt, 30, K, (stop,))
+    assert got.tokens == expected and got.tokens[-1] == stop
+
+
+def test_mtp_drafter_state_equals_the_whole_sequence_mtp(models):
+    """After a run with rejections, the drafter's committed rows reproduce `mtp_forward` over the
+    accepted sequence, and it proposes what a drafter fed that sequence in one step proposes."""
+    model = models["flash"]
+    prompt = _ids(123, seed=2).tolist()
+    drafter = MTPDrafter(model)
+    out = speculative_generate(model, drafter, prompt, 12, 3)
+    seq = torch.tensor(prompt + out.tokens)
+    n = drafter.cache.num_tokens  # rows 0 ... n-1 committed: target position t, token t+1
+    assert n >= len(prompt)
+    target = model.forward(seq[:n])
+    reference = model.mtp_forward(target.streams, seq[1 : n + 1])
+    torch.testing.assert_close(drafter._newest.logits[-1], reference.logits[-1], **TOL)
+    fresh = MTPDrafter(model)
+    fresh.observe(seq[:n], target, int(seq[n]))
+    assert drafter.propose(3) == fresh.propose(3)
+
+
+def test_dspark_drafter_state_equals_one_pass_over_the_sequence(models):
+    """Context built through verify steps with rejections == context from one forward of the
+    accepted sequence: same drafts, logits and confidences."""
+    model = models["flash-0731"]
+    prompt = _ids(124, seed=4).tolist()
+    drafter = DSparkDrafter(model)
+    out = speculative_generate(model, drafter, prompt, 12, K)
+    seq = torch.tensor(prompt + out.tokens)
+    n = drafter.num_context
+    assert n >= len(prompt) and drafter.anchor == int(seq[n])
+    fresh = DSparkDrafter(model)
+    fresh.observe(seq[:n], model.forward(seq[:n], capture=fresh.capture), int(seq[n]))
+    for a, b in zip(drafter.context, fresh.context):
+        torch.testing.assert_close(a, b, **STATE_TOL)
+    got, want = drafter.draft(K), fresh.draft(K)
+    assert got.tokens == want.tokens
+    torch.testing.assert_close(got.logits, want.logits, **TOL)
+    torch.testing.assert_close(got.confidence, want.confidence, **TOL)
+    assert got.logits.shape == (K, model.cfg.vocab_size) and bool(((got.confidence > 0) & (got.confidence < 1)).all())
+
+
+def test_dspark_block_attends_both_ways(models):
+    """Block slot 0 sees the noise tokens after it: its base logits change with the block length,
+    while a 1-token block is the anchor alone."""
+    drafter = DSparkDrafter(models["flash-0731"])
+    ids = _ids(40, seed=6)
+    drafter.observe(ids, models["flash-0731"].forward(ids, capture=drafter.capture), 17)
+    one, five = drafter.draft(1), drafter.draft(5)
+    assert not torch.allclose(one.logits[0], five.logits[0])
+    assert drafter.draft(1).tokens == one.tokens  # drafting leaves the state alone
+
+
+# ---- requests a checkpoint cannot serve -------------------------------------------------------------
+def test_plans_and_clear_errors(models):
+    old, new = models["flash"].cfg, models["flash-0731"].cfg
+    assert plan_speculation(new, "dspark").num_speculative_tokens == 5  # dspark_block_size
+    assert plan_speculation(old, "deepseek_mtp").num_speculative_tokens == 1
+    assert plan_speculation(old, "NEXTN", 3).method is Method.MTP
+    assert plan_speculation(new, "DSPARK", 2).method is Method.DSPARK
+    with pytest.raises(SpeculativeConfigError, match="tiny-flash-0731: speculative method 'mtp' needs the 04-24 MTP "
+                                                     "block, but this is a DSpark checkpoint"):
+        plan_speculation(new, "mtp")
+    with pytest.raises(SpeculativeConfigError, match="'dspark' needs a DSpark checkpoint .*04-24"):
+        plan_speculation(old, "dspark")
+    with pytest.raises(SpeculativeConfigError, match="num_speculative_tokens = 6 exceeds dspark_block_size = 5"):
+        plan_speculation(new, "dspark", 6)
+    with pytest.raises(SpeculativeConfigError, match="positive int"):
+        plan_speculation(old, "mtp", 0)
+    with pytest.raises(SpeculativeConfigError, match="'medusa' is not available"):
+        plan_speculation(old, "medusa")
+    with pytest.raises(SpeculativeConfigError, match="DSpark checkpoint"):
+        MTPDrafter(models["flash-0731"])
+    with pytest.raises(SpeculativeConfigError, match="04-24 checkpoint"):
+        DSparkDrafter(models["flash"])
