@@ -12,13 +12,14 @@ import copy
 import pytest
 import torch
 
-from test_paged import TinyEngine
 from v4_plugin.config import parse_config
 from v4_plugin.drafting import (DSparkDrafter, Method, MTPDrafter, ReplayDrafter, SpeculativeConfigError,
                                 plan_speculation, speculative_generate)
 from v4_plugin.model import QuantSim, ReferenceModel, SequenceCache
 from v4_plugin.paged import EXACT
 from v4_plugin.tiny import TINY_PRESETS, random_weights
+
+from paged_engine import TinyEngine
 
 TOL = dict(atol=2e-4, rtol=1e-4)
 STATE_TOL = dict(atol=1e-5, rtol=1e-5)

@@ -13,51 +13,10 @@ import torch
 from v4_plugin.config import LayerType, parse_config
 from v4_plugin.layout import IndexerCache
 from v4_plugin.model import QuantSim, ReferenceModel
-from v4_plugin.paged import (EXACT, BatchPlan, CacheFormat, KVStorage, LayerCaches, PagedCache, cache_entry,
-                             forward_paged)
+from v4_plugin.paged import EXACT, CacheFormat, KVStorage
+
+from paged_engine import BLOCK_TOKENS, TinyEngine
 from v4_plugin.tiny import TINY_PRESETS, random_weights
-
-BLOCK_TOKENS = 16  # entries per block of every cache (ratio 128 entries waste most of their block: fine here)
-
-
-class TinyEngine:
-    """Allocates paged caches and block tables the way a block manager would, for `forward_paged`."""
-
-    def __init__(self, model: ReferenceModel, fmt: CacheFormat, num_seqs: int, max_tokens: int):
-        self.model, self.fmt = model, fmt
-        gen = torch.Generator().manual_seed(5)
-        max_blocks = max_tokens // BLOCK_TOKENS + 1
-        num_blocks = num_seqs * max_blocks + 3
-        self.caches = []
-        for block in model.blocks:
-            layer = {}
-            for name, (width, dtype) in cache_entry(model.cfg, block.kind, fmt, model.dtype).items():
-                data = torch.full((num_blocks, BLOCK_TOKENS, width), 7, dtype=dtype)  # garbage until written
-                table = torch.randperm(num_blocks, generator=gen)[: num_seqs * max_blocks].view(num_seqs, -1)
-                layer[name] = PagedCache(data, table)
-            self.caches.append(LayerCaches(**layer))
-
-    def share_prefix(self, src: int, dst: int, tokens: int) -> None:
-        """Point dst's blocks for the first `tokens` positions (and their entries) at src's blocks."""
-        for block, layer in zip(self.model.blocks, self.caches):
-            for name in ("window", "state", "compressed", "index_state", "index_keys"):
-                cache = getattr(layer, name)
-                if cache is None:
-                    continue
-                entries = tokens // block.ratio if name in ("compressed", "index_keys") else tokens
-                full = entries // BLOCK_TOKENS
-                cache.block_table[dst, :full] = cache.block_table[src, :full]
-                if entries % BLOCK_TOKENS:  # a partly filled block is copied, as copy-on-write would
-                    cache.data[cache.block_table[dst, full]] = cache.data[cache.block_table[src, full]]
-
-    def step(self, chunks: list[tuple[int, torch.Tensor, int]]) -> list[torch.Tensor]:
-        """chunks: (sequence, token ids, first position); returns the logits of each chunk."""
-        ids = torch.cat([c[1] for c in chunks])
-        positions = torch.cat([torch.arange(p, p + len(t)) for _, t, p in chunks])
-        seq_ids = torch.cat([torch.full((len(t),), s) for s, t, _ in chunks])
-        logits = forward_paged(self.model, ids, BatchPlan(positions, seq_ids), self.caches, self.fmt).logits
-        return list(logits.split([len(c[1]) for c in chunks]))
-
 
 def _model(preset: str, quant: QuantSim) -> ReferenceModel:
     cfg = parse_config(TINY_PRESETS[preset])
