@@ -122,8 +122,10 @@ def _classes() -> dict[str, type]:
         """Splits ``reasoning </think> rest``; ``rest`` goes on verbatim as normal text.
 
         Thinking (the completion starts inside ``<think>``) follows ``force_reasoning``,
-        which SGLang derives from ``reasoning_default="thinking"``: on unless the
-        request sets ``chat_template_kwargs.thinking`` to false.
+        which SGLang computes per request with ``OpenAIServingChat._get_reasoning_from_request``;
+        for this parser :mod:`sglang_backend.chat` answers it with the rule the prompt is
+        rendered with (:func:`v4_plugin.chat.request_thinking`: ``reasoning_effort="none"``
+        or ``thinking`` / ``enable_thinking`` false turn it off).
         """
 
         def __init__(

@@ -15,9 +15,13 @@ SGLang's native DeepSeek-V4 code serves, untouched), it:
    name none of them fires and SGLang treats the model as one MQA head of head_dim;
 3. adds `v4_plugin` to `--attention-backend` choices and to the attention-backend registry, and
    makes it (with page size 128) the default for our architecture;
-4. hooks SGLang's pool sizing (`create_memory_pool_configurator`) and pool construction
-   (`KVCacheConfigurator._build_token_to_kv_pool`) for our architecture only: the caches are the
-   core's layout (`sglang_backend.pools`), sized by `v4_plugin.layout`.
+4. opts the model into SGLang's hybrid-SWA memory (`is_hybrid_swa` on the renamed config: SGLang
+   then builds its `SWATokenToKVPoolAllocator`, frees window slots leaving the window and uses its
+   SWA-aware radix cache) and hooks SGLang's pool sizing (`create_memory_pool_configurator`) and
+   pool construction (`KVCacheConfigurator._build_token_to_kv_pool`) for our architecture only: the
+   caches are the core's layout (`sglang_backend.pools`), sized by `v4_plugin.capacity`;
+5. renders chats for our architecture with `v4_plugin.chat` and the checkpoint's effort profile
+   (the `v4_plugin` chat encoding, `sglang_backend.chat`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import logging
 import os
 
 from . import BACKEND_NAME, MODELS_PACKAGE, NATIVE_ARCH, PLUGIN_ARCH
+from .chat import install_chat_encoding
 from .parsers import register_parsers
 from .settings import DISABLE_ENV, disabled
 
@@ -52,6 +57,7 @@ def register() -> None:
     _register_attention_backend()
     _register_model_defaults()
     _install_hooks()
+    install_chat_encoding()
     _state["registered"] = True
 
 
@@ -141,15 +147,15 @@ def rename_architecture(config, *args, **kwargs):
     archs = getattr(config, "architectures", None)
     if archs and archs[0] == NATIVE_ARCH and not disabled():
         config.architectures = [PLUGIN_ARCH, *archs[1:]]
+        # SGLang's generic opt-in (configs/model_config.py `is_hybrid_swa_model`): a full pool plus an
+        # SWA pool whose slots are recycled once they leave the window (`sglang_backend.pools`).
+        config.is_hybrid_swa = True
         # The core loader dequantizes the checkpoint itself: SGLang must not build FP8 linears for it.
         quant = getattr(config, "quantization_config", None)
         if quant is not None:
             config.v4_plugin_quantization_config = quant
             try:
                 delattr(config, "quantization_config")
-        # SGLang's generic opt-in (configs/model_config.py `is_hybrid_swa_model`): a full pool plus an
-        # SWA pool whose slots are recycled once they leave the window (`sglang_backend.pools`).
-        config.is_hybrid_swa = True
             except AttributeError:
                 config.quantization_config = None
     return config

@@ -6,6 +6,7 @@ tests/test_dsml_frameworks.py (the first also checks that the corpus is well for
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import itertools
 import json
@@ -257,6 +258,31 @@ def official_encoder() -> ModuleType:
     return module
 
 
+def official_encode(messages, tools=None, *, thinking: bool, effort: str | None = None,
+                    drop_thinking: bool = True) -> str:
+    """The official encoder's prompt, request ``tools`` attached to the first system message (one
+    made when there is none) the way vLLM and DeepSeek's renderer do. ``effort`` is an official name."""
+    messages = copy.deepcopy(messages)
+    if tools:
+        idx = next((i for i, m in enumerate(messages) if m.get("role") == "system"), None)
+        if idx is None:
+            messages.insert(0, {"role": "system"})
+            idx = 0
+        messages[idx]["tools"] = tools
+    return official_encoder().encode_messages(messages, thinking_mode="thinking" if thinking else "chat",
+                                              reasoning_effort=effort, drop_thinking=drop_thinking)
+
+
+OFFICIAL_EFFORT = {
+    ("preview", None): "low", ("preview", "high"): "low", ("preview", "max"): "high",
+    ("refresh", None): "high", ("refresh", "low"): "low", ("refresh", "high"): "high", ("refresh", "max"): "max",
+}
+"""(checkpoint profile, requested effort) -> the official (0731) encoder's effort that writes the same
+preamble, from the table of refresh-checkpoints.md §4: 04-24 ``high`` (and no effort) = no preamble =
+official ``low``; 04-24 ``max`` = "Absolute maximum" = official ``high``; a refresh request without an
+effort gets ``high`` (DeepSeek's API and both frameworks default)."""
+
+
 def counter_ids():
     """A deterministic tool-call id factory."""
     counter = itertools.count()
@@ -300,3 +326,51 @@ def has_markup(text: str) -> bool:
     """Whether ``text`` holds DSML, think or EOS markup."""
     return any(m in text for m in (D, "<think>", "</think>", "<｜end▁of▁sentence｜>"))
 
+
+
+def check_openai_chat_answer(whole: dict[str, Any], chunks: list[dict[str, Any]], tool_names: set[str]) -> None:
+    """Assert that a served chat answer is OpenAI-shaped and markup-free: ``whole`` the non-streamed
+    response, ``chunks`` the streamed ``chat.completion.chunk`` events of the same greedy request
+    (``[DONE]`` excluded). Tool calls need an id, type ``function``, a known name and JSON-object
+    arguments; the streamed content and reasoning add up to the non-streamed ones."""
+
+    def check_call(tc: dict[str, Any]) -> None:
+        assert isinstance(tc["id"], str) and tc["id"] and tc["type"] == "function", tc
+        assert tc["function"]["name"] in tool_names, tc
+        assert isinstance(json.loads(tc["function"]["arguments"]), dict), tc
+
+    assert whole["object"] == "chat.completion"
+    choice = whole["choices"][0]
+    message = choice["message"]
+    assert message["role"] == "assistant", message
+    assert choice["finish_reason"] in ("stop", "length", "tool_calls"), choice
+    assert message["content"] is None or isinstance(message["content"], str), message
+    assert not has_markup(message["content"] or ""), message
+    for tc in message.get("tool_calls") or []:
+        check_call(tc)
+    assert choice["finish_reason"] != "tool_calls" or message["tool_calls"], choice
+
+    assert chunks and all(c["object"] == "chat.completion.chunk" for c in chunks)
+    deltas = [c["choices"][0] for c in chunks if c["choices"]]
+    content = "".join(d["delta"].get("content") or "" for d in deltas)
+    reasoning = "".join(d["delta"].get("reasoning") or d["delta"].get("reasoning_content") or "" for d in deltas)
+    for d in deltas:
+        for tc in d["delta"].get("tool_calls") or []:
+            check_call(tc)
+    assert [d["finish_reason"] for d in deltas if d.get("finish_reason")] == [choice["finish_reason"]], deltas
+    assert content == (message["content"] or "")
+    assert reasoning == (message.get("reasoning") or message.get("reasoning_content") or "")
+
+
+FORCED_TOOL_COMPLETION = (
+    "Checking.\n\n"
+    f"<{D}tool_calls>\n"
+    f'<{D}invoke name="get_weather">\n'
+    f'<{D}parameter name="city" string="true">Paris</{D}parameter>\n'
+    f'<{D}parameter name="days" string="false">3</{D}parameter>\n'
+    f"</{D}invoke>\n"
+    f"</{D}tool_calls>"
+)
+"""A chat-mode completion with one DSML tool call, written out by hand: the servers' tests force the
+tiny model to write it (a constrained ``choice``) so their parsers meet a real tool call; the
+answer must be content "Checking." and get_weather({"city": "Paris", "days": 3})."""

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from chat_corpus import COMPLETIONS, CONVERSATIONS, TOOLS, completion_of, counter_ids, expected_calls, official_encoder, splits
+from chat_corpus import (COMPLETIONS, CONVERSATIONS, TOOLS, completion_of, counter_ids, expected_calls,
+                         official_encode, official_encoder, splits)
 from v4_plugin.chat import (
     ABSOLUTE_MAXIMUM_PREAMBLE,
     BOS,
@@ -24,28 +25,6 @@ from v4_plugin.dsml import parse_completion
 PREVIEW_TO_OFFICIAL = {"high": "low", "max": "high"}
 
 
-def _with_tools(messages, tools):
-    """Attach request tools the way vLLM does before calling the official encoder."""
-    messages = copy.deepcopy(messages)
-    if tools:
-        idx = next((i for i, m in enumerate(messages) if m.get("role") == "system"), None)
-        if idx is None:
-            messages.insert(0, {"role": "system"})
-            idx = 0
-        messages[idx]["tools"] = tools
-    return messages
-
-
-def _official(messages, tools, *, thinking, effort=None, drop_thinking=True):
-    oracle = official_encoder()
-    return oracle.encode_messages(
-        _with_tools(messages, tools),
-        thinking_mode="thinking" if thinking else "chat",
-        reasoning_effort=effort,
-        drop_thinking=drop_thinking,
-    )
-
-
 @pytest.mark.parametrize("name", CONVERSATIONS)
 @pytest.mark.parametrize("effort", [None, "high", "max"])
 @pytest.mark.parametrize("thinking", [False, True])
@@ -57,14 +36,14 @@ def test_matches_official_encoder(name: str, thinking: bool, effort: str | None)
         part = messages[:cut]
         ours = encode_messages(part, thinking=thinking, tools=tools, reasoning_effort=effort)
         official_effort = PREVIEW_TO_OFFICIAL[PREVIEW_PROFILE.resolve(effort)]
-        assert ours == _official(part, tools, thinking=thinking, effort=official_effort), (name, cut)
+        assert ours == official_encode(part, tools, thinking=thinking, effort=official_effort), (name, cut)
 
 
 @pytest.mark.parametrize("name", CONVERSATIONS)
-def test_keep_all_reasoning_matches_official(name: str) -> None:
+def test_keep_all_reasoning_matchesofficial_encode(name: str) -> None:
     messages, tools = CONVERSATIONS[name]
     ours = encode_messages(messages, thinking=True, tools=tools, drop_thinking=False)
-    assert ours == _official(messages, tools, thinking=True, effort="low", drop_thinking=False)
+    assert ours == official_encode(messages, tools, thinking=True, effort="low", drop_thinking=False)
 
 
 def test_a_plugged_in_profile_matches_the_official_efforts() -> None:
@@ -75,7 +54,7 @@ def test_a_plugged_in_profile_matches_the_official_efforts() -> None:
     messages, tools = CONVERSATIONS["weather_two_calls"]
     for effort in ("low", "high", "max"):
         ours = encode_messages(messages[:2], thinking=True, tools=tools, reasoning_effort=effort, profile=official)
-        assert ours == _official(messages[:2], tools, thinking=True, effort=effort)
+        assert ours == official_encode(messages[:2], tools, thinking=True, effort=effort)
 
 
 def test_preview_profile_modes() -> None:

@@ -172,13 +172,16 @@ def test_vllm_reasoning_end_from_prompt_and_output_ids(vllm_parser_cls, tokenize
 def test_vllm_thinking_defaults_follow_the_prompt_renderer(tokenizer) -> None:
     from types import SimpleNamespace
 
-    from vllm_backend.parsers import default_thinking, thinking_from_kwargs
+    from v4_plugin.chat import REFRESH_PROFILE, build_chat_template, request_thinking
+    from vllm_backend.parsers import default_thinking
 
-    assert thinking_from_kwargs(None) is True
-    assert thinking_from_kwargs(None, default=False) is False
-    assert thinking_from_kwargs({"thinking": False}) is False
-    assert thinking_from_kwargs({"enable_thinking": True}, default=False) is True
-    assert thinking_from_kwargs({"reasoning_effort": "none"}) is False
+    assert request_thinking(None) is True
+    assert request_thinking(None, default=False) is False
+    assert request_thinking({"thinking": False}) is False
+    assert request_thinking({"enable_thinking": True}, default=False) is True
+    assert request_thinking({"reasoning_effort": "none"}) is False
+    assert request_thinking({}, "none") is False and request_thinking({"reasoning_effort": "max"}, "none") is True
+    assert default_thinking(SimpleNamespace(chat_template=build_chat_template(REFRESH_PROFILE))) is False
     # our Jinja template defaults to chat mode, vLLM's deepseek_v4 mode to thinking
     assert default_thinking(tokenizer) is False
     assert default_thinking(tokenizer, SimpleNamespace(tokenizer_mode="deepseek_v4")) is True

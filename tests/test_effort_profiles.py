@@ -7,7 +7,7 @@ import pytest
 
 from v4_plugin.chat import (ABSOLUTE_MAXIMUM_PREAMBLE, ASSISTANT, BEYOND_MAXIMUM_PREAMBLE, BOS, PREVIEW_PROFILE,
                             PROFILE_ENV, REFRESH_PROFILE, THINK_END, THINK_START, USER, build_chat_template,
-                            detect_profile, encode_messages)
+                            detect_profile, encode_messages, encode_request)
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
 
@@ -68,3 +68,48 @@ def test_detection(tmp_path, monkeypatch):
     monkeypatch.setenv(PROFILE_ENV, "bogus")
     with pytest.raises(ValueError, match="preview"):
         detect_profile(tmp_path, dspark=False)
+
+
+def test_detection_reads_the_config_when_not_told(tmp_path, monkeypatch):
+    """`dspark` omitted: the checkpoint's config.json decides (the servers' path)."""
+    monkeypatch.delenv(PROFILE_ENV, raising=False)
+    assert detect_profile(tmp_path) is PREVIEW_PROFILE  # no config at all
+    (tmp_path / "config.json").write_text('{"model_type": "deepseek_v4", "dspark_block_size": 5}')
+    assert detect_profile(tmp_path) is REFRESH_PROFILE
+    (tmp_path / "config.json").write_text('{"model_type": "deepseek_v4"}')
+    assert detect_profile(tmp_path) is PREVIEW_PROFILE
+
+
+@pytest.mark.parametrize("profile,allowed", [("preview", "high, max, low, medium, minimal, xhigh, none"),
+                                             ("refresh", "high, low, max, medium, minimal, xhigh, none")])
+def test_serving_requests_refuse_unknown_efforts_in_both_modes(profile, allowed):
+    """`encode_request` (what both servers call) names every accepted effort, aliases and `none`
+    included, and refuses an unknown one whether or not thinking is on."""
+    for kwargs in ({"thinking": True}, {"thinking": False}, None):
+        with pytest.raises(ValueError, match=f"'ultra' is not defined by the '{profile}' profile.*{allowed}$"):
+            encode_request(MESSAGES, chat_template_kwargs=kwargs, reasoning_effort="ultra", profile=PROFILES[profile])
+    assert encode_request(MESSAGES, reasoning_effort="none", profile=PROFILES[profile]).endswith(ASSISTANT + THINK_END)
+
+
+@pytest.mark.parametrize("preset,profile", [("flash", "preview"), ("flash-0731", "refresh")])
+def test_vllm_deepseek_v4_tokenizer_mode_renders_the_checkpoint_profile(tmp_path, monkeypatch, preset, profile):
+    """The plugin's `deepseek_v4` tokenizer mode (vLLM's choice for the architecture) renders with the
+    tiny checkpoint's profile, as DeepSeek's official encoder does, and survives pickling (vLLM ships
+    tokenizers to other processes)."""
+    pytest.importorskip("vllm")
+    import pickle
+
+    from chat_corpus import OFFICIAL_EFFORT, official_encode
+    from v4_plugin.tiny import make_tiny
+    from vllm.tokenizers.registry import TokenizerRegistry
+    from vllm_backend.plugin import register
+
+    monkeypatch.delenv(PROFILE_ENV, raising=False)
+    register()
+    model_dir = make_tiny(tmp_path / preset, preset, seed=0)
+    tokenizer = TokenizerRegistry.load_tokenizer("deepseek_v4", str(model_dir))
+    for tok in (tokenizer, pickle.loads(pickle.dumps(tokenizer))):
+        for effort in ("max", None):
+            expected = official_encode(MESSAGES, thinking=True, effort=OFFICIAL_EFFORT[(profile, effort)])
+            assert tok.apply_chat_template(MESSAGES, tokenize=False, reasoning_effort=effort) == expected
+        assert tok.apply_chat_template(MESSAGES) == tok.encode(expected, add_special_tokens=False)

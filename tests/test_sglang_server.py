@@ -1,8 +1,15 @@
-"""M4: `python -m sglang.launch_server` end to end over HTTP on a tiny checkpoint (CPU).
+"""M4: `python -m sglang.launch_server` end to end over HTTP on tiny checkpoints (CPU).
 
-One good server per module (own process group, killed in teardown) started with
-`--attention-backend v4_plugin`, and, at the same time, one server on a broken checkpoint that must
-fail at startup naming the bad tensor.
+Two good servers per module (own process groups, killed in teardown) started with
+`--attention-backend v4_plugin` and the README's parser flags, on the tiny 04-24 and -0731
+checkpoints of one seed, and, at the same time, one server on a broken checkpoint that must fail at
+startup naming the bad tensor.
+
+Chat (issues 7 and 9): requests with `tools` get OpenAI-format answers (streamed too) with no DSML or
+think markup in `content`; the rendered prompt of every profile x effort x thinking mode equals
+DeepSeek's official encoder; an unknown effort is a 400 listing the allowed ones; thinking off by
+`reasoning_effort="none"` leaves the reasoning empty; the -0731 server's greedy tokens equal the 04-24
+server's and the reference model's.
 """
 
 from __future__ import annotations
@@ -71,33 +78,46 @@ def _break_checkpoint(src: Path, dst: Path) -> None:
     save_file(tensors, dst / shard, metadata={"format": "pt"})
 
 
+PARSER_FLAGS = ("--tool-call-parser", "deepseek_v4_plugin", "--reasoning-parser", "deepseek_v4_plugin")
+"""The README's flags for tool calls and reasoning."""
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, log_path: str, deadline: float) -> None:
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{Path(log_path).read_text()[-5000:]}")
+        try:
+            if requests.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.time() > deadline:
+            pytest.fail(f"server not healthy after {START_TIMEOUT} s:\n{Path(log_path).read_text()[-5000:]}")
+        time.sleep(2)
+
+
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     root = tmp_path_factory.mktemp("sgl-server")
     good_dir = make_tiny(root / "flash", "flash", seed=0)
+    refresh_dir = make_tiny(root / "flash-0731", "flash-0731", seed=0)
     bad_dir = root / "broken"
     _break_checkpoint(good_dir, bad_dir)
-    port, bad_port = _free_port(), _free_port()
-    good_log, bad_log = str(root / "good.log"), str(root / "bad.log")
-    good = _launch(str(good_dir), port, good_log, "--attention-backend", "v4_plugin")
+    port, refresh_port, bad_port = _free_port(), _free_port(), _free_port()
+    good_log, refresh_log, bad_log = str(root / "good.log"), str(root / "refresh.log"), str(root / "bad.log")
+    good = _launch(str(good_dir), port, good_log, "--attention-backend", "v4_plugin", *PARSER_FLAGS)
+    refresh = _launch(str(refresh_dir), refresh_port, refresh_log, "--attention-backend", "v4_plugin", *PARSER_FLAGS)
     bad = _launch(str(bad_dir), bad_port, bad_log)
     try:
-        url = f"http://127.0.0.1:{port}"
+        url, refresh_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{refresh_port}"
         deadline = time.time() + START_TIMEOUT
-        while True:
-            if good.poll() is not None:
-                pytest.fail(f"server exited with {good.returncode}:\n{Path(good_log).read_text()[-5000:]}")
-            try:
-                if requests.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"server not healthy after {START_TIMEOUT} s:\n{Path(good_log).read_text()[-5000:]}")
-            time.sleep(2)
-        yield {"url": url, "log": good_log, "bad": bad, "bad_log": bad_log}
+        _wait_healthy(good, url, good_log, deadline)
+        _wait_healthy(refresh, refresh_url, refresh_log, deadline)
+        yield {"url": url, "log": good_log, "dir": good_dir, "refresh_url": refresh_url, "refresh_dir": refresh_dir,
+               "bad": bad, "bad_log": bad_log}
     finally:
         _kill(good)
+        _kill(refresh)
         _kill(bad)
 
 
@@ -113,7 +133,8 @@ def test_chat_completion(servers):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "chat.completion"
-    assert isinstance(body["choices"][0]["message"]["content"], str)
+    message = body["choices"][0]["message"]
+    assert isinstance(message["content"], str) or isinstance(message.get("reasoning_content"), str), message
     assert body["usage"]["completion_tokens"] >= 1 and body["usage"]["prompt_tokens"] > 5
 
 
@@ -140,6 +161,143 @@ def test_too_long_prompt_is_refused_and_server_keeps_serving(servers):
         "model": SERVED_NAME, "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0})
     assert ok.status_code == 200, ok.text
     assert ok.json()["usage"]["completion_tokens"] == 4
+
+
+def test_sampled_requests_are_served(servers):
+    """Sampling (temperature, top-p, top-k) scales the model's logits in place inside SGLang's sampler:
+    the request is answered and the server keeps serving."""
+    for seed in (1, 2):
+        r = requests.post(servers["url"] + "/v1/chat/completions", timeout=120, json={
+            "model": SERVED_NAME, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6,
+            "temperature": 0.8, "top_p": 0.9, "top_k": 20, "seed": seed})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] >= 1
+    assert requests.get(servers["url"] + "/health", timeout=30).status_code == 200
+
+
+# ---- chat: tools, effort profiles, the -0731 checkpoint (issues 7 and 9) ----------------------------
+MESSAGES = [{"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Tell me about compressed attention."}]
+
+
+def _chat(url: str, **body) -> requests.Response:
+    return requests.post(url + "/v1/chat/completions", timeout=300, json={"model": SERVED_NAME, **body})
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_tool_request_gets_an_openai_answer(servers, thinking):
+    """The tiny model's text is random: whatever it writes, the answer is OpenAI-shaped and holds no
+    markup (the parsers' exact output on constructed completions is tests/test_dsml_frameworks.py)."""
+    from chat_corpus import WEATHER_TOOL, check_openai_chat_answer
+
+    request = dict(messages=MESSAGES, tools=[WEATHER_TOOL], tool_choice="auto", max_tokens=24, temperature=0,
+                   chat_template_kwargs={"thinking": thinking})
+    whole = _chat(servers["url"], **request)
+    assert whole.status_code == 200, whole.text
+    streamed = _chat(servers["url"], **request, stream=True)
+    assert streamed.status_code == 200, streamed.text
+    events = [line[len("data: "):] for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    check_openai_chat_answer(whole.json(), [json.loads(e) for e in events[:-1]], {"get_weather"})
+
+
+def test_forced_tool_call_goes_through_the_server_parsers(servers):
+    """The model is constrained to write a DSML tool call (a `regex` of the whole completion): the
+    answer carries it as an OpenAI tool call, streamed and not."""
+    import re
+
+    from chat_corpus import FORCED_TOOL_COMPLETION, WEATHER_TOOL, check_openai_chat_answer
+
+    request = dict(messages=MESSAGES, tools=[WEATHER_TOOL], tool_choice="auto", max_tokens=400, temperature=0,
+                   chat_template_kwargs={"thinking": False}, regex=re.escape(FORCED_TOOL_COMPLETION))
+    whole = _chat(servers["url"], **request)
+    assert whole.status_code == 200, whole.text
+    body = whole.json()
+    message = body["choices"][0]["message"]
+    assert message["content"] == "Checking." and body["choices"][0]["finish_reason"] == "tool_calls", body
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == [
+        ("get_weather", {"city": "Paris", "days": 3})]
+    streamed = _chat(servers["url"], **request, stream=True)
+    assert streamed.status_code == 200, streamed.text
+    events = [line[len("data: "):] for line in streamed.text.splitlines() if line.startswith("data: ")]
+    chunks = [json.loads(e) for e in events[:-1]]
+    check_openai_chat_answer(body, chunks, {"get_weather"})
+    calls = [tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls") or []]
+    assert [(tc["function"]["name"], json.loads(tc["function"]["arguments"])) for tc in calls] == [
+        ("get_weather", {"city": "Paris", "days": 3})]
+
+
+@pytest.mark.parametrize("which,profile", [("url", "preview"), ("refresh_url", "refresh")])
+def test_rendered_prompt_per_profile_effort_and_thinking(servers, which, profile):
+    """`/tokenize` with messages renders through the chat path: the 04-24 checkpoint gets no preamble
+    for the default effort (SGLang's deepseek-recipe would write "Absolute maximum"), the -0731 one
+    the official mapping; expected prompts come from DeepSeek's official encoder. The effort is given
+    as a template kwarg beside `thinking`, and (thinking on) as the request field alone: an effort
+    other than "none" asks for thinking, as in vLLM."""
+    from tokenizers import Tokenizer
+
+    from chat_corpus import OFFICIAL_EFFORT, official_encode
+
+    tok = Tokenizer.from_file(str(servers["dir"] / "tokenizer.json"))
+    for (name, effort), official in OFFICIAL_EFFORT.items():
+        if name != profile:
+            continue
+        for thinking in (True, False):
+            expected = official_encode(MESSAGES, thinking=thinking, effort=official)
+            kwargs = {"thinking": thinking} | ({"reasoning_effort": effort} if effort else {})
+            bodies = [{"chat_template_kwargs": kwargs}] + ([{"reasoning_effort": effort}] if thinking else [])
+            for body in bodies:
+                r = requests.post(servers[which] + "/tokenize", timeout=60,
+                                  json={"model": SERVED_NAME, "messages": MESSAGES, **body})
+                assert r.status_code == 200, r.text
+                assert tok.decode(r.json()["tokens"], skip_special_tokens=False) == expected, body
+
+
+@pytest.mark.parametrize("which,allowed", [("url", "high, max"), ("refresh_url", "high, low, max")])
+def test_unknown_effort_is_a_400_listing_the_allowed_ones(servers, which, allowed):
+    url = servers[which]
+    for body in ({"reasoning_effort": "ultra"}, {"chat_template_kwargs": {"reasoning_effort": "ultra"}}):
+        r = _chat(url, messages=MESSAGES, max_tokens=2, temperature=0, **body)
+        assert r.status_code == 400, r.text
+        assert "'ultra'" in r.text and allowed in r.text, r.text
+    assert requests.get(url + "/health", timeout=120).status_code == 200
+    r = _chat(url, messages=MESSAGES, max_tokens=2, temperature=0, reasoning_effort="max")
+    assert r.status_code == 200, r.text
+
+
+def test_effort_none_turns_thinking_off_for_prompt_and_parser(servers):
+    """`reasoning_effort="none"`: the prompt opens the answer with `</think>` and the reasoning parser
+    does not put the completion into `reasoning_content` (it did when SGLang decided alone)."""
+    from v4_plugin.chat import ASSISTANT, THINK_END
+
+    r = requests.post(servers["url"] + "/tokenize", timeout=60,
+                      json={"model": SERVED_NAME, "messages": MESSAGES, "reasoning_effort": "none"})
+    tok = json.loads((servers["dir"] / "tokenizer.json").read_text())["added_tokens"]
+    ids = {t["content"]: t["id"] for t in tok}
+    assert r.status_code == 200 and r.json()["tokens"][-2:] == [ids[ASSISTANT], ids[THINK_END]], r.text
+    request = dict(messages=MESSAGES, max_tokens=12, temperature=0, reasoning_effort="none")
+    for answer in (_chat(servers["url"], **request), _chat(servers["url"], **request, stream=True)):
+        assert answer.status_code == 200, answer.text
+        assert "reasoning_content\":\"" not in answer.text.replace(" ", ""), answer.text
+
+
+def test_refresh_checkpoint_serves_the_04_24_tokens_and_the_reference(servers):
+    """Same seed, same main weights: greedy tokens of the -0731 server == the 04-24 server == the
+    reference model (the DSpark drafter is not used without speculative decoding)."""
+    from sglang_backend.testing import prompt_ids, reference_greedy, reference_model
+
+    prompts = [prompt_ids(n, 384, seed) for n, seed in ((7, 1), (40, 2), (150, 3))]
+    served = {}
+    for which in ("url", "refresh_url"):
+        served[which] = []
+        for prompt in prompts:
+            r = requests.post(servers[which] + "/v1/completions", timeout=300, json={
+                "model": SERVED_NAME, "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True})
+            assert r.status_code == 200, r.text
+            served[which].append(r.json()["choices"][0]["token_ids"])
+    assert served["refresh_url"] == served["url"]
+    assert served["url"] == reference_greedy(reference_model(str(servers["dir"])), prompts, 6)
 
 
 def test_broken_checkpoint_fails_at_startup_naming_the_tensor(servers):

@@ -1,9 +1,16 @@
-"""`vllm serve` end to end over HTTP on a tiny checkpoint: our plugin serves (its startup line is in
+"""`vllm serve` end to end over HTTP on tiny checkpoints: our plugin serves (its startup line is in
 the server log), chat completions use the checkpoint's chat encoding, streaming equals the
 non-streamed answer, a prompt over --max-model-len gets HTTP 400 and the server keeps serving; and a
 checkpoint missing a tensor fails at startup with the tensor's name.
 
-The server is started once for the module in its own process group and killed in teardown."""
+Chat (issues 7 and 9), with the README's parser flags: requests with `tools` get OpenAI-format
+answers (streamed too) with no DSML or think markup in `content`; the rendered prompt of every
+profile x effort x thinking mode equals DeepSeek's official encoder; an unknown effort is a 400
+listing the allowed ones; the tiny -0731 checkpoint serves the same greedy tokens as the 04-24 one of
+the same seed and as the reference model.
+
+Two servers (04-24 and -0731) are started once for the module, each in its own process group and
+killed in teardown."""
 
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-MAX_MODEL_LEN = 1024
+MAX_MODEL_LEN = 2048
 STARTUP_TIMEOUT = 420
 
 
@@ -45,10 +52,15 @@ def _server_env() -> dict[str, str]:
     return env
 
 
-def _start(model_dir: Path, port: int, log: Path) -> subprocess.Popen:
+PARSER_FLAGS = ["--enable-auto-tool-choice", "--tool-call-parser", "deepseek_v4_plugin",
+                "--reasoning-parser", "deepseek_v4_plugin"]
+"""The README's flags for tool calls and reasoning."""
+
+
+def _start(model_dir: Path, port: int, log: Path, *extra: str) -> subprocess.Popen:
     cmd = _vllm_cli() + ["serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
                          "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
-                         "--served-model-name", "tiny-v4"]
+                         "--served-model-name", "tiny-v4", *extra]
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=_server_env(),
                             start_new_session=True)
 
@@ -85,23 +97,35 @@ def _healthy(base: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def servers(tmp_path_factory):
+    """The tiny 04-24 ("flash") and -0731 checkpoints of one seed, served side by side with the
+    parser flags: {"flash": (base URL, model dir, log), "flash-0731": ...}."""
     from v4_plugin.tiny import make_tiny
 
     root = tmp_path_factory.mktemp("vllm-serve")
-    model_dir = make_tiny(root / "flash", preset="flash", seed=4)
-    port, log = _free_port(), root / "server.log"
-    proc = _start(model_dir, port, log)
-    base = f"http://127.0.0.1:{port}"
+    procs, out = [], {}
     try:
+        for preset in ("flash", "flash-0731"):
+            model_dir = make_tiny(root / preset, preset=preset, seed=4)
+            port, log = _free_port(), root / f"{preset}.log"
+            procs.append(_start(model_dir, port, log, *PARSER_FLAGS))
+            out[preset] = (f"http://127.0.0.1:{port}", model_dir, log)
         deadline = time.time() + STARTUP_TIMEOUT
-        while not _healthy(base):
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"vllm serve did not come up:\n{log.read_text()[-4000:]}")
-            time.sleep(2)
-        yield base, model_dir, log
+        for proc, (base, _, log) in zip(procs, out.values()):
+            while not _healthy(base):
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"vllm serve did not come up:\n{log.read_text()[-4000:]}")
+                time.sleep(2)
+        yield out
     finally:
-        _stop(proc)
+        for proc in procs:
+            _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    """The 04-24 server: (base URL, model dir, log)."""
+    return servers["flash"]
 
 
 MESSAGES = [{"role": "system", "content": "You are terse."},
@@ -116,8 +140,9 @@ def test_server_runs_our_plugin(server):
 
 
 def test_chat_completion_uses_checkpoint_chat_encoding(server):
-    """vLLM renders V4 chats with its deepseek_v4 encoder (keyed by model_type; thinking mode by
-    default); in chat mode the prompt is exactly the checkpoint's encoding (`v4_plugin.chat`)."""
+    """vLLM renders V4 chats in its deepseek_v4 tokenizer mode, which the plugin serves with
+    `v4_plugin.chat` (thinking mode by default); in chat mode the prompt is exactly the checkpoint's
+    encoding."""
     from tokenizers import Tokenizer
 
     from v4_plugin.chat import encode_messages
@@ -171,6 +196,122 @@ def test_prompt_over_max_model_len_gets_400_and_server_keeps_serving(server):
                          {"model": "tiny-v4", "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0})
     assert status == 200, body
     assert body["usage"]["completion_tokens"] == 4 or body["choices"][0]["finish_reason"] == "stop"
+
+
+def test_sampled_requests_are_served(server):
+    """Sampling (temperature, top-p, top-k) goes through vLLM's sampler on our logits; the server keeps serving."""
+    base, _, _ = server
+    for seed in (1, 2):
+        status, body = _post(f"{base}/v1/chat/completions", {
+            "model": "tiny-v4", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6,
+            "temperature": 0.8, "top_p": 0.9, "top_k": 20, "seed": seed})
+        assert status == 200, body
+        assert body["usage"]["completion_tokens"] >= 1
+    assert _healthy(base)
+
+
+# ---- chat: tools, effort profiles, the -0731 checkpoint (issues 7 and 9) ----------------------------
+@pytest.mark.parametrize("thinking", [False, True])
+def test_tool_request_gets_an_openai_answer(server, thinking):
+    """The tiny model's text is random: whatever it writes, the answer is OpenAI-shaped and holds no
+    markup (the parsers' exact output on constructed completions is tests/test_dsml_frameworks.py)."""
+    from chat_corpus import WEATHER_TOOL, check_openai_chat_answer
+
+    base, _, _ = server
+    request = {"model": "tiny-v4", "messages": MESSAGES, "tools": [WEATHER_TOOL], "tool_choice": "auto",
+               "max_tokens": 24, "temperature": 0, "chat_template_kwargs": {"thinking": thinking}}
+    status, whole = _post(f"{base}/v1/chat/completions", request)
+    assert status == 200, whole
+    status, raw = _post(f"{base}/v1/chat/completions", {**request, "stream": True})
+    assert status == 200, raw
+    events = [line[6:] for line in raw.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    check_openai_chat_answer(whole, [json.loads(e) for e in events[:-1]], {"get_weather"})
+
+
+def test_forced_tool_call_goes_through_the_server_parsers(server):
+    """The model is constrained to write a DSML tool call (structured outputs, `choice`): the answer
+    carries it as an OpenAI tool call, streamed and not."""
+    from chat_corpus import FORCED_TOOL_COMPLETION, WEATHER_TOOL, check_openai_chat_answer
+
+    base, _, _ = server
+    request = {"model": "tiny-v4", "messages": MESSAGES, "tools": [WEATHER_TOOL], "tool_choice": "auto",
+               "max_tokens": 400, "temperature": 0, "chat_template_kwargs": {"thinking": False},
+               "structured_outputs": {"choice": [FORCED_TOOL_COMPLETION]}}
+    status, whole = _post(f"{base}/v1/chat/completions", request)
+    assert status == 200, whole
+    message = whole["choices"][0]["message"]
+    assert message["content"] == "Checking." and whole["choices"][0]["finish_reason"] == "tool_calls", whole
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == [
+        ("get_weather", {"city": "Paris", "days": 3})]
+    status, raw = _post(f"{base}/v1/chat/completions", {**request, "stream": True})
+    assert status == 200, raw
+    events = [line[6:] for line in raw.splitlines() if line.startswith("data: ")]
+    chunks = [json.loads(e) for e in events[:-1]]
+    check_openai_chat_answer(whole, chunks, {"get_weather"})
+    streamed = [tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls") or []]
+    assert [(tc["function"]["name"], json.loads(tc["function"]["arguments"])) for tc in streamed] == [
+        ("get_weather", {"city": "Paris", "days": 3})]
+
+
+@pytest.mark.parametrize("preset,profile", [("flash", "preview"), ("flash-0731", "refresh")])
+def test_rendered_prompt_per_profile_effort_and_thinking(servers, preset, profile):
+    """`/tokenize` renders the checkpoint's profile: the 04-24 checkpoint gets no preamble for the
+    default effort (upstream vLLM would write "Absolute maximum"), the -0731 one the official mapping;
+    expected prompts come from DeepSeek's official encoder."""
+    from tokenizers import Tokenizer
+
+    from chat_corpus import OFFICIAL_EFFORT, official_encode
+
+    base, model_dir, _ = servers[preset]
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    for (name, effort), official in OFFICIAL_EFFORT.items():
+        if name != profile:
+            continue
+        for thinking in (True, False):
+            kwargs = {"thinking": thinking} | ({"reasoning_effort": effort} if effort else {})
+            expected = official_encode(MESSAGES, thinking=thinking, effort=official)
+            status, body = _post(f"{base}/tokenize", {"model": "tiny-v4", "messages": MESSAGES,
+                                                      "chat_template_kwargs": kwargs})
+            assert status == 200, body
+            assert tok.decode(body["tokens"], skip_special_tokens=False) == expected, (effort, thinking)
+            assert body["tokens"] == tok.encode(expected, add_special_tokens=False).ids
+
+
+@pytest.mark.parametrize("preset,allowed", [("flash", "high, max"), ("flash-0731", "high, low, max")])
+def test_unknown_effort_is_a_400_listing_the_allowed_ones(servers, preset, allowed):
+    base, _, _ = servers[preset]
+    bad = {"model": "tiny-v4", "messages": MESSAGES, "chat_template_kwargs": {"reasoning_effort": "ultra"}}
+    for endpoint, extra in (("/tokenize", {}), ("/v1/chat/completions", {"max_tokens": 2})):
+        status, body = _post(f"{base}{endpoint}", {**bad, **extra})
+        assert status == 400, body
+        assert "'ultra'" in body and allowed in body, body
+    assert _healthy(base)
+    status, body = _post(f"{base}/v1/chat/completions", {"model": "tiny-v4", "messages": MESSAGES, "max_tokens": 2,
+                                                        "reasoning_effort": "max"})
+    assert status == 200, body
+
+
+def test_refresh_checkpoint_serves_the_04_24_tokens_and_the_reference(servers):
+    """Same seed, same main weights: greedy tokens of the -0731 server == the 04-24 server == the
+    reference model (the DSpark drafter is not used without speculative decoding)."""
+    from vllm_backend.testing import compare_with_reference, random_prompt, reference_model
+
+    prompts = [random_prompt(n, seed) for n, seed in ((7, 1), (40, 2), (150, 3))]
+    served = {}
+    for preset, (base, _, _) in servers.items():
+        served[preset] = []
+        for prompt in prompts:
+            status, body = _post(f"{base}/v1/completions", {
+                "model": "tiny-v4", "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True})
+            assert status == 200, body
+            served[preset].append(body["choices"][0]["token_ids"])
+    assert served["flash-0731"] == served["flash"]
+    ref = reference_model(servers["flash"][1])
+    for prompt, tokens in zip(prompts, served["flash"]):
+        result = compare_with_reference(ref, prompt, tokens, None)
+        assert result.tokens_equal, result.detail
 
 
 def test_missing_tensor_fails_at_startup_naming_it(server, tmp_path):

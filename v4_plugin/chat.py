@@ -111,15 +111,24 @@ class EffortProfile:
     default_effort: str
     aliases: Mapping[str, str] = field(default_factory=dict)
 
-    def resolve(self, effort: str | None) -> str:
-        """The canonical effort for ``effort`` (``None`` -> the default)."""
+    def allowed_efforts(self) -> list[str]:
+        """Every effort name a request may use: the profile's own, its aliases, and ``none``
+        (thinking off, handled by :func:`encode_request`)."""
+        return [*sorted(self.preambles), *sorted(self.aliases), "none"]
+
+    def resolve(self, effort: Any) -> str:
+        """The canonical effort for ``effort`` (``None`` -> the default).
+
+        Raises:
+            ValueError: ``effort`` is not a name of this profile (the message lists the allowed ones).
+        """
         if effort is None:
             return self.default_effort
-        effort = self.aliases.get(effort, effort)
+        effort = self.aliases.get(effort, effort) if isinstance(effort, str) else effort
         if effort not in self.preambles:
             raise ValueError(
-                f"reasoning effort {effort!r} is not defined by the {self.name!r} profile; "
-                f"expected one of {sorted(self.preambles)}"
+                f"reasoning effort {effort!r} is not defined by the {self.name!r} profile of this "
+                f"checkpoint; expected one of {', '.join(self.allowed_efforts())}"
             )
         return effort
 
@@ -162,12 +171,13 @@ PROFILES = {p.name: p for p in (PREVIEW_PROFILE, REFRESH_PROFILE)}
 PROFILE_ENV = "V4_PLUGIN_EFFORT_PROFILE"
 
 
-def detect_profile(model_dir: str | pathlib.Path | None, dspark: bool) -> EffortProfile:
+def detect_profile(model_dir: str | pathlib.Path | None, dspark: bool | None = None) -> EffortProfile:
     """The effort profile of a checkpoint.
 
     In order: the `V4_PLUGIN_EFFORT_PROFILE` override (`preview` | `refresh`); the checkpoint's
     bundled `encoding/encoding_dsv4.py` (a `REASONING_EFFORT_MAX` constant is the 04-24 encoder,
-    `REASONING_EFFORT_PROMPTS` the refreshed one); else the config (`dspark_*` keys: a refresh).
+    `REASONING_EFFORT_PROMPTS` the refreshed one); else the config: `dspark` when given, otherwise
+    whether `model_dir/config.json` has `dspark_*` keys (a refresh).
     """
     override = os.environ.get(PROFILE_ENV)
     if override:
@@ -181,7 +191,22 @@ def detect_profile(model_dir: str | pathlib.Path | None, dspark: bool) -> Effort
             return REFRESH_PROFILE
         if "REASONING_EFFORT_MAX" in source:
             return PREVIEW_PROFILE
+    if dspark is None:
+        dspark = _config_has_dspark(model_dir)
     return REFRESH_PROFILE if dspark else PREVIEW_PROFILE
+
+
+def _config_has_dspark(model_dir: str | pathlib.Path | None) -> bool:
+    """Whether ``model_dir/config.json`` has ``dspark_*`` keys (False when there is no such file)."""
+    config = pathlib.Path(model_dir) / "config.json" if model_dir else None
+    if config is None or not config.is_file():
+        return False
+    try:
+        keys = json.loads(config.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{config}: not valid JSON ({exc})") from exc
+    return any(str(key).startswith("dspark_") for key in keys)
+
 
 # ----------------------------------------------------------------------------
 # Pieces of the format
@@ -537,35 +562,63 @@ def encode_request(
 ) -> str:
     """Encode an OpenAI chat request the way the serving frameworks read it.
 
-    Thinking is ``chat_template_kwargs["thinking"]`` or ``["enable_thinking"]``,
-    else ``default_thinking`` (on, like DeepSeek's API, vLLM's ``deepseek_v4``
-    mode and SGLang); ``reasoning_effort`` (argument or template kwarg) ``"none"``
-    turns it off, other values go through ``profile`` (aliases included). Extra
-    kwargs ``drop_thinking`` and ``continue_final_message`` are passed on.
+    Thinking is :func:`request_thinking` with ``default_thinking`` (on, like DeepSeek's
+    API and both servers with the plugin); the effort (template kwarg, else argument)
+    ``"none"`` turns it off, other values go through ``profile`` (aliases included).
+    Extra kwargs ``drop_thinking`` and ``continue_final_message`` are passed on.
+
+    Raises:
+        ValueError: an effort ``profile`` does not define, thinking on or off (the servers
+            answer it with HTTP 400; the message lists the allowed names).
     """
     kwargs = dict(chat_template_kwargs or {})
-    effort = kwargs.get("reasoning_effort", reasoning_effort)
-    if "thinking" in kwargs or "enable_thinking" in kwargs:
-        thinking = bool(kwargs.get("thinking")) or bool(kwargs.get("enable_thinking"))
-    else:
-        thinking = default_thinking
-    if effort == "none":
-        thinking, effort = False, None
+    effort = requested_effort(kwargs, reasoning_effort)
+    thinking = request_thinking(kwargs, reasoning_effort, default=default_thinking)
+    if effort not in (None, "none"):
+        profile.resolve(effort)  # an unknown effort is an error even with thinking off
     return encode_messages(
         messages,
         thinking=thinking,
         add_generation_prompt=add_generation_prompt,
         tools=tools,
-        reasoning_effort=effort if thinking else None,
+        reasoning_effort=effort if thinking and effort != "none" else None,
         profile=profile,
         drop_thinking=kwargs.get("drop_thinking", True),
         continue_final_message=kwargs.get("continue_final_message", False),
     )
 
 
+def requested_effort(chat_template_kwargs: Mapping[str, Any] | None, reasoning_effort: Any = None) -> Any:
+    """The effort a request asks for: ``chat_template_kwargs["reasoning_effort"]``, else the
+    request's ``reasoning_effort`` (``None`` when neither is set)."""
+    kwargs = chat_template_kwargs or {}
+    effort = kwargs.get("reasoning_effort")
+    return reasoning_effort if effort is None else effort
+
+
+def request_thinking(
+    chat_template_kwargs: Mapping[str, Any] | None, reasoning_effort: Any = None, *, default: bool = True
+) -> bool:
+    """Whether a serving request renders in thinking mode: ``chat_template_kwargs["thinking"]``
+    or ``["enable_thinking"]`` when either is given (either true: on), else ``default``; an effort
+    of ``"none"`` (see :func:`requested_effort`) turns it off. Both frameworks' prompt renderers and
+    reasoning parsers decide with this one rule."""
+    kwargs = chat_template_kwargs or {}
+    if "thinking" in kwargs or "enable_thinking" in kwargs:
+        thinking = bool(kwargs.get("thinking")) or bool(kwargs.get("enable_thinking"))
+    else:
+        thinking = default
+    return thinking and requested_effort(kwargs, reasoning_effort) != "none"
+
+
 def _jinja_literal(text: str) -> str:
     """``text`` as a Jinja string literal (Jinja reads JSON string escapes)."""
     return json.dumps(text, ensure_ascii=False)
+
+
+TEMPLATE_HEADER = "{#- DeepSeek-V4 chat template, generated from v4_plugin.chat (encode_messages). -#}\n"
+"""First line of every template :func:`build_chat_template` writes (how a tokenizer's template is
+recognised as ours, whatever its profile)."""
 
 
 def build_chat_template(profile: EffortProfile = PREVIEW_PROFILE) -> str:
@@ -575,7 +628,7 @@ def build_chat_template(profile: EffortProfile = PREVIEW_PROFILE) -> str:
     assert render_tools_block([{"a": 1}]) == tools_head + '{"a": 1}' + tools_tail
     lit = _jinja_literal
     return (
-        "{#- DeepSeek-V4 chat template, generated from v4_plugin.chat (encode_messages). -#}\n"
+        TEMPLATE_HEADER +
         # ---- settings
         "{%- set thinking = (thinking is defined and thinking) or (enable_thinking is defined and enable_thinking)"
         " -%}\n"

@@ -196,7 +196,7 @@ def attention_paged(block: Block, x: torch.Tensor, plan: BatchPlan, caches: Laye
     return torch.cat(outputs)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: frameworks update the returned logits in place (temperature)
 def forward_paged(model: ReferenceModel, token_ids: torch.Tensor, plan: BatchPlan,
                   caches: list[LayerCaches], fmt: CacheFormat) -> ModelOutput:
     """One step of a batch of sequences over paged caches (one `LayerCaches` per main layer)."""

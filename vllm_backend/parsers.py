@@ -16,10 +16,10 @@ tool call is released).
 
 Thinking mode (does the completion start inside ``<think>``?) comes from the
 prompt when vLLM passes it (streaming: the last think token of the prompt), else
-from the chat-template kwargs (``thinking`` / ``enable_thinking``,
-``reasoning_effort="none"`` off) with the default of the prompt renderer in use
-(:func:`default_thinking`: on for vLLM's ``deepseek_v4`` tokenizer mode, off for our
-Jinja template).
+from the chat-template kwargs by :func:`v4_plugin.chat.request_thinking` (``thinking`` /
+``enable_thinking``, ``reasoning_effort="none"`` off) with the default of the prompt
+renderer in use (:func:`default_thinking`: on for the ``deepseek_v4`` tokenizer mode,
+which the plugin renders with :mod:`vllm_backend.chat`; off for our Jinja template).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
 from typing import Any
 
-from v4_plugin.chat import ASSISTANT, CHAT_TEMPLATE, THINK_END, THINK_START
+from v4_plugin.chat import ASSISTANT, TEMPLATE_HEADER, THINK_END, THINK_START, request_thinking
 from v4_plugin.dsml import Delta, StreamParser
 
 PARSER_NAME = "deepseek_v4_plugin"
@@ -47,29 +47,15 @@ def register_parsers() -> None:
     ReasoningParserManager.register_lazy_module(PARSER_NAME, __name__, REASONING_PARSER_CLASS)
 
 
-def thinking_from_kwargs(
-    chat_template_kwargs: Mapping[str, Any] | None, reasoning_effort: Any = None, *, default: bool = True
-) -> bool:
-    """Thinking mode as the prompt renderers decide it: ``thinking`` or
-    ``enable_thinking`` when given, else ``default``; ``reasoning_effort="none"`` off."""
-    kwargs = dict(chat_template_kwargs or {})
-    effort = kwargs.get("reasoning_effort", reasoning_effort)
-    if "thinking" in kwargs or "enable_thinking" in kwargs:
-        thinking = bool(kwargs.get("thinking")) or bool(kwargs.get("enable_thinking"))
-    else:
-        thinking = default
-    return thinking and effort != "none"
-
-
 def default_thinking(tokenizer: Any, model_config: Any = None) -> bool:
     """Whether prompts open in thinking mode when the request does not say.
 
-    vLLM's ``deepseek_v4`` tokenizer mode (DeepSeek's encoder) defaults to thinking;
-    our Hugging Face template (``v4_plugin.chat.CHAT_TEMPLATE``, used by the tiny
-    checkpoints without that mode) defaults to chat; anything else: thinking."""
+    vLLM's ``deepseek_v4`` tokenizer mode (rendered by :mod:`vllm_backend.chat`, as DeepSeek's
+    encoder does) defaults to thinking; our Hugging Face template
+    (:func:`v4_plugin.chat.build_chat_template`, any profile) defaults to chat; anything else: thinking."""
     if getattr(model_config, "tokenizer_mode", None) == "deepseek_v4":
         return True
-    return getattr(tokenizer, "chat_template", None) != CHAT_TEMPLATE
+    return not (getattr(tokenizer, "chat_template", None) or "").startswith(TEMPLATE_HEADER)
 
 
 def __getattr__(name: str) -> Any:
@@ -128,7 +114,7 @@ def _classes() -> dict[str, type]:
             self._assistant_id = vocab.get(ASSISTANT)
             if self._think_end_id is None:
                 raise RuntimeError(f"the tokenizer has no {THINK_END!r} token")
-            self.thinking = thinking_from_kwargs(
+            self.thinking = request_thinking(
                 kwargs.get("chat_template_kwargs"), default=default_thinking(tokenizer, self._model_config)
             )
             self._stream = self._new_stream(self.thinking)

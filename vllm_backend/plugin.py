@@ -15,7 +15,12 @@ What it does, unless `V4_PLUGIN_DISABLE=1` (then vLLM's native `DeepseekV4ForCau
   hook rewrites `quant_method` fp8 -> deepseek_v4_fp8 for its own FP8 layers; ours tells vLLM the
   checkpoint is loaded by the plugin (no vLLM quantization method), and fixes the block size to 256;
 * keeps chunked prefill and prefix caching on for our architectures on CPUs without AMX, where
-  vLLM's CPU platform turns both off for every MLA model (`model_type` deepseek_v4 sets `use_mla`).
+  vLLM's CPU platform turns both off for every MLA model (`model_type` deepseek_v4 sets `use_mla`);
+* renders chats with `v4_plugin.chat` and the checkpoint's effort profile: the `deepseek_v4`
+  tokenizer mode (vLLM's default for the architecture) loads `chat.DeepseekV4PluginTokenizer`.
+
+The tool-call and reasoning parsers (`parsers.py`, name `deepseek_v4_plugin`) are offered even when
+disabled: they are selected by name on the command line.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 
+from .chat import install_chat_encoding
 from .parsers import register_parsers
 
 logger = logging.getLogger("vllm.deepseek_v4_plugin")  # a child of vLLM's logger: same handlers
@@ -70,6 +76,7 @@ def register() -> None:
         _install_config_hook(arch)
     if not disabled():
         _install_config_class()
+        install_chat_encoding()
     _keep_chunked_prefill_and_prefix_caching_on_cpu()
     _state["registered"] = True
 
@@ -90,13 +97,6 @@ def _install_config_class() -> None:
     _CONFIG_REGISTRY["deepseek_v4"] = DeepseekV4PluginHFConfig
 
 
-# ---- per-architecture config hook ------------------------------------------------------------------
-def _install_config_hook(arch: str) -> None:
-    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
-
-    MODELS_CONFIG_MAP[arch] = _config_hook_class()
-
-
 # ---- parallelism ---------------------------------------------------------------------------------
 def check_parallelism(parallel_config) -> None:
     """Refuse tensor / pipeline parallelism (not implemented): raised by the config hook when vLLM
@@ -108,6 +108,13 @@ def check_parallelism(parallel_config) -> None:
             f"--pipeline-parallel-size {pp} are not implemented by this version; use --data-parallel-size N "
             f"for several GPUs, or V4_PLUGIN_DISABLE=1 for vLLM's native DeepSeek-V4"
         )
+
+
+# ---- per-architecture config hook ------------------------------------------------------------------
+def _install_config_hook(arch: str) -> None:
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    MODELS_CONFIG_MAP[arch] = _config_hook_class()
 
 
 _HOOK: list = []
@@ -135,6 +142,7 @@ def _config_hook_class():
         def verify_and_update_config(vllm_config) -> None:
             from v4_plugin.capacity import BLOCK as BLOCK_SIZE
 
+            check_parallelism(vllm_config.parallel_config)
             cache_config = vllm_config.cache_config
             if cache_config.user_specified_block_size and cache_config.block_size != BLOCK_SIZE:
                 logger.warning("deepseek-v4-plugin: block size %s overridden to %d (whole C128 entries per block)",
@@ -142,7 +150,6 @@ def _config_hook_class():
             cache_config.block_size = BLOCK_SIZE
             cache_config.user_specified_block_size = True
             from .kv_specs import validate_cache_dtype
-            check_parallelism(vllm_config.parallel_config)
 
             validate_cache_dtype(cache_config.cache_dtype)
 

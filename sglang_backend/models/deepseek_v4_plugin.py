@@ -142,7 +142,7 @@ class DeepseekV4PluginForCausalLM(nn.Module):
         return self.ref
 
     # ---- forward --------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: SGLang's sampler scales the logits in place
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch, input_embeds=None,
                 **kwargs):
         from sglang.srt.layers.logits_processor import LogitsProcessorOutput
