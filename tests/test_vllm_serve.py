@@ -15,13 +15,8 @@ killed in teardown."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -30,26 +25,11 @@ import pytest
 
 pytest.importorskip("vllm")
 
+from vllm_backend.testing import VllmServer, healthy  # noqa: E402
+
 MAX_MODEL_LEN = 2048
 STARTUP_TIMEOUT = 420
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _vllm_cli() -> list[str]:
-    exe = Path(sys.executable).with_name("vllm")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
-
-
-def _server_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # a real server: API process + engine core
-    env["V4_PLUGIN_QUANT_SIM"] = "off"
-    return env
+SERVER_ENV = {"V4_PLUGIN_QUANT_SIM": "off"}
 
 
 PARSER_FLAGS = ["--enable-auto-tool-choice", "--tool-call-parser", "deepseek_v4_plugin",
@@ -57,25 +37,9 @@ PARSER_FLAGS = ["--enable-auto-tool-choice", "--tool-call-parser", "deepseek_v4_
 """The README's flags for tool calls and reasoning."""
 
 
-def _start(model_dir: Path, port: int, log: Path, *extra: str) -> subprocess.Popen:
-    cmd = _vllm_cli() + ["serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-                         "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
-                         "--served-model-name", "tiny-v4", *extra]
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=_server_env(),
-                            start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=30)
+def _start(model_dir: Path, log: Path, *extra: str) -> VllmServer:
+    return VllmServer(model_dir, log, "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
+                      "--served-model-name", "tiny-v4", *extra, env=SERVER_ENV)
 
 
 def _post(url: str, body: dict, timeout: float = 120) -> tuple[int, dict | str]:
@@ -88,14 +52,6 @@ def _post(url: str, body: dict, timeout: float = 120) -> tuple[int, dict | str]:
         return e.code, e.read().decode()
 
 
-def _healthy(base: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{base}/health", timeout=5) as resp:
-            return resp.status == 200
-    except Exception:
-        return False
-
-
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """The tiny 04-24 ("flash") and -0731 checkpoints of one seed, served side by side with the
@@ -103,23 +59,19 @@ def servers(tmp_path_factory):
     from v4_plugin.tiny import make_tiny
 
     root = tmp_path_factory.mktemp("vllm-serve")
-    procs, out = [], {}
+    running, out = [], {}
     try:
-        for preset in ("flash", "flash-0731"):
+        for preset in ("flash", "flash-0731"):  # both start at once, then each is waited for
             model_dir = make_tiny(root / preset, preset=preset, seed=4)
-            port, log = _free_port(), root / f"{preset}.log"
-            procs.append(_start(model_dir, port, log, *PARSER_FLAGS))
-            out[preset] = (f"http://127.0.0.1:{port}", model_dir, log)
-        deadline = time.time() + STARTUP_TIMEOUT
-        for proc, (base, _, log) in zip(procs, out.values()):
-            while not _healthy(base):
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"vllm serve did not come up:\n{log.read_text()[-4000:]}")
-                time.sleep(2)
+            log = root / f"{preset}.log"
+            running.append(_start(model_dir, log, *PARSER_FLAGS))
+            out[preset] = (running[-1].base, model_dir, log)
+        for server in running:
+            server.wait(STARTUP_TIMEOUT)
         yield out
     finally:
-        for proc in procs:
-            _stop(proc)
+        for server in running:
+            server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +143,7 @@ def test_prompt_over_max_model_len_gets_400_and_server_keeps_serving(server):
     status, body = _post(f"{base}/v1/completions",
                          {"model": "tiny-v4", "prompt": [5] * (MAX_MODEL_LEN + 10), "max_tokens": 4})
     assert status == 400, body
-    assert _healthy(base)
+    assert healthy(base)
     status, body = _post(f"{base}/v1/completions",
                          {"model": "tiny-v4", "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0})
     assert status == 200, body
@@ -207,7 +159,7 @@ def test_sampled_requests_are_served(server):
             "temperature": 0.8, "top_p": 0.9, "top_k": 20, "seed": seed})
         assert status == 200, body
         assert body["usage"]["completion_tokens"] >= 1
-    assert _healthy(base)
+    assert healthy(base)
 
 
 # ---- chat: tools, effort profiles, the -0731 checkpoint (issues 7 and 9) ----------------------------
@@ -286,7 +238,7 @@ def test_unknown_effort_is_a_400_listing_the_allowed_ones(servers, preset, allow
         status, body = _post(f"{base}{endpoint}", {**bad, **extra})
         assert status == 400, body
         assert "'ultra'" in body and allowed in body, body
-    assert _healthy(base)
+    assert healthy(base)
     status, body = _post(f"{base}/v1/chat/completions", {"model": "tiny-v4", "messages": MESSAGES, "max_tokens": 2,
                                                         "reasoning_effort": "max"})
     assert status == 200, body
@@ -331,12 +283,12 @@ def test_missing_tensor_fails_at_startup_naming_it(server, tmp_path):
     (broken / "model.safetensors.index.json").write_text(json.dumps(index))
 
     log = tmp_path / "broken.log"
-    proc = _start(broken, _free_port(), log)
+    server = _start(broken, log)
     try:
-        proc.wait(timeout=STARTUP_TIMEOUT)
+        server.proc.wait(timeout=STARTUP_TIMEOUT)
     except subprocess.TimeoutExpired:
         pytest.fail(f"server with a missing tensor did not fail:\n{log.read_text()[-3000:]}")
     finally:
-        _stop(proc)
-    assert proc.returncode != 0
+        server.stop()
+    assert server.proc.returncode != 0
     assert missing in log.read_text()

@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
+
+from .testing import vllm_server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,49 +30,28 @@ def main(argv: list[str] | None = None) -> int:
         from v4_plugin.tiny import make_tiny
 
         model = make_tiny(work / "tiny-flash", preset="flash", seed=0)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-           "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    exe = Path(sys.executable).with_name("vllm")
-    cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "vllm.entrypoints.cli.main"]),
-           "serve", str(model), "--host", "127.0.0.1", "--port", str(args.port), "--max-model-len", "2048",
-           "--enforce-eager", "--served-model-name", "tiny-v4"]
     log = work / "server.log"
-    print(f"starting: {' '.join(cmd)}  (log: {log})", flush=True)
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{args.port}"
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), "HF_HUB_OFFLINE": "1",
+           "VLLM_NO_USAGE_STATS": "1"}
+    flags = ("--max-model-len", "2048", "--enforce-eager", "--served-model-name", "tiny-v4")
+    print(f"starting: vllm serve {model} {' '.join(flags)}  (log: {log})", flush=True)
     try:
-        deadline = time.time() + 600
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except Exception:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                print(log.read_text()[-4000:], file=sys.stderr)
-                return 1
-            time.sleep(2)
-        body = {"model": "tiny-v4", "max_tokens": 24, "temperature": 0,
-                "messages": [{"role": "user", "content": args.prompt}], "chat_template_kwargs": {"thinking": False}}
-        req = urllib.request.Request(f"{base}/v1/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=300) as r:
-            answer = json.loads(r.read())
-        for line in log.read_text().splitlines():
-            if "deepseek-v4-plugin" in line and "serving" in line or "KV cache size" in line:
-                print(line.split("] ", 1)[-1])
-        print("answer:", repr(answer["choices"][0]["message"]["content"]))
-        print("usage:", answer["usage"])
-        return 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        with vllm_server(model, log, *flags, env=env, port=args.port) as base:
+            body = {"model": "tiny-v4", "max_tokens": 24, "temperature": 0, "chat_template_kwargs": {"thinking": False},
+                    "messages": [{"role": "user", "content": args.prompt}]}
+            req = urllib.request.Request(f"{base}/v1/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=300) as r:
+                answer = json.loads(r.read())
+    except RuntimeError as exc:  # the server did not come up: the message holds its log's tail
+        print(exc, file=sys.stderr)
+        return 1
+    for line in log.read_text().splitlines():
+        if "deepseek-v4-plugin" in line and "serving" in line or "KV cache size" in line:
+            print(line.split("] ", 1)[-1])
+    print("answer:", repr(answer["choices"][0]["message"]["content"]))
+    print("usage:", answer["usage"])
+    return 0
 
 
 if __name__ == "__main__":

@@ -96,7 +96,8 @@ def vllm_cli() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
 
 
-def _healthy(base: str) -> bool:
+def healthy(base: str) -> bool:
+    """True when the server at `base` answers /health with 200."""
     try:
         with urllib.request.urlopen(f"{base}/health", timeout=5) as resp:
             return resp.status == 200
@@ -104,34 +105,53 @@ def _healthy(base: str) -> bool:
         return False
 
 
+class VllmServer:
+    """`vllm serve MODEL_DIR --host 127.0.0.1 --port PORT ARGS...` as a real server (API process + engine
+    core), output in `log`, in its own process group. Several can start at once: construct them all,
+    then `wait` for each."""
+
+    def __init__(self, model_dir: str | Path, log: Path, *args: str, env: dict[str, str] | None = None,
+                 port: int | None = None):
+        self.log, self.port = Path(log), port or free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        server_env = {**os.environ, **(env or {})}
+        server_env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        self.cmd = [*vllm_cli(), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port), *args]
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=server_env,
+                                     start_new_session=True)
+
+    def wait(self, timeout: float = 600) -> None:
+        """Until /health answers; raises RuntimeError with the log's tail if the server exits or times out."""
+        deadline = time.monotonic() + timeout
+        while not healthy(self.base):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"`{' '.join(self.cmd)}` did not come up:\n{self.log.read_text()[-4000:]}")
+            time.sleep(2)
+
+    def stop(self) -> None:
+        """SIGTERM the process group (SIGKILL after 30 s)."""
+        if self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        except ProcessLookupError:
+            self.proc.wait(timeout=30)
+
+
 @contextmanager
 def vllm_server(model_dir: str | Path, log: Path, *args: str, env: dict[str, str] | None = None,
-                startup_timeout: float = 600) -> Iterator[str]:
-    """`vllm serve MODEL_DIR --host 127.0.0.1 --port <free> ARGS...` as a real server (API process +
-    engine core, output in `log`), in its own process group; yields the base URL once /health answers
-    and kills the group on exit. Startup failure raises with the log's tail."""
-    port = free_port()
-    server_env = {**os.environ, **(env or {})}
-    server_env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    cmd = [*vllm_cli(), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), *args]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=server_env,
-                            start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+                port: int | None = None, startup_timeout: float = 600) -> Iterator[str]:
+    """A `VllmServer` for a block: yields its base URL once /health answers, stops it on exit."""
+    server = VllmServer(model_dir, log, *args, env=env, port=port)
     try:
-        deadline = time.monotonic() + startup_timeout
-        while not _healthy(base):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"vllm serve {model_dir} did not come up:\n{log.read_text()[-4000:]}")
-            time.sleep(2)
-        yield base
+        server.wait(startup_timeout)
+        yield server.base
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+        server.stop()
 
 
 def engine_core(llm):
