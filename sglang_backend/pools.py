@@ -147,7 +147,21 @@ class V4PoolConfigurator(MemoryPoolConfigurator):
 
 
 # ---- the pool -----------------------------------------------------------------------------------
-class V4CacheBuffers(KVCache):
+class _NoRawKV:
+    """SGLang's raw K/V interface (abstract in `KVCache`): our caches are read and written by the
+    core's `forward_paged` only."""
+
+    def get_key_buffer(self, layer_id: int):
+        raise NotImplementedError("v4_plugin: the caches have no SGLang K/V buffers")
+
+    get_value_buffer = get_key_buffer
+    get_kv_buffer = get_key_buffer
+
+    def set_kv_buffer(self, *args, **kwargs):
+        raise NotImplementedError("v4_plugin: caches are written by the core's forward_paged")
+
+
+class V4CacheBuffers(_NoRawKV, KVCache):
     """One side (full or SWA) of the pool: per main layer, its caches [pages, rows per page, width],
     paged by SGLang's page id of that side (page 0 is SGLang's padding page)."""
 
@@ -165,18 +179,8 @@ class V4CacheBuffers(KVCache):
     def get_kv_size_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
 
-    # SGLang's raw K/V interface: our caches are read and written by the core's forward_paged only.
-    def get_key_buffer(self, layer_id: int):
-        raise NotImplementedError("v4_plugin: the caches have no SGLang K/V buffers")
 
-    get_value_buffer = get_key_buffer
-    get_kv_buffer = get_key_buffer
-
-    def set_kv_buffer(self, *args, **kwargs):
-        raise NotImplementedError("v4_plugin: caches are written by the core's forward_paged")
-
-
-class V4TokenToKVPool(BaseSWAKVPool):
+class V4TokenToKVPool(_NoRawKV, BaseSWAKVPool):
     """All caches of all main layers, as SGLang's hybrid-SWA pool: compressed entries and indexer keys
     in `full_kv_pool`, window and compressor rows in `swa_kv_pool` (addressed via SGLang's full->SWA
     slot mapping). SGLang's own attention paths never touch it: the model reads and writes it through
@@ -217,15 +221,6 @@ class V4TokenToKVPool(BaseSWAKVPool):
 
     def get_state_buf_infos(self):
         raise NotImplementedError("v4_plugin: PD disaggregation (SWA state transfer) is not supported")
-
-    def get_key_buffer(self, layer_id: int):
-        raise NotImplementedError("v4_plugin: the caches have no SGLang K/V buffers")
-
-    get_value_buffer = get_key_buffer
-    get_kv_buffer = get_key_buffer
-
-    def set_kv_buffer(self, *args, **kwargs):
-        raise NotImplementedError("v4_plugin: caches are written by the core's forward_paged")
 
     # ---- the core's view -----------------------------------------------------------------------------
     def layer_caches(self, page_starts: torch.Tensor) -> list[LayerCaches]:
