@@ -256,10 +256,6 @@ class ReplayDrafter:
         return (self.continuation[start : start + k] + [0] * k)[:k]  # past the end: anything
 
 
-def make_drafter(model: ReferenceModel, plan: SpeculativePlan) -> Drafter:
-    return MTPDrafter(model) if plan.method is Method.MTP else DSparkDrafter(model)
-
-
 @dataclass
 class SpeculativeOutput:
     tokens: list[int]  # the new tokens (those of `ReferenceModel.generate` for the same arguments)
