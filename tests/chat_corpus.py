@@ -374,3 +374,27 @@ FORCED_TOOL_COMPLETION = (
 """A chat-mode completion with one DSML tool call, written out by hand: the servers' tests force the
 tiny model to write it (a constrained ``choice``) so their parsers meet a real tool call; the
 answer must be content "Checking." and get_weather({"city": "Paris", "days": 3})."""
+
+
+def stream_chunks(sse_text: str) -> list[dict[str, Any]]:
+    """The JSON events of a streamed chat answer (server-sent events text), which must end with ``[DONE]``."""
+    events = [line[len("data: "):] for line in sse_text.splitlines() if line.startswith("data: ")]
+    assert events and events[-1] == "[DONE]", events[-3:]
+    return [json.loads(e) for e in events[:-1]]
+
+
+def check_forced_tool_call_answer(whole: dict[str, Any], sse_text: str) -> None:
+    """The served answers to a request forced to write ``FORCED_TOOL_COMPLETION`` (``whole`` non-streamed,
+    ``sse_text`` streamed): OpenAI-shaped, content "Checking." and the one get_weather call, both ways."""
+
+    def calls(tool_calls: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+        return [(tc["function"]["name"], json.loads(tc["function"]["arguments"])) for tc in tool_calls]
+
+    expected = [("get_weather", {"city": "Paris", "days": 3})]
+    message = whole["choices"][0]["message"]
+    assert message["content"] == "Checking." and whole["choices"][0]["finish_reason"] == "tool_calls", whole
+    assert calls(message["tool_calls"]) == expected
+    chunks = stream_chunks(sse_text)
+    check_openai_chat_answer(whole, chunks, {"get_weather"})
+    assert calls([tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls") or []]) \
+        == expected

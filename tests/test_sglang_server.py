@@ -188,7 +188,7 @@ def _chat(url: str, **body) -> requests.Response:
 def test_tool_request_gets_an_openai_answer(servers, thinking):
     """The tiny model's text is random: whatever it writes, the answer is OpenAI-shaped and holds no
     markup (the parsers' exact output on constructed completions is tests/test_dsml_frameworks.py)."""
-    from chat_corpus import WEATHER_TOOL, check_openai_chat_answer
+    from chat_corpus import WEATHER_TOOL, check_openai_chat_answer, stream_chunks
 
     request = dict(messages=MESSAGES, tools=[WEATHER_TOOL], tool_choice="auto", max_tokens=24, temperature=0,
                    chat_template_kwargs={"thinking": thinking})
@@ -196,9 +196,7 @@ def test_tool_request_gets_an_openai_answer(servers, thinking):
     assert whole.status_code == 200, whole.text
     streamed = _chat(servers["url"], **request, stream=True)
     assert streamed.status_code == 200, streamed.text
-    events = [line[len("data: "):] for line in streamed.text.splitlines() if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    check_openai_chat_answer(whole.json(), [json.loads(e) for e in events[:-1]], {"get_weather"})
+    check_openai_chat_answer(whole.json(), stream_chunks(streamed.text), {"get_weather"})
 
 
 def test_forced_tool_call_goes_through_the_server_parsers(servers):
@@ -206,25 +204,15 @@ def test_forced_tool_call_goes_through_the_server_parsers(servers):
     answer carries it as an OpenAI tool call, streamed and not."""
     import re
 
-    from chat_corpus import FORCED_TOOL_COMPLETION, WEATHER_TOOL, check_openai_chat_answer
+    from chat_corpus import FORCED_TOOL_COMPLETION, WEATHER_TOOL, check_forced_tool_call_answer
 
     request = dict(messages=MESSAGES, tools=[WEATHER_TOOL], tool_choice="auto", max_tokens=400, temperature=0,
                    chat_template_kwargs={"thinking": False}, regex=re.escape(FORCED_TOOL_COMPLETION))
     whole = _chat(servers["url"], **request)
     assert whole.status_code == 200, whole.text
-    body = whole.json()
-    message = body["choices"][0]["message"]
-    assert message["content"] == "Checking." and body["choices"][0]["finish_reason"] == "tool_calls", body
-    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == [
-        ("get_weather", {"city": "Paris", "days": 3})]
     streamed = _chat(servers["url"], **request, stream=True)
     assert streamed.status_code == 200, streamed.text
-    events = [line[len("data: "):] for line in streamed.text.splitlines() if line.startswith("data: ")]
-    chunks = [json.loads(e) for e in events[:-1]]
-    check_openai_chat_answer(body, chunks, {"get_weather"})
-    calls = [tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls") or []]
-    assert [(tc["function"]["name"], json.loads(tc["function"]["arguments"])) for tc in calls] == [
-        ("get_weather", {"city": "Paris", "days": 3})]
+    check_forced_tool_call_answer(whole.json(), streamed.text)
 
 
 @pytest.mark.parametrize("which,profile", [("url", "preview"), ("refresh_url", "refresh")])

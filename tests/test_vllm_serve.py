@@ -167,7 +167,7 @@ def test_sampled_requests_are_served(server):
 def test_tool_request_gets_an_openai_answer(server, thinking):
     """The tiny model's text is random: whatever it writes, the answer is OpenAI-shaped and holds no
     markup (the parsers' exact output on constructed completions is tests/test_dsml_frameworks.py)."""
-    from chat_corpus import WEATHER_TOOL, check_openai_chat_answer
+    from chat_corpus import WEATHER_TOOL, check_openai_chat_answer, stream_chunks
 
     base, _, _ = server
     request = {"model": "tiny-v4", "messages": MESSAGES, "tools": [WEATHER_TOOL], "tool_choice": "auto",
@@ -176,15 +176,13 @@ def test_tool_request_gets_an_openai_answer(server, thinking):
     assert status == 200, whole
     status, raw = _post(f"{base}/v1/chat/completions", {**request, "stream": True})
     assert status == 200, raw
-    events = [line[6:] for line in raw.splitlines() if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    check_openai_chat_answer(whole, [json.loads(e) for e in events[:-1]], {"get_weather"})
+    check_openai_chat_answer(whole, stream_chunks(raw), {"get_weather"})
 
 
 def test_forced_tool_call_goes_through_the_server_parsers(server):
     """The model is constrained to write a DSML tool call (structured outputs, `choice`): the answer
     carries it as an OpenAI tool call, streamed and not."""
-    from chat_corpus import FORCED_TOOL_COMPLETION, WEATHER_TOOL, check_openai_chat_answer
+    from chat_corpus import FORCED_TOOL_COMPLETION, WEATHER_TOOL, check_forced_tool_call_answer
 
     base, _, _ = server
     request = {"model": "tiny-v4", "messages": MESSAGES, "tools": [WEATHER_TOOL], "tool_choice": "auto",
@@ -192,18 +190,9 @@ def test_forced_tool_call_goes_through_the_server_parsers(server):
                "structured_outputs": {"choice": [FORCED_TOOL_COMPLETION]}}
     status, whole = _post(f"{base}/v1/chat/completions", request)
     assert status == 200, whole
-    message = whole["choices"][0]["message"]
-    assert message["content"] == "Checking." and whole["choices"][0]["finish_reason"] == "tool_calls", whole
-    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == [
-        ("get_weather", {"city": "Paris", "days": 3})]
     status, raw = _post(f"{base}/v1/chat/completions", {**request, "stream": True})
     assert status == 200, raw
-    events = [line[6:] for line in raw.splitlines() if line.startswith("data: ")]
-    chunks = [json.loads(e) for e in events[:-1]]
-    check_openai_chat_answer(whole, chunks, {"get_weather"})
-    streamed = [tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls") or []]
-    assert [(tc["function"]["name"], json.loads(tc["function"]["arguments"])) for tc in streamed] == [
-        ("get_weather", {"city": "Paris", "days": 3})]
+    check_forced_tool_call_answer(whole, raw)
 
 
 @pytest.mark.parametrize("preset,profile", [("flash", "preview"), ("flash-0731", "refresh")])
