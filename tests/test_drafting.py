@@ -16,7 +16,7 @@ from v4_plugin.config import parse_config
 from v4_plugin.drafting import (DSparkDrafter, Method, MTPDrafter, ReplayDrafter, SpeculativeConfigError,
                                 plan_speculation, speculative_generate)
 from v4_plugin.model import QuantSim, ReferenceModel, SequenceCache
-from v4_plugin.paged import EXACT
+from v4_plugin.paged import EXACT, BatchPlan, mtp_streams_paged, streams_paged
 from v4_plugin.tiny import TINY_PRESETS, random_weights
 
 from paged_engine import TinyEngine
@@ -211,6 +211,79 @@ def test_mtp_drafter_state_equals_the_whole_sequence_mtp(models):
     fresh = MTPDrafter(model)
     fresh.observe(seq[:n], target, int(seq[n]))
     assert drafter.propose(3) == fresh.propose(3)
+
+
+class RecordingMTPDrafter(MTPDrafter):
+    def __init__(self, model: ReferenceModel):
+        super().__init__(model)
+        self.proposed: list[list[int]] = []
+
+    def propose(self, k: int) -> list[int]:
+        self.proposed.append(super().propose(k))
+        return self.proposed[-1]
+
+
+def _paged_mtp_generate(engine: TinyEngine, prompts: list[list[int]], new_tokens: int, k: int):
+    """vLLM's MTP flow over paged caches for a batch: each step verifies [anchor, drafts], then one MTP
+    pass over every scheduled row (streams of row t, token t+1; the target's new token after the last
+    accepted row; rejected rows computed and left to be overwritten), then k-1 one-row MTP steps fed
+    the MTP's own streams. Returns per sequence (tokens, drafts proposed at each step)."""
+    model, n = engine.model, len(prompts)
+    chunks = [(s, torch.tensor(p), 0) for s, p in enumerate(prompts)]
+    drafts: list[list[int]] = [[] for _ in prompts]
+    tokens: list[list[int]] = [[] for _ in prompts]
+    proposed: list[list[list[int]]] = [[] for _ in prompts]
+    while True:
+        plan = engine.plan(chunks)
+        streams, _ = streams_paged(model, torch.cat([c[1] for c in chunks]), plan, engine.caches, engine.fmt)
+        choices = model.logits(streams).argmax(-1).split([len(c[1]) for c in chunks])
+        next_ids, last_rows, anchors, offset = [], [], [], 0
+        for s, (_, ids, first) in enumerate(chunks):
+            base, c = len(ids) - 1 - len(drafts[s]), choices[s].tolist()
+            j = 0
+            while j < len(drafts[s]) and drafts[s][j] == c[base + j]:
+                j += 1
+            token = c[base + j]
+            tokens[s] += drafts[s][:j] + [token]
+            shifted = torch.cat((ids[1:], torch.tensor([token])))
+            shifted[base + j] = token
+            next_ids.append(shifted)
+            last_rows.append(offset + base + j)
+            anchors.append((token, first + base + j + 1))
+            offset += len(ids)
+        mtp = mtp_streams_paged(model, streams, torch.cat(next_ids), plan, engine.mtp_caches[0], engine.fmt)
+        if min(len(t) for t in tokens) >= new_tokens:
+            return [t[:new_tokens] for t in tokens], proposed
+        rows = mtp[last_rows]
+        current = model.logits(rows, "mtp.0.").argmax(-1)
+        drafts = [[int(t)] for t in current]
+        positions = torch.tensor([p for _, p in anchors])
+        for _ in range(k - 1):
+            rows = mtp_streams_paged(model, rows, current, BatchPlan(positions, torch.arange(n)),
+                                     engine.mtp_caches[0], engine.fmt)
+            current = model.logits(rows, "mtp.0.").argmax(-1)
+            for s in range(n):
+                drafts[s].append(int(current[s]))
+            positions = positions + 1
+        for s in range(n):
+            proposed[s].append(drafts[s])
+        chunks = [(s, torch.tensor([token] + drafts[s]), p) for s, (token, p) in enumerate(anchors)]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_paged_mtp_drafts_equal_the_reference_drafter(models, k):
+    """The MTP block over paged caches, batched the way vLLM drives it, proposes exactly the
+    reference `MTPDrafter`'s drafts at every step and keeps plain greedy output (drafts cross the
+    4- and 128-token edges; random weights reject most drafts, so rejected rows are overwritten)."""
+    model = models["flash"]
+    prompts = [_ids(126, seed=21).tolist(), _ids(3, seed=22).tolist()]
+    engine = TinyEngine(model, EXACT, len(prompts), 200)
+    got_tokens, got_drafts = _paged_mtp_generate(engine, prompts, NEW_TOKENS, k)
+    for prompt, tokens, drafts in zip(prompts, got_tokens, got_drafts):
+        reference = RecordingMTPDrafter(model)
+        out = speculative_generate(model, reference, prompt, NEW_TOKENS, k)
+        assert tokens == out.tokens == model.generate(prompt, NEW_TOKENS)
+        assert drafts[: len(reference.proposed)] == reference.proposed and len(reference.proposed) >= 4
 
 
 def test_dspark_drafter_state_equals_one_pass_over_the_sequence(models):

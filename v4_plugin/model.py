@@ -359,7 +359,8 @@ class ReferenceModel:
         n_mtp = cfg.num_nextn_predict_layers if cfg.has_mtp else 0
         self.mtp_blocks = [Block(cfg, self.w, f"mtp.{k}", cfg.num_hidden_layers + k, quant) for k in range(n_mtp)]
 
-    def _embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """int64 [T] -> embeddings [T, D] in the model dtype."""
         return self.w("embed.weight")[token_ids]
 
     def _head_hidden(self, streams: torch.Tensor, prefix: str) -> torch.Tensor:
@@ -375,11 +376,13 @@ class ReferenceModel:
         h = rms_norm(hidden, self.w(f"{prefix}norm.weight"), self.cfg.rms_norm_eps)
         return h.float() @ self.w("head.weight").float().T
 
-    def _logits(self, streams: torch.Tensor, prefix: str) -> torch.Tensor:
+    def logits(self, streams: torch.Tensor, prefix: str = "") -> torch.Tensor:
+        """Pre-hc_head streams [T, hc, D] -> fp32 logits [T, vocab]: the main head (`prefix` "") or a
+        draft block's own hc_head and norm before the shared head (`prefix` "mtp.{k}.")."""
         return self._head_logits(self._head_hidden(streams, prefix), prefix)
 
     def _streams(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self._embed(token_ids).unsqueeze(1).repeat(1, self.cfg.hc_mult, 1)
+        return self.embed(token_ids).unsqueeze(1).repeat(1, self.cfg.hc_mult, 1)
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, capture: Sequence[int] = ()) -> ModelOutput:
@@ -391,7 +394,7 @@ class ReferenceModel:
             x = block.forward(x, token_ids, block.attention_full)
             if i in capture:
                 captured[i] = x
-        return ModelOutput(self._logits(x, ""), x, captured)
+        return ModelOutput(self.logits(x, ""), x, captured)
 
     def new_cache(self, device: torch.device | str = "cpu") -> SequenceCache:
         return SequenceCache([b.new_cache(device) for b in self.blocks])
@@ -408,7 +411,7 @@ class ReferenceModel:
             if i in capture:
                 captured[i] = x
         cache.num_tokens += token_ids.shape[0]
-        return ModelOutput(self._logits(x, ""), x, captured)
+        return ModelOutput(self.logits(x, ""), x, captured)
 
     @torch.inference_mode()
     def mtp_forward(self, streams: torch.Tensor, next_ids: torch.Tensor, depth: int = 0) -> ModelOutput:
@@ -421,7 +424,7 @@ class ReferenceModel:
         self._require_mtp()
         block = self.mtp_blocks[depth]
         x = block.forward(self._mtp_input(streams, next_ids, depth), next_ids, block.attention_full)
-        return ModelOutput(self._logits(x, f"mtp.{depth}."), x)
+        return ModelOutput(self.logits(x, f"mtp.{depth}."), x)
 
     def new_mtp_cache(self, depth: int = 0, device: torch.device | str = "cpu") -> SequenceCache:
         """The window cache of MTP block `depth` for one sequence (a one-layer `SequenceCache`)."""
@@ -440,7 +443,7 @@ class ReferenceModel:
         x = self._mtp_input(streams, next_ids, depth)
         x = block.forward(x, next_ids, lambda u: block.attention_step(u, start, cache.layers[0]))
         cache.num_tokens += next_ids.shape[0]
-        return ModelOutput(self._logits(x, f"mtp.{depth}."), x)
+        return ModelOutput(self.logits(x, f"mtp.{depth}."), x)
 
     def _require_mtp(self) -> None:
         cfg = self.cfg
@@ -451,7 +454,7 @@ class ReferenceModel:
     def _mtp_input(self, streams: torch.Tensor, next_ids: torch.Tensor, depth: int) -> torch.Tensor:
         """The MTP block's input streams [T, hc, D] (spec §10 steps 1-2)."""
         cfg, p = self.cfg, f"mtp.{depth}."
-        e = rms_norm(self._embed(next_ids), self.w(f"{p}enorm.weight"), cfg.rms_norm_eps)
+        e = rms_norm(self.embed(next_ids), self.w(f"{p}enorm.weight"), cfg.rms_norm_eps)
         h = rms_norm(streams, self.w(f"{p}hnorm.weight"), cfg.rms_norm_eps)
         act_q = self.mtp_blocks[depth].act_q
         return linear(e, self.w(f"{p}e_proj.weight"), act_q).unsqueeze(1) + linear(h, self.w(f"{p}h_proj.weight"), act_q)

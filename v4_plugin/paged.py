@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -196,12 +197,42 @@ def attention_paged(block: Block, x: torch.Tensor, plan: BatchPlan, caches: Laye
     return torch.cat(outputs)
 
 
-@torch.no_grad()  # not inference_mode: frameworks update the returned logits in place (temperature)
-def forward_paged(model: ReferenceModel, token_ids: torch.Tensor, plan: BatchPlan,
-                  caches: list[LayerCaches], fmt: CacheFormat) -> ModelOutput:
-    """One step of a batch of sequences over paged caches (one `LayerCaches` per main layer)."""
+@torch.no_grad()  # not inference_mode: frameworks update the returned tensors in place (temperature)
+def streams_paged(model: ReferenceModel, token_ids: torch.Tensor, plan: BatchPlan, caches: list[LayerCaches],
+                  fmt: CacheFormat, capture: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """One step of a batch of sequences over paged caches (one `LayerCaches` per main layer), up to the
+    head: the last layer's pre-hc_head streams [T, hc, D] (the MTP input; `model.logits` finishes them)
+    and the output streams of the main layers named in `capture`."""
     codec = _Codec(model.cfg, fmt, model.dtype)
-    x = model._streams(token_ids)
-    for block, layer_caches in zip(model.blocks, caches):
+    x, captured = model._streams(token_ids), {}
+    for i, (block, layer_caches) in enumerate(zip(model.blocks, caches)):
         x = block.forward(x, token_ids, lambda u, b=block, c=layer_caches: attention_paged(b, u, plan, c, codec))
-    return ModelOutput(model._logits(x, ""), x)
+        if i in capture:
+            captured[i] = x
+    return x, captured
+
+
+@torch.no_grad()
+def forward_paged(model: ReferenceModel, token_ids: torch.Tensor, plan: BatchPlan, caches: list[LayerCaches],
+                  fmt: CacheFormat, capture: Sequence[int] = ()) -> ModelOutput:
+    """`streams_paged` and the logits of every token."""
+    x, captured = streams_paged(model, token_ids, plan, caches, fmt, capture)
+    return ModelOutput(model.logits(x), x, captured)
+
+
+@torch.no_grad()
+def mtp_streams_paged(model: ReferenceModel, streams: torch.Tensor, next_ids: torch.Tensor, plan: BatchPlan,
+                      caches: LayerCaches, fmt: CacheFormat, depth: int = 0) -> torch.Tensor:
+    """MTP block `depth` (spec §10) over a batch step, its window cache paged like a main SWA layer's.
+
+    Row i (position plan.positions[i]) reads the main model's (or, for later drafts, the MTP's own)
+    pre-hc_head streams [T, hc, D] at that position and `next_ids[i]`, the token one position later.
+    Returns the MTP's pre-hc_head streams [T, hc, D]; `model.logits(out, f"mtp.{depth}.")` gives the
+    draft logits for two positions ahead. Rows are indexed by position, so rejected drafts need no
+    rollback: the next step writes over them.
+    """
+    model._require_mtp()
+    block = model.mtp_blocks[depth]
+    codec = _Codec(model.cfg, fmt, model.dtype)
+    x = model._mtp_input(streams, next_ids, depth)
+    return block.forward(x, next_ids, lambda u: attention_paged(block, u, plan, caches, codec))

@@ -168,7 +168,7 @@ class DeepseekV4ForCausalLM(nn.Module):
 
     # ---- execution ---------------------------------------------------------------------------------
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.core._embed(input_ids)
+        return self.core.embed(input_ids)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None,
                 inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
