@@ -22,7 +22,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.v1.kv_cache_interface import KVCacheSpec
 
-from v4_plugin import __version__
+from v4_plugin import __version__, dispatch
 from v4_plugin.config import LayerType, load_config
 from v4_plugin.model import QuantSim
 
@@ -42,20 +42,6 @@ def quant_sim_from_env() -> QuantSim:
     if value in ("off", "0", "false", "no"):
         return QuantSim.off()
     raise ValueError(f"{QUANT_SIM_ENV}={value!r}: choose 'on' or 'off'")
-
-
-def compute_path() -> str:
-    """Which implementation runs the V4 math: the core's torch ops, or Triton kernels where the
-    kernels package dispatches them (GPU)."""
-    try:
-        import v4_kernels  # noqa: F401
-
-        active = getattr(v4_kernels, "active_backend", None)
-        if callable(active):
-            return str(active())
-    except Exception:
-        pass
-    return "torch"
 
 
 def resolve_model_dir(model: str, revision: str | None = None) -> Path:
@@ -142,7 +128,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         indexer = "float" if self.fmt.indexer is None else self.fmt.indexer.value
         logger.info(
             "deepseek-v4-plugin %s: serving DeepseekV4ForCausalLM with the %s attention backend (%s)",
-            __version__, BACKEND_NAME, compute_path(),
+            __version__, BACKEND_NAME, dispatch.backend_name(vllm_config.device_config.device_type),
         )
         logger.info(
             "deepseek-v4-plugin: %d layers (%d SWA, %d CSA, %d HCA), KV storage %s, indexer keys %s, "

@@ -24,14 +24,11 @@ logger = logging.getLogger("sglang_backend")
 
 
 def implementation() -> str:
-    """Which kernels run the core's math in this process: 'triton' where the kernel dispatch layer
-    is active on a GPU, else 'torch' (the pure-PyTorch core)."""
-    try:
-        from v4_kernels import dispatch  # type: ignore[attr-defined]
+    """Which kernels run the core's math in this process (`v4_plugin.dispatch`): 'triton' on a GPU
+    where the kernels load, else 'torch'."""
+    from v4_plugin import dispatch
 
-        return "triton" if dispatch.active() else "torch"
-    except Exception:  # noqa: BLE001 - no dispatch layer: the core's torch ops
-        return "torch"
+    return dispatch.backend_name("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def startup_line(backend: str) -> str:
