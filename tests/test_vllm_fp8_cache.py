@@ -39,7 +39,7 @@ def test_caches_hold_fp8_records_and_fp4_keys(engine):
 
     llm, ref = engine
     model = engine_core(llm).model_executor.driver_worker.worker.model_runner.model
-    layer = {c.prefix: c for c in model.cache_layers}
+    layer = {c.prefix: c for c in model.caches.layers}
     main, keys = main_entry_bytes(ref.cfg), indexer_entry_bytes(ref.cfg, IndexerCache.FP4)
     assert (main, keys) == (200, 34)  # tiny dims (head 128, rope 64, index 64); 584 / 68 for the real models
     csa, hca = "model.layers.2.attn", "model.layers.3.attn"  # tiny Flash: ratios 0, 0, 4, 128, 4

@@ -35,14 +35,15 @@ def configs(tmp_path_factory):
 
     cache = {}
 
-    def get(name: str, max_model_len: int, batched: int):
-        key = (name, max_model_len, batched)
+    def get(name: str, max_model_len: int, batched: int, speculative_config: dict | None = None):
+        key = (name, max_model_len, batched, json.dumps(speculative_config))
         if key not in cache:
             d = tmp_path_factory.mktemp(f"cfg-{name}")
             (d / "config.json").write_text(json.dumps(preset_config(name).to_dict()))
             cache[key] = EngineArgs(
                 model=str(d), kv_cache_dtype="fp8_ds_mla", dtype="bfloat16", max_model_len=max_model_len,
                 max_num_batched_tokens=batched, skip_tokenizer_init=True, enforce_eager=True,
+                speculative_config=speculative_config,
             ).create_engine_config()
         return cache[key]
 
@@ -73,6 +74,27 @@ def test_planner_capacity_model_matches_vllm(configs, name, max_model_len, batch
                                 fp8=True, indexer=indexer)
         assert got.num_blocks == want.num_blocks
         assert abs(got.tokens - want.tokens) <= 0.01 * want.tokens, (got, want)
+
+
+@pytest.mark.parametrize("name", ["flash", "pro"])
+def test_mtp_window_cache_is_charged(configs, name):
+    """With MTP drafting vLLM allocates the MTP block's window cache beside the main layers' (the draft
+    model's cache layer): the planner and `kv-plan --speculative-config` charge exactly what vLLM does.
+    (For Flash and Pro vLLM packs it into the window groups' padding: the capacity does not change.)"""
+    cfg = preset_config(name)
+    spec = {"method": "mtp", "num_speculative_tokens": 3}
+    vc = configs(name, 65536, 8192, spec)
+    assert vc.speculative_config is not None and vc.speculative_config.num_speculative_tokens == 3
+    specs = model_kv_specs(cfg, "fp8_ds_mla", torch.bfloat16, IndexerCache.FP8, mtp_layers=1)
+    assert f"model.layers.{cfg.num_hidden_layers}.attn.window" in specs
+    got = vllm_capacity(vc, specs, MEMORY)
+    want = vllm_planned_capacity(cfg, MEMORY, max_model_len=65536, max_num_batched_tokens=8192, mtp_layers=1)
+    assert (got.slab_bytes, got.num_blocks) == (want.slab_bytes, want.num_blocks)
+    assert abs(got.tokens - want.tokens) <= 0.01 * want.tokens, (got, want)
+    cli = kv_plan("--framework", "vllm", "--model", name, "--device", "cpu", "--kv-cache-memory", "80G",
+                  "--max-model-len", "64K", "--max-num-batched-tokens", "8192", "--kv-cache-dtype", "fp8_ds_mla",
+                  "--speculative-config", json.dumps(spec))
+    assert (cli["mtp_layers"], cli["num_blocks"], cli["kv_cache_size_tokens"]) == (1, want.num_blocks, want.tokens)
 
 
 # vLLM's engine-core line (kv_cache_utils.update_kv_cache_capacity), as the CLI must print it.

@@ -118,12 +118,13 @@ def attn_prefix(layer_id: int) -> str:
 
 
 def model_kv_specs(cfg: V4Config, cache_dtype: str = "auto", dtype: torch.dtype = torch.bfloat16,
-                   indexer: IndexerCache = IndexerCache.FP8) -> dict:
-    """layer name -> spec for every cache of the main layers (what the model's cache layers report)."""
+                   indexer: IndexerCache = IndexerCache.FP8, mtp_layers: int = 0) -> dict:
+    """layer name -> spec for every cache of the main layers and of `mtp_layers` drafting MTP blocks
+    (what the model's and the MTP draft model's cache layers report)."""
     fmt = cache_format(cache_dtype, indexer)
     specs = {}
-    for i, kind in enumerate(cfg.layer_types):
-        for decl in layer_caches(cfg, kind, fmt, dtype):
+    for i in range(cfg.num_hidden_layers + mtp_layers):
+        for decl in layer_caches(cfg, cfg.layer_type(i), fmt, dtype):
             specs[f"{attn_prefix(i)}.{decl.name}"] = make_spec(decl, cache_dtype)
     return specs
 

@@ -5,13 +5,15 @@ paged cache (specs from `kv_specs`), and each step's vLLM metadata turned into t
 `BatchPlan` + `LayerCaches` views over the tensors vLLM allocated. The math is
 `v4_plugin.paged.forward_paged` over `v4_plugin.model.ReferenceModel`'s blocks.
 
-`forward` returns the fp32 logits of every scheduled token (the core computes them); vLLM then
-picks the sampled rows and `compute_logits` passes them through.
+`forward` returns the last layer's pre-hc_head streams of every scheduled token, flat [T, hc * D]
+(vLLM's hidden states); `compute_logits` runs the head on the rows vLLM samples. With MTP drafting
+the same streams feed the draft model (`mtp.py`), which runs the MTP block of this model's core.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -23,8 +25,9 @@ from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.v1.kv_cache_interface import KVCacheSpec
 
 from v4_plugin import __version__, dispatch
-from v4_plugin.config import LayerType, load_config
-from v4_plugin.model import QuantSim
+from v4_plugin.config import LayerType, V4Config, load_config
+from v4_plugin.model import QuantSim, ReferenceModel
+from v4_plugin.paged import BatchPlan, LayerCaches, PagedCache, streams_paged
 
 from .backend import BACKEND_NAME, V4PagedBackend
 from .kv_specs import CacheDecl, attn_prefix, cache_format, indexer_cache_choice, layer_caches, make_spec
@@ -96,6 +99,68 @@ def add_parameter(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module.register_parameter(leaf, nn.Parameter(tensor, requires_grad=False))
 
 
+class CacheLayers(nn.Module):
+    """The cache layers of some V4 blocks (layer ids into the main stack, or past it for MTP blocks), and
+    each step's views of them for the core: one `V4CacheLayer` per paged cache of every block."""
+
+    def __init__(self, cfg: V4Config, layer_ids: Iterable[int], fmt, dtype: torch.dtype, cache_dtype: str):
+        super().__init__()
+        self.layers = nn.ModuleList()
+        self.names: list[dict[str, str]] = []  # per block: cache name -> layer name
+        for i in layer_ids:
+            names = {}
+            for decl in layer_caches(cfg, cfg.layer_type(i), fmt, dtype):
+                name = f"{attn_prefix(i)}.{decl.name}"
+                self.layers.append(V4CacheLayer(decl, name, cache_dtype))
+                names[decl.name] = name
+            self.names.append(names)
+        self._by_name = {layer.prefix: layer for layer in self.layers}
+
+    def step(self, positions: torch.Tensor) -> tuple[BatchPlan, list[LayerCaches]] | None:
+        """This step's `BatchPlan` (its real tokens only) and `LayerCaches` per block; None when vLLM runs
+        the model without attention metadata (profiling and dummy runs)."""
+        metadata = get_forward_context().attn_metadata
+        if isinstance(metadata, list):  # micro-batching: not used with this backend
+            metadata = metadata[0] if len(metadata) == 1 else None
+        if not metadata:
+            return None
+        first = metadata[self.names[0]["window"]]
+        query_lens = first.query_start_loc_cpu.diff()
+        seq_ids = torch.repeat_interleave(torch.arange(first.num_reqs), query_lens).to(positions.device)
+        n = first.num_actual_tokens
+        plan = BatchPlan(positions=positions[:n].long(), seq_ids=seq_ids[:n])
+        caches = [LayerCaches(**{cache: PagedCache(self._by_name[name].kv_cache, metadata[name].block_table)
+                                 for cache, name in names.items()}) for names in self.names]
+        return plan, caches
+
+
+def drafts_with_mtp(vllm_config: VllmConfig) -> bool:
+    """Whether vLLM's speculative config drafts with the MTP block (then the target loads it, once)."""
+    spec = vllm_config.speculative_config
+    return spec is not None and spec.method in ("mtp", "deepseek_mtp")
+
+
+class CoreHandle(nn.Module):
+    """The target's `model.embed_tokens` as vLLM sees it: no parameters of its own, it carries the core.
+
+    vLLM's proposer gives every MTP draft model the target's `model.embed_tokens`
+    (`_maybe_share_embeddings`); our draft model runs its MTP block from the `ReferenceModel` this
+    handle carries, so the embedding, head and MTP weights are loaded once, by the target.
+    """
+
+    def __init__(self, core: ReferenceModel):
+        super().__init__()
+        self.core = core
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.core.embed(input_ids)
+
+
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x [n, ...] zero-padded to `rows` rows (vLLM pads a step's tokens; padded rows are never read)."""
+    return x if x.shape[0] >= rows else torch.cat((x, x.new_zeros(rows - x.shape[0], *x.shape[1:])))
+
+
 class DeepseekV4ForCausalLM(nn.Module):
     """vLLM model class for DeepSeek-V4 (Flash / Pro) running the project's implementation."""
 
@@ -111,18 +176,9 @@ class DeepseekV4ForCausalLM(nn.Module):
         self.quant = quant_sim_from_env()
         self.vocab_size = self.cfg.vocab_size
 
-        # One cache layer per paged cache of every main layer (MTP layers are not served).
-        self.cache_layers = nn.ModuleList()
-        self.layer_cache_names: list[dict[str, str]] = []
-        for i, kind in enumerate(self.cfg.layer_types):
-            names = {}
-            for decl in layer_caches(self.cfg, kind, self.fmt, self.dtype):
-                name = f"{attn_prefix(i)}.{decl.name}"
-                self.cache_layers.append(V4CacheLayer(decl, name, cache_dtype))
-                names[decl.name] = name
-            self.layer_cache_names.append(names)
-        self._layer_by_name = {layer.prefix: layer for layer in self.cache_layers}
-
+        self.caches = CacheLayers(self.cfg, range(self.cfg.num_hidden_layers), self.fmt, self.dtype, cache_dtype)
+        self.serve_mtp = drafts_with_mtp(vllm_config)
+        self.model = nn.Module()  # vLLM shares `model.embed_tokens` with a draft model (see `CoreHandle`)
         self.core = None  # built after load_weights
 
         indexer = "float" if self.fmt.indexer is None else self.fmt.indexer.value
@@ -143,13 +199,13 @@ class DeepseekV4ForCausalLM(nn.Module):
         """Load through the core's loader (official FP8/FP4 format, tiny checkpoints, transformers'
         save_pretrained dialect); vLLM's own weight iterator is not consumed (no second read)."""
         from v4_plugin.checkpoint import load_checkpoint
-        from v4_plugin.model import ReferenceModel
 
-        tensors = load_checkpoint(self.model_dir, self.cfg, dtype=self.dtype, include_mtp=False)
+        tensors = load_checkpoint(self.model_dir, self.cfg, dtype=self.dtype, include_mtp=self.serve_mtp)
         for name, tensor in tensors.items():
             add_parameter(self, name, tensor)
         params = dict(self.named_parameters())
         self.core = ReferenceModel(self.cfg, {n: params[n].data for n in tensors}, dtype=self.dtype, quant=self.quant)
+        self.model.embed_tokens = CoreHandle(self.core)
         return set(params)
 
     # ---- execution ---------------------------------------------------------------------------------
@@ -158,33 +214,18 @@ class DeepseekV4ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None,
                 inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        from v4_plugin.paged import BatchPlan, LayerCaches, PagedCache, forward_paged
-
+        """Token ids [T] -> the last layer's pre-hc_head streams, flat [T, hc * D] in the model dtype: the
+        hidden states vLLM passes to `compute_logits` and, when drafting, to the MTP draft model."""
         if inputs_embeds is not None:
             raise NotImplementedError("deepseek-v4-plugin: prompt embeddings are not supported")
-        num_padded = input_ids.shape[0]
-        metadata = get_forward_context().attn_metadata
-        if isinstance(metadata, list):  # micro-batching: not used with this backend
-            metadata = metadata[0] if len(metadata) == 1 else None
-        if not metadata or self.core is None:  # profiling / dummy runs: nothing to attend
-            return torch.zeros(num_padded, self.vocab_size, dtype=torch.float32, device=input_ids.device)
-
-        first = metadata[self.layer_cache_names[0]["window"]]
-        num_tokens = first.num_actual_tokens
-        query_lens = first.query_start_loc_cpu.diff()
-        seq_ids = torch.repeat_interleave(torch.arange(first.num_reqs), query_lens).to(input_ids.device)
-        plan = BatchPlan(positions=positions[:num_tokens].long(), seq_ids=seq_ids[:num_tokens])
-
-        caches = []
-        for names in self.layer_cache_names:
-            views = {}
-            for cache, name in names.items():
-                views[cache] = PagedCache(self._layer_by_name[name].kv_cache, metadata[name].block_table)
-            caches.append(LayerCaches(**views))
-        logits = forward_paged(self.core, input_ids[:num_tokens].long(), plan, caches, self.fmt).logits
-        if num_tokens < num_padded:
-            logits = torch.cat((logits, logits.new_zeros(num_padded - num_tokens, logits.shape[1])))
-        return logits
+        width = self.cfg.hc_mult * self.cfg.hidden_size
+        step = self.caches.step(positions) if self.core is not None else None
+        if step is None:  # profiling / dummy runs: nothing to attend
+            return torch.zeros(input_ids.shape[0], width, dtype=self.dtype, device=input_ids.device)
+        plan, caches = step
+        streams, _ = streams_paged(self.core, input_ids[: len(plan.positions)].long(), plan, caches, self.fmt)
+        return pad_rows(streams.flatten(1), input_ids.shape[0])
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states  # forward already returned fp32 logits
+        """Flat streams [n, hc * D] of the sampled rows -> fp32 logits [n, vocab]."""
+        return self.core.logits(hidden_states.unflatten(-1, (self.cfg.hc_mult, self.cfg.hidden_size)))

@@ -8,7 +8,7 @@ What it does, unless `V4_PLUGIN_DISABLE=1` (then vLLM's native `DeepseekV4ForCau
 
 * registers `DeepseekV4ForCausalLM` (overwriting vLLM's entry: the last registration wins) and the
   distinct name `DeepseekV4PluginForCausalLM` (for A/B runs through `--hf-overrides`, registered
-  even when disabled);
+  even when disabled), and the MTP draft architecture `DeepSeekV4MTPModel` (`mtp.py`);
 * extends the config class vLLM uses for `model_type` deepseek_v4 to the transformers dialect
   (`hf_config.py`);
 * replaces vLLM's per-architecture config hook for those names (`MODELS_CONFIG_MAP`): the native
@@ -36,6 +36,8 @@ logger = logging.getLogger("vllm.deepseek_v4_plugin")  # a child of vLLM's logge
 ARCH = "DeepseekV4ForCausalLM"
 PLUGIN_ARCH = "DeepseekV4PluginForCausalLM"
 MODEL_CLASS = "vllm_backend.model:DeepseekV4ForCausalLM"
+MTP_ARCH = "DeepSeekV4MTPModel"  # the draft architecture vLLM resolves for method "mtp" on DeepSeek-V4
+MTP_CLASS = "vllm_backend.mtp:DeepseekV4MTP"
 DISABLE_ENV = "V4_PLUGIN_DISABLE"
 TESTED_VLLM = ((0, 32), (0, 33))  # minor versions whose internals this adapter was written against
 
@@ -75,6 +77,7 @@ def register() -> None:
         ModelRegistry.register_model(arch, MODEL_CLASS)
         _install_config_hook(arch)
     if not disabled():
+        ModelRegistry.register_model(MTP_ARCH, MTP_CLASS)
         _install_config_class()
         install_chat_encoding()
     _keep_chunked_prefill_and_prefix_caching_on_cpu()
@@ -108,6 +111,29 @@ def check_parallelism(parallel_config) -> None:
             f"--pipeline-parallel-size {pp} are not implemented by this version; use --data-parallel-size N "
             f"for several GPUs, or V4_PLUGIN_DISABLE=1 for vLLM's native DeepSeek-V4"
         )
+
+
+# ---- speculative decoding --------------------------------------------------------------------------
+def check_speculation(vllm_config) -> None:
+    """Validate `--speculative-config` against the checkpoint when vLLM builds its config (before its
+    own model-runner checks): MTP on a DSpark checkpoint, DSpark on a 04-24 checkpoint, or more drafts
+    than `dspark_block_size` raise `v4_plugin.drafting.SpeculativeConfigError` naming the fields."""
+    from v4_plugin.drafting import METHOD_NAMES, plan_speculation
+
+    spec = vllm_config.speculative_config
+    if spec is None or spec.method not in METHOD_NAMES:  # ngram, suffix, ...: no V4 drafter involved
+        return
+    from pathlib import Path
+
+    from v4_plugin.config import load_config
+
+    model_config = vllm_config.model_config
+    path = Path(model_config.model)
+    if not path.is_dir():
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(model_config.model, "config.json", revision=model_config.revision))
+    plan_speculation(load_config(path), spec.method, spec.num_speculative_tokens)
 
 
 # ---- per-architecture config hook ------------------------------------------------------------------
@@ -152,6 +178,7 @@ def _config_hook_class():
             from .kv_specs import validate_cache_dtype
 
             validate_cache_dtype(cache_config.cache_dtype)
+            check_speculation(vllm_config)
 
     _HOOK.append(DeepseekV4PluginConfig)
     return DeepseekV4PluginConfig

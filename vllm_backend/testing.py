@@ -174,14 +174,14 @@ def random_prompt(length: int, seed: int, vocab: int = 384) -> list[int]:
     return torch.randint(2, vocab, (length,), generator=g).tolist()
 
 
-def reference_model(model_dir: str | Path):
-    """The core's model in exact mode (no quantization simulation), fp32."""
+def reference_model(model_dir: str | Path, include_mtp: bool = False):
+    """The core's model in exact mode (no quantization simulation), fp32; with its drafter blocks on request."""
     from v4_plugin.checkpoint import load_checkpoint
     from v4_plugin.config import load_config
     from v4_plugin.model import QuantSim, ReferenceModel
 
     cfg = load_config(model_dir)
-    return ReferenceModel(cfg, load_checkpoint(model_dir, cfg, dtype=torch.float32, include_mtp=False),
+    return ReferenceModel(cfg, load_checkpoint(model_dir, cfg, dtype=torch.float32, include_mtp=include_mtp),
                           dtype=torch.float32, quant=QuantSim.off())
 
 

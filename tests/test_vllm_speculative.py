@@ -1,0 +1,185 @@
+"""MTP drafting through vLLM (`--speculative-config '{"method": "mtp", ...}'`) == decoding without it.
+
+In-process engines on the tiny Flash checkpoint, exact mode (fp32, `auto` KV, no quantization
+simulation), so the reference model is the oracle token for token. Random tiny weights reject almost
+every draft: that exercises the position-indexed overwrite of rejected rows (our caches need no
+rollback). Full acceptance is forced with vLLM's `custom_class` proposer hook and a drafter that
+copies the target's greedy continuation. DSpark cannot run here: vLLM refuses it on its V1 model
+runner (`Model Runner V1 does not support: dspark speculative decoding`; V2 needs Triton on a GPU),
+so only its clear configuration errors are tested through vLLM.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from v4_plugin.drafting import MTPDrafter, speculative_generate
+from vllm_backend.testing import EnvPatch, counters, engine_core, make_llm, random_prompt, reference_model
+
+LENGTHS = [1, 3, 4, 5, 126, 127, 128, 129]  # drafts cross the 4- and 128-token edges
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from v4_plugin.tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("vllm-spec")
+    return {preset: make_tiny(root / preset, preset=preset, seed=1) for preset in ("flash", "flash-0731")}
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoints):
+    return reference_model(checkpoints["flash"], include_mtp=True)
+
+
+def _engine(model_dir, spec: dict):
+    with EnvPatch(V4_PLUGIN_QUANT_SIM="off"):
+        return make_llm(model_dir, speculative_config=spec)
+
+
+def _greedy(llm, prompts: list[list[int]]) -> list[list[int]]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+@pytest.fixture(scope="module", params=[1, 3], ids=lambda k: f"mtp-k{k}")
+def mtp_engine(request, checkpoints):
+    llm = _engine(checkpoints["flash"], {"method": "mtp", "num_speculative_tokens": request.param})
+    yield llm, request.param
+    del llm
+    gc.collect()
+
+
+def test_greedy_output_equals_decoding_without_drafts(mtp_engine, reference):
+    """Single requests and the 8 at once: the tokens of the reference's plain greedy decoding."""
+    llm, k = mtp_engine
+    prompts = [random_prompt(n, seed=n) for n in LENGTHS]
+    want = [reference.generate(p, NEW_TOKENS) for p in prompts]
+    before = counters(llm)
+    single = [_greedy(llm, [p])[0] for p in prompts]
+    concurrent = _greedy(llm, prompts)
+    after = counters(llm)
+    assert single == want
+    assert concurrent == want
+    drafts = after["vllm:spec_decode_num_drafts"] - before.get("vllm:spec_decode_num_drafts", 0)
+    drafted = after["vllm:spec_decode_num_draft_tokens"] - before.get("vllm:spec_decode_num_draft_tokens", 0)
+    accepted = after["vllm:spec_decode_num_accepted_tokens"] - before.get("vllm:spec_decode_num_accepted_tokens", 0)
+    assert drafts >= 2 * len(prompts) and drafted == k * drafts and 0 <= accepted <= drafted
+
+
+def test_drafts_equal_the_reference_drafter(mtp_engine, reference):
+    """Every step's drafts (recorded at vLLM's proposer) are the core `MTPDrafter`'s for the same state."""
+    llm, k = mtp_engine
+    drafter = engine_core(llm).model_executor.driver_worker.worker.model_runner.drafter
+    recorded: list[list[int]] = []
+    propose = drafter.propose
+
+    def recording(*args, **kwargs):
+        drafts = propose(*args, **kwargs)
+        recorded.extend(drafts.tolist())
+        return drafts
+
+    class Recording(MTPDrafter):
+        def propose(self, n):
+            self.proposed = getattr(self, "proposed", []) + [super().propose(n)]
+            return self.proposed[-1]
+
+    drafter.propose = recording
+    try:
+        for n in (3, 126):
+            prompt = random_prompt(n, seed=100 + n)
+            recorded.clear()
+            assert _greedy(llm, [prompt])[0] == reference.generate(prompt, NEW_TOKENS)
+            want = Recording(reference)
+            speculative_generate(reference, want, prompt, NEW_TOKENS, k)
+            assert len(want.proposed) >= 3
+            assert recorded[: len(want.proposed)] == want.proposed, n
+    finally:
+        drafter.propose = propose
+
+
+def test_kv_capacity_with_the_mtp_window_matches_the_plan(mtp_engine, checkpoints):
+    """The capacity vLLM resolved with the MTP block's window cache allocated (stored in its cache
+    config; logged once per process) is `kv-plan --speculative-config`'s."""
+    from test_layout import kv_plan
+
+    llm, k = mtp_engine
+    config = llm.llm_engine.vllm_config
+    plan = kv_plan("--framework", "vllm", "--model", str(checkpoints["flash"]), "--device", "cpu", "--dtype", "float32",
+                   "--kv-cache-memory", str(config.cache_config.kv_cache_memory_bytes), "--max-model-len", "1024",
+                   "--max-num-batched-tokens", str(config.scheduler_config.max_num_batched_tokens),
+                   "--speculative-config", f'{{"method": "mtp", "num_speculative_tokens": {k}}}')
+    assert plan["mtp_layers"] == 1
+    assert plan["kv_cache_size_tokens"] == config.cache_config.kv_cache_size_tokens
+    assert abs(plan["max_concurrency"] - config.cache_config.kv_cache_max_concurrency) < 0.005
+
+
+# ---- forced full acceptance ----------------------------------------------------------------------
+class CopyTargetProposer:
+    """vLLM `custom_class` proposer drafting the target's own greedy continuation (every draft accepted).
+
+    `continuations` maps a prompt (tuple of ids) to its greedy continuation, set by the test."""
+
+    continuations: dict[tuple[int, ...], list[int]] = {}
+
+    def __init__(self, vllm_config):
+        self.k = vllm_config.speculative_config.num_speculative_tokens
+
+    def load_model(self, target_model) -> None:  # the CPU model runner hands every drafter the target
+        pass
+
+    def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None) -> list[list[int]]:
+        drafts = []
+        for i in range(len(sampled_token_ids)):
+            seq = token_ids_cpu[i, : int(num_tokens_no_spec[i])].tolist()
+            prompt = next(p for p in self.continuations if tuple(seq[: len(p)]) == p)
+            done = len(seq) - len(prompt)
+            drafts.append((self.continuations[prompt][done : done + self.k] + [0] * self.k)[: self.k])
+        return drafts
+
+
+def test_full_acceptance_emits_k_plus_one_tokens_per_step(checkpoints, reference):
+    k = 3
+    prompts = [random_prompt(n, seed=7 + n) for n in (5, 127)]
+    greedy = [reference.generate(p, NEW_TOKENS + k + 1) for p in prompts]
+    CopyTargetProposer.continuations = {tuple(p): g for p, g in zip(prompts, greedy)}
+    llm = _engine(checkpoints["flash"], {"method": "custom_class", "num_speculative_tokens": k,
+                                            "model": f"{__name__}.CopyTargetProposer"})
+    try:
+        assert _greedy(llm, prompts) == [g[:NEW_TOKENS] for g in greedy]
+        c = counters(llm)
+        drafts, accepted = c["vllm:spec_decode_num_drafts"], c["vllm:spec_decode_num_accepted_tokens"]
+        assert c["vllm:spec_decode_num_draft_tokens"] == k * drafts
+        assert accepted == k * drafts  # every draft accepted: k + 1 tokens per verify step
+        # After the prefill's token, each verify step emits k + 1: ceil((NEW_TOKENS - 1) / (k + 1)) steps per request.
+        assert drafts == len(prompts) * -(-(NEW_TOKENS - 1) // (k + 1))
+    finally:
+        del llm
+        gc.collect()
+
+
+# ---- requests the checkpoint cannot serve --------------------------------------------------------
+@pytest.mark.parametrize("preset,spec,message", [
+    ("flash-0731", {"method": "mtp", "num_speculative_tokens": 1}, "speculative method 'mtp' needs the 04-24 MTP block"),
+    ("flash", {"method": "dspark", "num_speculative_tokens": 5}, "speculative method 'dspark' needs a DSpark checkpoint"),
+    ("flash-0731", {"method": "dspark", "num_speculative_tokens": 6},
+     "num_speculative_tokens = 6 exceeds dspark_block_size = 5"),
+])
+def test_clear_errors_when_vllm_builds_its_config(checkpoints, preset, spec, message):
+    with pytest.raises(Exception, match=message) as info:
+        make_llm(checkpoints[preset], speculative_config=spec)
+    assert str(checkpoints[preset]) in str(info.value)  # names the checkpoint's config.json
+
+
+def test_dspark_is_refused_by_vllms_v1_model_runner(checkpoints):
+    """A valid DSpark request gets past the plugin's checks and stops at vLLM's own CPU limit."""
+    with pytest.raises(Exception, match="Model Runner V1 does not support: dspark speculative decoding"):
+        make_llm(checkpoints["flash-0731"], speculative_config={"method": "dspark", "num_speculative_tokens": 5})
