@@ -8,15 +8,17 @@ rounding). Positions are chosen around the 4- and 128-token block edges (the win
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 from v4_plugin.config import parse_config
-from v4_plugin.drafting import (DSparkDrafter, Method, MTPDrafter, ReplayDrafter, SpeculativeConfigError,
+from v4_plugin.drafting import (DSparkDrafter, DSparkHead, Method, MTPDrafter, ReplayDrafter, SpeculativeConfigError,
                                 plan_speculation, speculative_generate)
 from v4_plugin.model import QuantSim, ReferenceModel, SequenceCache
-from v4_plugin.paged import EXACT, BatchPlan, mtp_streams_paged, streams_paged
+from v4_plugin.paged import (EXACT, BatchPlan, dspark_context_paged, dspark_draft_paged, mtp_streams_paged,
+                             streams_paged)
 from v4_plugin.tiny import TINY_PRESETS, random_weights
 
 from paged_engine import TinyEngine
@@ -223,11 +225,24 @@ class RecordingMTPDrafter(MTPDrafter):
         return self.proposed[-1]
 
 
-def _paged_mtp_generate(engine: TinyEngine, prompts: list[list[int]], new_tokens: int, k: int):
-    """vLLM's MTP flow over paged caches for a batch: each step verifies [anchor, drafts], then one MTP
-    pass over every scheduled row (streams of row t, token t+1; the target's new token after the last
-    accepted row; rejected rows computed and left to be overwritten), then k-1 one-row MTP steps fed
-    the MTP's own streams. Returns per sequence (tokens, drafts proposed at each step)."""
+@dataclass
+class PagedStep:
+    """One verify step of `_paged_generate`'s batch, after acceptance."""
+
+    plan: BatchPlan
+    streams: torch.Tensor  # [T, hc, D] pre-hc_head streams of every scheduled row
+    captured: dict[int, torch.Tensor]
+    next_ids: torch.Tensor  # [T]: row t's token one position later (the target's new token after the last kept row)
+    last_rows: list[int]  # per sequence: its last kept row
+    anchors: list[tuple[int, int]]  # per sequence: (the target's new token, its position)
+
+
+def _paged_generate(engine: TinyEngine, prompts: list[list[int]], new_tokens: int, capture: tuple[int, ...],
+                    propose) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """Greedy drafting over paged caches for a batch, the way vLLM drives it: each step verifies
+    [anchor, drafts] of every sequence in one `streams_paged`, keeps the longest agreeing prefix and the
+    target's next token, then `propose(PagedStep)` returns the next drafts per sequence (rejected rows
+    stay in the caches, to be overwritten). Returns per sequence (tokens, drafts proposed per step)."""
     model, n = engine.model, len(prompts)
     chunks = [(s, torch.tensor(p), 0) for s, p in enumerate(prompts)]
     drafts: list[list[int]] = [[] for _ in prompts]
@@ -235,7 +250,8 @@ def _paged_mtp_generate(engine: TinyEngine, prompts: list[list[int]], new_tokens
     proposed: list[list[list[int]]] = [[] for _ in prompts]
     while True:
         plan = engine.plan(chunks)
-        streams, _ = streams_paged(model, torch.cat([c[1] for c in chunks]), plan, engine.caches, engine.fmt)
+        streams, captured = streams_paged(model, torch.cat([c[1] for c in chunks]), plan, engine.caches, engine.fmt,
+                                          capture)
         choices = model.logits(streams).argmax(-1).split([len(c[1]) for c in chunks])
         next_ids, last_rows, anchors, offset = [], [], [], 0
         for s, (_, ids, first) in enumerate(chunks):
@@ -251,23 +267,35 @@ def _paged_mtp_generate(engine: TinyEngine, prompts: list[list[int]], new_tokens
             last_rows.append(offset + base + j)
             anchors.append((token, first + base + j + 1))
             offset += len(ids)
-        mtp = mtp_streams_paged(model, streams, torch.cat(next_ids), plan, engine.mtp_caches[0], engine.fmt)
+        drafts = propose(PagedStep(plan, streams, captured, torch.cat(next_ids), last_rows, anchors))
         if min(len(t) for t in tokens) >= new_tokens:
             return [t[:new_tokens] for t in tokens], proposed
-        rows = mtp[last_rows]
-        current = model.logits(rows, "mtp.0.").argmax(-1)
-        drafts = [[int(t)] for t in current]
-        positions = torch.tensor([p for _, p in anchors])
-        for _ in range(k - 1):
-            rows = mtp_streams_paged(model, rows, current, BatchPlan(positions, torch.arange(n)),
-                                     engine.mtp_caches[0], engine.fmt)
-            current = model.logits(rows, "mtp.0.").argmax(-1)
-            for s in range(n):
-                drafts[s].append(int(current[s]))
-            positions = positions + 1
         for s in range(n):
             proposed[s].append(drafts[s])
         chunks = [(s, torch.tensor([token] + drafts[s]), p) for s, (token, p) in enumerate(anchors)]
+
+
+def _mtp_proposer(engine: TinyEngine, k: int):
+    """vLLM's MTP flow: one MTP pass over every scheduled row (streams of row t, token t+1), then k-1
+    one-row passes fed the MTP's own streams."""
+    model, cache = engine.model, engine.mtp_caches[0]
+
+    def propose(step: PagedStep) -> list[list[int]]:
+        out = mtp_streams_paged(model, step.streams, step.next_ids, step.plan, cache, engine.fmt)
+        rows = out[step.last_rows]
+        current = model.logits(rows, "mtp.0.").argmax(-1)
+        drafts = [[int(t)] for t in current]
+        positions = torch.tensor([p for _, p in step.anchors])
+        for _ in range(k - 1):
+            plan = BatchPlan(positions, torch.arange(len(drafts)))
+            rows = mtp_streams_paged(model, rows, current, plan, cache, engine.fmt)
+            current = model.logits(rows, "mtp.0.").argmax(-1)
+            for s, t in enumerate(current.tolist()):
+                drafts[s].append(t)
+            positions = positions + 1
+        return drafts
+
+    return propose
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -278,12 +306,46 @@ def test_paged_mtp_drafts_equal_the_reference_drafter(models, k):
     model = models["flash"]
     prompts = [_ids(126, seed=21).tolist(), _ids(3, seed=22).tolist()]
     engine = TinyEngine(model, EXACT, len(prompts), 200)
-    got_tokens, got_drafts = _paged_mtp_generate(engine, prompts, NEW_TOKENS, k)
+    got_tokens, got_drafts = _paged_generate(engine, prompts, NEW_TOKENS, (), _mtp_proposer(engine, k))
     for prompt, tokens, drafts in zip(prompts, got_tokens, got_drafts):
         reference = RecordingMTPDrafter(model)
         out = speculative_generate(model, reference, prompt, NEW_TOKENS, k)
         assert tokens == out.tokens == model.generate(prompt, NEW_TOKENS)
         assert drafts[: len(reference.proposed)] == reference.proposed and len(reference.proposed) >= 4
+
+
+class RecordingDSparkDrafter(DSparkDrafter):
+    def __init__(self, model: ReferenceModel):
+        super().__init__(model)
+        self.proposed: list[list[int]] = []
+
+    def propose(self, k: int) -> list[int]:
+        self.proposed.append(super().propose(k))
+        return self.proposed[-1]
+
+
+@pytest.mark.parametrize("k", [3, K])
+def test_paged_dspark_drafts_equal_the_reference_drafter(models, k):
+    """DSpark over paged context caches (written for every verified row, rejected ones overwritten
+    later) proposes exactly the reference `DSparkDrafter`'s blocks at every step, batched."""
+    model = models["flash-0731"]
+    head = DSparkHead(model)
+    prompts = [_ids(125, seed=31).tolist(), _ids(4, seed=32).tolist()]
+    engine = TinyEngine(model, EXACT, len(prompts), 200)
+    caches = [engine._allocate(stage) for stage in head.stages]
+    rows = list(range(len(prompts)))
+
+    def propose(step: PagedStep) -> list[list[int]]:
+        dspark_context_paged(head, step.captured, step.plan, caches, engine.fmt)
+        anchors, positions = zip(*step.anchors)
+        return [d.tokens for d in dspark_draft_paged(head, anchors, positions, rows, caches, engine.fmt, k)]
+
+    got_tokens, got_drafts = _paged_generate(engine, prompts, NEW_TOKENS, head.capture, propose)
+    for prompt, tokens, drafts in zip(prompts, got_tokens, got_drafts):
+        reference = RecordingDSparkDrafter(model)
+        out = speculative_generate(model, reference, prompt, NEW_TOKENS, k)
+        assert tokens == out.tokens == model.generate(prompt, NEW_TOKENS)
+        assert drafts[: len(reference.proposed)] == reference.proposed and len(reference.proposed) >= 3
 
 
 def test_dspark_drafter_state_equals_one_pass_over_the_sequence(models):

@@ -85,16 +85,16 @@ def test_mtp_window_cache_is_charged(configs, name):
     spec = {"method": "mtp", "num_speculative_tokens": 3}
     vc = configs(name, 65536, 8192, spec)
     assert vc.speculative_config is not None and vc.speculative_config.num_speculative_tokens == 3
-    specs = model_kv_specs(cfg, "fp8_ds_mla", torch.bfloat16, IndexerCache.FP8, mtp_layers=1)
+    specs = model_kv_specs(cfg, "fp8_ds_mla", torch.bfloat16, IndexerCache.FP8, draft_layers=1)
     assert f"model.layers.{cfg.num_hidden_layers}.attn.window" in specs
     got = vllm_capacity(vc, specs, MEMORY)
-    want = vllm_planned_capacity(cfg, MEMORY, max_model_len=65536, max_num_batched_tokens=8192, mtp_layers=1)
+    want = vllm_planned_capacity(cfg, MEMORY, max_model_len=65536, max_num_batched_tokens=8192, draft_layers=1)
     assert (got.slab_bytes, got.num_blocks) == (want.slab_bytes, want.num_blocks)
     assert abs(got.tokens - want.tokens) <= 0.01 * want.tokens, (got, want)
     cli = kv_plan("--framework", "vllm", "--model", name, "--device", "cpu", "--kv-cache-memory", "80G",
                   "--max-model-len", "64K", "--max-num-batched-tokens", "8192", "--kv-cache-dtype", "fp8_ds_mla",
                   "--speculative-config", json.dumps(spec))
-    assert (cli["mtp_layers"], cli["num_blocks"], cli["kv_cache_size_tokens"]) == (1, want.num_blocks, want.tokens)
+    assert (cli["draft_layers"], cli["num_blocks"], cli["kv_cache_size_tokens"]) == (1, want.num_blocks, want.tokens)
 
 
 # vLLM's engine-core line (kv_cache_utils.update_kv_cache_capacity), as the CLI must print it.

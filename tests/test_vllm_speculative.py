@@ -1,12 +1,11 @@
-"""MTP drafting through vLLM (`--speculative-config '{"method": "mtp", ...}'`) == decoding without it.
+"""Drafting through vLLM (`--speculative-config`) == decoding without it: MTP on the tiny Flash
+checkpoint, DSpark on the tiny Flash-0731 one (served through vLLM's `custom_class` proposer hook, see
+`vllm_backend/dspark.py`).
 
-In-process engines on the tiny Flash checkpoint, exact mode (fp32, `auto` KV, no quantization
-simulation), so the reference model is the oracle token for token. Random tiny weights reject almost
-every draft: that exercises the position-indexed overwrite of rejected rows (our caches need no
-rollback). Full acceptance is forced with vLLM's `custom_class` proposer hook and a drafter that
-copies the target's greedy continuation. DSpark cannot run here: vLLM refuses it on its V1 model
-runner (`Model Runner V1 does not support: dspark speculative decoding`; V2 needs Triton on a GPU),
-so only its clear configuration errors are tested through vLLM.
+In-process engines, exact mode (fp32, `auto` KV, no quantization simulation), so the reference model
+is the oracle token for token. Random tiny weights reject almost every draft: that exercises the
+position-indexed overwrite of rejected rows (our caches need no rollback). Full acceptance is forced
+with a `custom_class` proposer that copies the target's greedy continuation.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from v4_plugin.drafting import MTPDrafter, speculative_generate
+from v4_plugin.drafting import DSparkDrafter, MTPDrafter, speculative_generate
 from vllm_backend.testing import EnvPatch, counters, engine_core, make_llm, random_prompt, reference_model
 
 LENGTHS = [1, 3, 4, 5, 126, 127, 128, 129]  # drafts cross the 4- and 128-token edges
@@ -33,8 +32,8 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoints):
-    return reference_model(checkpoints["flash"], include_mtp=True)
+def references(checkpoints):
+    return {preset: reference_model(d, include_mtp=True) for preset, d in checkpoints.items()}
 
 
 def _engine(model_dir, spec: dict):
@@ -50,17 +49,24 @@ def _greedy(llm, prompts: list[list[int]]) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-@pytest.fixture(scope="module", params=[1, 3], ids=lambda k: f"mtp-k{k}")
-def mtp_engine(request, checkpoints):
-    llm = _engine(checkpoints["flash"], {"method": "mtp", "num_speculative_tokens": request.param})
-    yield llm, request.param
+DRAFTERS = {"mtp": MTPDrafter, "dspark": DSparkDrafter}
+
+
+@pytest.fixture(scope="module", params=[("flash", "mtp", 1), ("flash", "mtp", 3), ("flash-0731", "dspark", 5)],
+                ids=lambda p: f"{p[1]}-k{p[2]}")
+def drafting(request, checkpoints, references):
+    """(engine, preset, method, k, reference model) for one `--speculative-config`."""
+    preset, method, k = request.param
+    llm = _engine(checkpoints[preset], {"method": method, "num_speculative_tokens": k})
+    yield llm, preset, method, k, references[preset]
     del llm
     gc.collect()
 
 
-def test_greedy_output_equals_decoding_without_drafts(mtp_engine, reference):
-    """Single requests and the 8 at once: the tokens of the reference's plain greedy decoding."""
-    llm, k = mtp_engine
+def test_greedy_output_equals_decoding_without_drafts(drafting):
+    """Single requests and the 8 at once: the tokens of the reference's plain greedy decoding; vLLM's
+    metrics count k drafts per verify step."""
+    llm, _, _, k, reference = drafting
     prompts = [random_prompt(n, seed=n) for n in LENGTHS]
     want = [reference.generate(p, NEW_TOKENS) for p in prompts]
     before = counters(llm)
@@ -69,30 +75,30 @@ def test_greedy_output_equals_decoding_without_drafts(mtp_engine, reference):
     after = counters(llm)
     assert single == want
     assert concurrent == want
-    drafts = after["vllm:spec_decode_num_drafts"] - before.get("vllm:spec_decode_num_drafts", 0)
-    drafted = after["vllm:spec_decode_num_draft_tokens"] - before.get("vllm:spec_decode_num_draft_tokens", 0)
-    accepted = after["vllm:spec_decode_num_accepted_tokens"] - before.get("vllm:spec_decode_num_accepted_tokens", 0)
-    assert drafts >= 2 * len(prompts) and drafted == k * drafts and 0 <= accepted <= drafted
+    delta = {name: after[name] - before.get(name, 0) for name in after if name.startswith("vllm:spec_decode")}
+    drafts, drafted = delta["vllm:spec_decode_num_drafts"], delta["vllm:spec_decode_num_draft_tokens"]
+    assert drafts >= 2 * len(prompts) and drafted == k * drafts
+    assert 0 <= delta["vllm:spec_decode_num_accepted_tokens"] <= drafted
 
 
-def test_drafts_equal_the_reference_drafter(mtp_engine, reference):
-    """Every step's drafts (recorded at vLLM's proposer) are the core `MTPDrafter`'s for the same state."""
-    llm, k = mtp_engine
-    drafter = engine_core(llm).model_executor.driver_worker.worker.model_runner.drafter
+def test_drafts_equal_the_reference_drafter(drafting):
+    """Every step's drafts, recorded at vLLM's proposer, are the core drafter's for the same state."""
+    llm, _, method, k, reference = drafting
+    proposer = engine_core(llm).model_executor.driver_worker.worker.model_runner.drafter
     recorded: list[list[int]] = []
-    propose = drafter.propose
+    propose = proposer.propose
 
     def recording(*args, **kwargs):
         drafts = propose(*args, **kwargs)
-        recorded.extend(drafts.tolist())
+        recorded.extend(drafts.tolist() if hasattr(drafts, "tolist") else drafts)
         return drafts
 
-    class Recording(MTPDrafter):
+    class Recording(DRAFTERS[method]):
         def propose(self, n):
             self.proposed = getattr(self, "proposed", []) + [super().propose(n)]
             return self.proposed[-1]
 
-    drafter.propose = recording
+    proposer.propose = recording
     try:
         for n in (3, 126):
             prompt = random_prompt(n, seed=100 + n)
@@ -100,24 +106,24 @@ def test_drafts_equal_the_reference_drafter(mtp_engine, reference):
             assert _greedy(llm, [prompt])[0] == reference.generate(prompt, NEW_TOKENS)
             want = Recording(reference)
             speculative_generate(reference, want, prompt, NEW_TOKENS, k)
-            assert len(want.proposed) >= 3
+            assert len(want.proposed) >= 2
             assert recorded[: len(want.proposed)] == want.proposed, n
     finally:
-        drafter.propose = propose
+        proposer.propose = propose
 
 
-def test_kv_capacity_with_the_mtp_window_matches_the_plan(mtp_engine, checkpoints):
-    """The capacity vLLM resolved with the MTP block's window cache allocated (stored in its cache
+def test_kv_capacity_with_the_drafter_windows_matches_the_plan(drafting, checkpoints):
+    """The capacity vLLM resolved with the drafter's window caches allocated (stored in its cache
     config; logged once per process) is `kv-plan --speculative-config`'s."""
     from test_layout import kv_plan
 
-    llm, k = mtp_engine
+    llm, preset, method, k, _ = drafting
     config = llm.llm_engine.vllm_config
-    plan = kv_plan("--framework", "vllm", "--model", str(checkpoints["flash"]), "--device", "cpu", "--dtype", "float32",
+    plan = kv_plan("--framework", "vllm", "--model", str(checkpoints[preset]), "--device", "cpu", "--dtype", "float32",
                    "--kv-cache-memory", str(config.cache_config.kv_cache_memory_bytes), "--max-model-len", "1024",
                    "--max-num-batched-tokens", str(config.scheduler_config.max_num_batched_tokens),
-                   "--speculative-config", f'{{"method": "mtp", "num_speculative_tokens": {k}}}')
-    assert plan["mtp_layers"] == 1
+                   "--speculative-config", f'{{"method": "{method}", "num_speculative_tokens": {k}}}')
+    assert plan["draft_layers"] == (1 if method == "mtp" else 3)
     assert plan["kv_cache_size_tokens"] == config.cache_config.kv_cache_size_tokens
     assert abs(plan["max_concurrency"] - config.cache_config.kv_cache_max_concurrency) < 0.005
 
@@ -146,8 +152,8 @@ class CopyTargetProposer:
         return drafts
 
 
-def test_full_acceptance_emits_k_plus_one_tokens_per_step(checkpoints, reference):
-    k = 3
+def test_full_acceptance_emits_k_plus_one_tokens_per_step(checkpoints, references):
+    k, reference = 3, references["flash"]
     prompts = [random_prompt(n, seed=7 + n) for n in (5, 127)]
     greedy = [reference.generate(p, NEW_TOKENS + k + 1) for p in prompts]
     CopyTargetProposer.continuations = {tuple(p): g for p, g in zip(prompts, greedy)}
@@ -177,9 +183,3 @@ def test_clear_errors_when_vllm_builds_its_config(checkpoints, preset, spec, mes
     with pytest.raises(Exception, match=message) as info:
         make_llm(checkpoints[preset], speculative_config=spec)
     assert str(checkpoints[preset]) in str(info.value)  # names the checkpoint's config.json
-
-
-def test_dspark_is_refused_by_vllms_v1_model_runner(checkpoints):
-    """A valid DSpark request gets past the plugin's checks and stops at vLLM's own CPU limit."""
-    with pytest.raises(Exception, match="Model Runner V1 does not support: dspark speculative decoding"):
-        make_llm(checkpoints["flash-0731"], speculative_config={"method": "dspark", "num_speculative_tokens": 5})

@@ -88,12 +88,12 @@ class _Bucket:
 
 def vllm_planned_capacity(cfg: V4Config, memory_bytes: int, *, max_model_len: int, max_num_batched_tokens: int,
                      fp8: bool = True, indexer: IndexerCache | None = IndexerCache.FP8,
-                     dtype_bytes: int = 2, in_flight_batches: int = 1, mtp_layers: int = 0) -> VllmCapacity:
+                     dtype_bytes: int = 2, in_flight_batches: int = 1, draft_layers: int = 0) -> VllmCapacity:
     """Closed-form model of vLLM's KV capacity for our specs (the formula for the planner).
 
     fp8: 584-B records (`--kv-cache-dtype fp8*`) or entries of `dtype_bytes` per element (`auto`);
-    indexer: key format for FP8 caches (None = float keys, the `auto` case). mtp_layers: MTP blocks
-    drafting (`--speculative-config` method mtp), each one more SWA window cache. Mirrors vLLM 0.32's
+    indexer: key format for FP8 caches (None = float keys, the `auto` case). draft_layers: drafter
+    blocks with a window cache each (`--speculative-config`: the MTP block, or the DSpark stages). Mirrors vLLM 0.32's
     `_get_packed_kv_cache_groups` (buckets by spec type/block/window, split into groups by a common
     number of layer repeats) and `get_max_concurrency_for_kv_cache_config`.
     """
@@ -107,7 +107,7 @@ def vllm_planned_capacity(cfg: V4Config, memory_bytes: int, *, max_model_len: in
     def bucket(block: int, window: int | None) -> _Bucket:
         return buckets.setdefault((block, window), _Bucket({}, block, window))
 
-    for kind in (*cfg.layer_types, *[LayerType.SWA] * mtp_layers):
+    for kind in (*cfg.layer_types, *[LayerType.SWA] * draft_layers):
         bucket(WINDOW_BLOCK, cfg.sliding_window).add(WINDOW_BLOCK * main)
         if kind is LayerType.SWA:
             continue

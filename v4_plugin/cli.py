@@ -139,10 +139,10 @@ def _vllm_plan(args: argparse.Namespace, cfg: V4Config, name: str) -> tuple[dict
             raise ValueError(f"{flag} must be positive, got {value}")
     async_scheduling = args.device == "gpu" if args.async_scheduling is None else args.async_scheduling
     in_flight = 2 if async_scheduling else 1  # VllmConfig.max_concurrent_batches without pipeline parallelism
-    mtp_layers, drafting = _vllm_drafting(args.speculative_config, cfg)
+    draft_layers, drafting = _vllm_drafting(args.speculative_config, cfg)
     cap = vllm_planned_capacity(cfg, args.kv_cache_memory, max_model_len=max_model_len,
                                 max_num_batched_tokens=args.max_num_batched_tokens, fp8=fp8, indexer=indexer,
-                                dtype_bytes=_DTYPE_BYTES[dtype], in_flight_batches=in_flight, mtp_layers=mtp_layers)
+                                dtype_bytes=_DTYPE_BYTES[dtype], in_flight_batches=in_flight, draft_layers=draft_layers)
     line = (f"{args.device.upper()} KV cache size: {cap.tokens:,} tokens, Maximum concurrency for "
             f"{max_model_len:,} tokens per request: {cap.max_concurrency:.2f}x")
     block_note = "fixed by the plugin"
@@ -152,7 +152,7 @@ def _vllm_plan(args: argparse.Namespace, cfg: V4Config, name: str) -> tuple[dict
         "framework": "vllm", "model": name, "kv_cache_memory_bytes": args.kv_cache_memory, "block_size": BLOCK,
         "kv_cache_dtype": args.kv_cache_dtype, "indexer_cache": indexer.value if indexer else "float",
         "dtype": dtype, "max_model_len": max_model_len, "max_num_batched_tokens": args.max_num_batched_tokens,
-        "async_scheduling": async_scheduling, "mtp_layers": mtp_layers, "bytes_per_block": cap.slab_bytes,
+        "async_scheduling": async_scheduling, "draft_layers": draft_layers, "bytes_per_block": cap.slab_bytes,
         "bytes_per_token": cap.bytes_per_token, "num_blocks": cap.num_blocks,
         "blocks_per_request": cap.blocks_per_request, "kv_cache_size_tokens": cap.tokens,
         "max_concurrency": cap.max_concurrency, "log_line": line,
@@ -176,17 +176,16 @@ def _vllm_plan(args: argparse.Namespace, cfg: V4Config, name: str) -> tuple[dict
 
 
 def _vllm_drafting(spec: dict | None, cfg: V4Config) -> tuple[int, str]:
-    """--speculative-config -> (MTP blocks whose window caches vLLM allocates, a description)."""
+    """--speculative-config -> (drafter blocks whose window caches vLLM allocates, a description)."""
     if spec is None:
         return 0, "off"
     if not isinstance(spec, dict) or "method" not in spec:
         raise ValueError(f"--speculative-config must be a JSON object with a 'method', got {spec!r}")
     plan = plan_speculation(cfg, str(spec["method"]), spec.get("num_speculative_tokens"))
-    if plan.method is not Method.MTP:
-        raise ValueError("vLLM runs DSpark drafting only on its V2 GPU model runner, with its native model; "
-                         "through this plugin vLLM drafts with the MTP block (method 'mtp', 04-24 checkpoints)")
-    n = cfg.num_nextn_predict_layers
-    return n, f"mtp, {plan.num_speculative_tokens} drafts per step (+{n} window cache{'s' * (n > 1)})"
+    n = cfg.num_nextn_predict_layers if plan.method is Method.MTP else cfg.dspark.num_stages
+    what = "MTP block" if plan.method is Method.MTP else "DSpark stage"
+    return n, (f"{plan.method.value}, {plan.num_speculative_tokens} drafts per step (+{n} window cache{'s' * (n > 1)}, "
+               f"one per {what})")
 
 
 SGLANG_PAGE_SIZE = 128  # the plugin's default --page-size (any multiple of 128 works)
@@ -332,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     vllm.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                       help="two batches in flight (vLLM's default on GPUs; off on CPU)")
     vllm.add_argument("--speculative-config", type=json.loads, metavar="JSON",
-                      help="vLLM's flag, e.g. '{\"method\": \"mtp\", \"num_speculative_tokens\": 3}': the MTP "
-                           "block's window cache is charged too")
+                      help="vLLM's flag, e.g. '{\"method\": \"mtp\", \"num_speculative_tokens\": 3}': the "
+                           "drafter's window caches (MTP block or DSpark stages) are charged too")
     sglang = kv.add_argument_group("SGLang (--framework sglang)")
     sglang.add_argument("--page-size", type=int, help=f"tokens per page, a multiple of 128 (default {SGLANG_PAGE_SIZE})")
     sglang.add_argument("--swa-full-tokens-ratio", type=float,

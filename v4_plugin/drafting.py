@@ -162,8 +162,10 @@ class DSparkDraft:
     confidence: torch.Tensor  # fp32 [k]: the confidence head's acceptance estimate per draft
 
 
-class DSparkDrafter:
-    """The DSpark drafter of a refresh checkpoint for one sequence (see the module docstring)."""
+class DSparkHead:
+    """The DSpark drafter's math, stateless (see the module docstring): context KV from the target's
+    captured streams, and one drafted block over given context KV. `DSparkDrafter` keeps one sequence's
+    context in rings; `paged.dspark_context_paged` / `dspark_draft_paged` keep it in paged caches."""
 
     def __init__(self, model: ReferenceModel):
         cfg = model.cfg
@@ -172,60 +174,47 @@ class DSparkDrafter:
         n, stages = cfg.num_hidden_layers, cfg.dspark.num_stages
         self.stages = [Block(cfg, model.w, f"mtp.{k}", n + k, model.quant) for k in range(stages)]
         self.capture = tuple(cfg.dspark.target_layer_ids)
-        # Per stage: the context KV of position t in slot t mod window.
-        self.context = [torch.zeros(cfg.sliding_window, cfg.head_dim, dtype=model.dtype) for _ in self.stages]
-        self.num_context = 0
-        self.anchor: int | None = None
 
-    def main_x(self, out: ModelOutput) -> torch.Tensor:
-        """Target step output -> context vectors [T, D]: main_norm(main_proj(concat of stream means))."""
+    def main_x(self, captured: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Captured target streams (layer id -> [T, hc, D]) -> context vectors [T, D]:
+        main_norm(main_proj(concat of the stream means of `dspark_target_layer_ids`))."""
         w, eps = self.model.w, self.cfg.rms_norm_eps
-        features = torch.cat([out.captured[i].mean(dim=1) for i in self.dspark.target_layer_ids], dim=-1)
+        features = torch.cat([captured[i].mean(dim=1) for i in self.dspark.target_layer_ids], dim=-1)
         x = linear(features, w("mtp.0.main_proj.weight"), self.stages[0].act_q)
         return rms_norm(x, w("mtp.0.main_norm.weight"), eps)
 
-    @torch.inference_mode()
-    def observe(self, token_ids: torch.Tensor, out: ModelOutput, next_token: int) -> None:
-        """Write each stage's context KV for the accepted positions; `next_token` is the next anchor."""
-        main_x, win = self.main_x(out), self.cfg.sliding_window
-        positions = torch.arange(self.num_context, self.num_context + main_x.shape[0])
-        for stage, ring in zip(self.stages, self.context):
-            ring[positions[-win:] % win] = stage._window_kv(main_x[-win:], positions[-win:])
-        self.num_context += main_x.shape[0]
-        self.anchor = next_token
+    def context_kv(self, captured: dict[int, torch.Tensor], positions: torch.Tensor) -> list[torch.Tensor]:
+        """Per stage, the context KV entries [T, d] of the target rows at `positions` (int64 [T])."""
+        main_x = self.main_x(captured)
+        return [stage._window_kv(main_x, positions) for stage in self.stages]
 
-    def propose(self, k: int) -> list[int]:
-        return self.draft(k).tokens
-
-    def _block_attention(self, stage: Block, ring: torch.Tensor, u: torch.Tensor,
+    def _block_attention(self, stage: Block, context: torch.Tensor, u: torch.Tensor,
                          positions: torch.Tensor) -> torch.Tensor:
-        """Block queries u [k, D] over the last `window` context entries and the whole block -> [k, D]."""
-        p, win = self.num_context, self.cfg.sliding_window
+        """Block queries u [k, D] over the context entries [n, d] and the whole block -> [k, D]."""
         _, q = stage._query(u, positions)
-        context = torch.arange(max(0, p - win), p)
-        kv = torch.cat((ring[context % win], stage._window_kv(u, positions)))
+        kv = torch.cat((context, stage._window_kv(u, positions)))
         indices = torch.arange(kv.shape[0]).expand(u.shape[0], -1)  # every entry for every query
         return stage._attend(q, kv, indices, positions)
 
-    @torch.inference_mode()
-    def draft(self, k: int) -> DSparkDraft:
-        """Propose k <= dspark_block_size tokens after the anchor (one parallel block + the Markov head)."""
+    @torch.no_grad()
+    def draft(self, anchor: int, position: int, contexts: Sequence[torch.Tensor], k: int) -> DSparkDraft:
+        """Propose k <= dspark_block_size tokens after `anchor`, the token at `position` (not yet in the
+        context). contexts: per stage, the KV of the last min(position, sliding_window) positions before
+        it, oldest first [n, d]. One parallel block through the stages, then the Markov head."""
         if not 1 <= k <= self.dspark.block_size:
             raise SpeculativeConfigError(f"DSpark drafts 1 ... dspark_block_size = {self.dspark.block_size} tokens, "
                                          f"not {k}")
-        if self.anchor is None:
-            raise ValueError("DSparkDrafter.draft: observe() the target's first step before drafting")
         model, w, last = self.model, self.model.w, f"mtp.{self.dspark.num_stages - 1}."
-        ids = torch.tensor([self.anchor] + [self.dspark.noise_token_id] * (k - 1))
-        positions = torch.arange(self.num_context, self.num_context + k)
+        ids = torch.tensor([anchor] + [self.dspark.noise_token_id] * (k - 1))
+        positions = torch.arange(position, position + k)
         x = model._streams(ids)
-        for stage, ring in zip(self.stages, self.context):
-            x = stage.forward(x, ids, lambda u, s=stage, r=ring: self._block_attention(s, r, u, positions))
+        for stage, context in zip(self.stages, contexts):
+            x = stage.forward(x, ids, lambda u, s=stage, c=context: self._block_attention(s, c, u, positions))
         hidden = model._head_hidden(x, last)  # [k, D]
         base = model._head_logits(hidden, last)  # fp32 [k, V]
         w1 = w(f"{last}markov_head.markov_w1.weight").float()  # [V, R]
         w2 = w(f"{last}markov_head.markov_w2.weight").float()  # [V, R]
-        prev, tokens, logits, prev_embeds = self.anchor, [], [], []
+        prev, tokens, logits, prev_embeds = anchor, [], [], []
         for i in range(k):
             embed = w1[prev]
             row = base[i] + w2 @ embed
@@ -236,6 +225,41 @@ class DSparkDrafter:
         features = torch.cat((hidden.float(), torch.stack(prev_embeds)), dim=-1)
         confidence = torch.sigmoid(features @ w(f"{last}confidence_head.proj.weight").float().T).squeeze(-1)
         return DSparkDraft(tokens, torch.stack(logits), confidence)
+
+
+class DSparkDrafter:
+    """The DSpark drafter of a refresh checkpoint for one sequence, its context in one ring per stage."""
+
+    def __init__(self, model: ReferenceModel):
+        self.head = DSparkHead(model)
+        self.cfg, self.capture = model.cfg, self.head.capture
+        # Per stage: the context KV of position t in slot t mod window.
+        self.context = [torch.zeros(self.cfg.sliding_window, self.cfg.head_dim, dtype=model.dtype)
+                        for _ in self.head.stages]
+        self.num_context = 0
+        self.anchor: int | None = None
+
+    @torch.inference_mode()
+    def observe(self, token_ids: torch.Tensor, out: ModelOutput, next_token: int) -> None:
+        """Write each stage's context KV for the accepted positions; `next_token` is the next anchor."""
+        win = self.cfg.sliding_window
+        positions = torch.arange(self.num_context, self.num_context + token_ids.shape[0])[-win:]
+        captured = {i: c[-win:] for i, c in out.captured.items()}
+        for ring, kv in zip(self.context, self.head.context_kv(captured, positions)):
+            ring[positions % win] = kv
+        self.num_context += token_ids.shape[0]
+        self.anchor = next_token
+
+    def propose(self, k: int) -> list[int]:
+        return self.draft(k).tokens
+
+    def draft(self, k: int) -> DSparkDraft:
+        """Propose k <= dspark_block_size tokens after the anchor."""
+        if self.anchor is None:
+            raise ValueError("DSparkDrafter.draft: observe() the target's first step before drafting")
+        p, win = self.num_context, self.cfg.sliding_window
+        window = torch.arange(max(0, p - win), p) % win
+        return self.head.draft(self.anchor, p, [ring[window] for ring in self.context], k)
 
 
 class ReplayDrafter:

@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 
 from .config import LayerType, V4Config
+from .drafting import DSparkDraft, DSparkHead
 from .kvcache import pack_indexer, pack_main, unpack_indexer, unpack_main
 from .layout import IndexerCache, indexer_entry_bytes, main_entry_bytes
 from .model import Block, ModelOutput, QuantSim, ReferenceModel
@@ -236,3 +237,28 @@ def mtp_streams_paged(model: ReferenceModel, streams: torch.Tensor, next_ids: to
     codec = _Codec(model.cfg, fmt, model.dtype)
     x = model._mtp_input(streams, next_ids, depth)
     return block.forward(x, next_ids, lambda u: attention_paged(block, u, plan, caches, codec))
+
+
+@torch.no_grad()
+def dspark_context_paged(head: DSparkHead, captured: dict[int, torch.Tensor], plan: BatchPlan,
+                         caches: list[LayerCaches], fmt: CacheFormat) -> None:
+    """Write every DSpark stage's context KV for this step's target rows into that stage's window cache
+    (one `LayerCaches` per stage). `captured`: the step's `dspark_target_layer_ids` streams from
+    `streams_paged(..., capture=head.capture)`. Rows are position-indexed: rejected ones are overwritten."""
+    codec = _Codec(head.cfg, fmt, head.model.dtype)
+    for cache, kv in zip(caches, head.context_kv(captured, plan.positions)):
+        cache.window.write(plan.seq_ids, plan.positions, codec.put_main(kv))
+
+
+@torch.no_grad()
+def dspark_draft_paged(head: DSparkHead, anchors: Sequence[int], positions: Sequence[int], rows: Sequence[int],
+                       caches: list[LayerCaches], fmt: CacheFormat, k: int) -> list[DSparkDraft]:
+    """One DSpark block per sequence: `anchors[i]`, the token at `positions[i]` of block-table row `rows[i]`,
+    drafted over the context that `dspark_context_paged` wrote for the positions before it."""
+    codec = _Codec(head.cfg, fmt, head.model.dtype)
+    win, drafts = head.cfg.sliding_window, []
+    for anchor, p, row in zip(anchors, positions, rows):
+        window = torch.arange(max(0, p - win), p)
+        contexts = [codec.get_main(c.window.read(torch.full_like(window, row), window)) for c in caches]
+        drafts.append(head.draft(anchor, p, contexts, k))
+    return drafts

@@ -118,12 +118,12 @@ def attn_prefix(layer_id: int) -> str:
 
 
 def model_kv_specs(cfg: V4Config, cache_dtype: str = "auto", dtype: torch.dtype = torch.bfloat16,
-                   indexer: IndexerCache = IndexerCache.FP8, mtp_layers: int = 0) -> dict:
-    """layer name -> spec for every cache of the main layers and of `mtp_layers` drafting MTP blocks
-    (what the model's and the MTP draft model's cache layers report)."""
+                   indexer: IndexerCache = IndexerCache.FP8, draft_layers: int = 0) -> dict:
+    """layer name -> spec for every cache of the main layers and of `draft_layers` drafter blocks (the
+    MTP block or the DSpark stages: one window cache each), as the models' cache layers report them."""
     fmt = cache_format(cache_dtype, indexer)
     specs = {}
-    for i in range(cfg.num_hidden_layers + mtp_layers):
+    for i in range(cfg.num_hidden_layers + draft_layers):
         for decl in layer_caches(cfg, cfg.layer_type(i), fmt, dtype):
             specs[f"{attn_prefix(i)}.{decl.name}"] = make_spec(decl, cache_dtype)
     return specs

@@ -27,9 +27,11 @@ from vllm.v1.kv_cache_interface import KVCacheSpec
 from v4_plugin import __version__, dispatch
 from v4_plugin.config import LayerType, V4Config, load_config
 from v4_plugin.model import QuantSim, ReferenceModel
-from v4_plugin.paged import BatchPlan, LayerCaches, PagedCache, streams_paged
+from v4_plugin.drafting import DSparkHead
+from v4_plugin.paged import BatchPlan, CacheFormat, LayerCaches, PagedCache, dspark_context_paged, streams_paged
 
 from .backend import BACKEND_NAME, V4PagedBackend
+from .dspark import drafts_with_dspark
 from .kv_specs import CacheDecl, attn_prefix, cache_format, indexer_cache_choice, layer_caches, make_spec
 from .plugin import check_parallelism
 
@@ -176,8 +178,14 @@ class DeepseekV4ForCausalLM(nn.Module):
         self.quant = quant_sim_from_env()
         self.vocab_size = self.cfg.vocab_size
 
-        self.caches = CacheLayers(self.cfg, range(self.cfg.num_hidden_layers), self.fmt, self.dtype, cache_dtype)
+        n = self.cfg.num_hidden_layers
+        self.caches = CacheLayers(self.cfg, range(n), self.fmt, self.dtype, cache_dtype)
         self.serve_mtp = drafts_with_mtp(vllm_config)
+        # DSpark drafting (`dspark.py`): this model writes the stages' context into their window caches.
+        self.dspark_caches = (CacheLayers(self.cfg, range(n, n + self.cfg.dspark.num_stages), self.fmt, self.dtype,
+                                          cache_dtype) if drafts_with_dspark(vllm_config) else None)
+        self.dspark_head = None
+        self._dspark_views: list[LayerCaches] | None = None
         self.model = nn.Module()  # vLLM shares `model.embed_tokens` with a draft model (see `CoreHandle`)
         self.core = None  # built after load_weights
 
@@ -200,12 +208,15 @@ class DeepseekV4ForCausalLM(nn.Module):
         save_pretrained dialect); vLLM's own weight iterator is not consumed (no second read)."""
         from v4_plugin.checkpoint import load_checkpoint
 
-        tensors = load_checkpoint(self.model_dir, self.cfg, dtype=self.dtype, include_mtp=self.serve_mtp)
+        drafting = self.serve_mtp or self.dspark_caches is not None
+        tensors = load_checkpoint(self.model_dir, self.cfg, dtype=self.dtype, include_mtp=drafting)
         for name, tensor in tensors.items():
             add_parameter(self, name, tensor)
         params = dict(self.named_parameters())
         self.core = ReferenceModel(self.cfg, {n: params[n].data for n in tensors}, dtype=self.dtype, quant=self.quant)
         self.model.embed_tokens = CoreHandle(self.core)
+        if self.dspark_caches is not None:
+            self.dspark_head = DSparkHead(self.core)
         return set(params)
 
     # ---- execution ---------------------------------------------------------------------------------
@@ -223,8 +234,19 @@ class DeepseekV4ForCausalLM(nn.Module):
         if step is None:  # profiling / dummy runs: nothing to attend
             return torch.zeros(input_ids.shape[0], width, dtype=self.dtype, device=input_ids.device)
         plan, caches = step
-        streams, _ = streams_paged(self.core, input_ids[: len(plan.positions)].long(), plan, caches, self.fmt)
+        ids = input_ids[: len(plan.positions)].long()
+        if self.dspark_head is None:
+            streams, _ = streams_paged(self.core, ids, plan, caches, self.fmt)
+        else:
+            streams, captured = streams_paged(self.core, ids, plan, caches, self.fmt, self.dspark_head.capture)
+            _, self._dspark_views = self.dspark_caches.step(positions)
+            dspark_context_paged(self.dspark_head, captured, plan, self._dspark_views, self.fmt)
         return pad_rows(streams.flatten(1), input_ids.shape[0])
+
+    def dspark_step(self) -> tuple[DSparkHead, list[LayerCaches], CacheFormat]:
+        """What `dspark.DSparkProposer` drafts from after a step: the head, the stages' context caches
+        as this step's block tables see them (rows in batch order), and the cache format."""
+        return self.dspark_head, self._dspark_views, self.fmt
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Flat streams [n, hc * D] of the sampled rows -> fp32 logits [n, vocab]."""

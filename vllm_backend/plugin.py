@@ -117,8 +117,9 @@ def check_parallelism(parallel_config) -> None:
 def check_speculation(vllm_config) -> None:
     """Validate `--speculative-config` against the checkpoint when vLLM builds its config (before its
     own model-runner checks): MTP on a DSpark checkpoint, DSpark on a 04-24 checkpoint, or more drafts
-    than `dspark_block_size` raise `v4_plugin.drafting.SpeculativeConfigError` naming the fields."""
-    from v4_plugin.drafting import METHOD_NAMES, plan_speculation
+    than `dspark_block_size` raise `v4_plugin.drafting.SpeculativeConfigError` naming the fields. A
+    valid DSpark request is rewritten to vLLM's `custom_class` proposer hook (`dspark.py`)."""
+    from v4_plugin.drafting import METHOD_NAMES, Method, plan_speculation
 
     spec = vllm_config.speculative_config
     if spec is None or spec.method not in METHOD_NAMES:  # ngram, suffix, ...: no V4 drafter involved
@@ -133,7 +134,14 @@ def check_speculation(vllm_config) -> None:
         from huggingface_hub import hf_hub_download
 
         path = Path(hf_hub_download(model_config.model, "config.json", revision=model_config.revision))
-    plan_speculation(load_config(path), spec.method, spec.num_speculative_tokens)
+    plan = plan_speculation(load_config(path), spec.method, spec.num_speculative_tokens)
+    if plan.method is Method.DSPARK:
+        from .dspark import PROPOSER
+
+        spec.method, spec.model = "custom_class", PROPOSER
+        logger.info("deepseek-v4-plugin: DSpark drafting (%d tokens per step) through the plugin's proposer %s "
+                    "(vLLM's own DSpark path needs its V2 GPU model runner and native model)",
+                    plan.num_speculative_tokens, PROPOSER)
 
 
 # ---- per-architecture config hook ------------------------------------------------------------------
