@@ -3,21 +3,34 @@
 CPU serving never runs the Triton interpreter: a kernel is used only for CUDA tensors, and only
 when Triton imports. `V4_PLUGIN_KERNELS=torch` forces the reference ops everywhere (for A/B checks);
 `V4_PLUGIN_KERNELS=triton` makes the kernels mandatory on CUDA (an import failure then raises).
-Each kernel wrapper in `v4_kernels` has the signature of the core op it replaces.
+Tests without a GPU run CPU tensors through the interpreted kernels inside `use_kernels_on_cpu()`.
+Each function here states the core op it stands for; the kernel wrappers in `v4_kernels` have the
+core op's signature, or (KV stores, compressor) take the cache rows and slots their reference writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import math
 import os
-from typing import Callable
+from collections import Counter
+from typing import Callable, Collection, Iterator
 
 import torch
 
+from .config import V4Config
+from .kvcache import pack_indexer, pack_main
+from .layout import IndexerCache
 from .ops import attention as attn_ops
+from .ops import compressor as comp_ops
 from .ops import indexer as index_ops
 from .ops import mhc as mhc_ops
+from .ops.rope import Rope
+
+_cpu_kernel_calls: Counter[str] | None = None  # kernel calls per op inside `use_kernels_on_cpu`
+_cpu_kernel_ops: frozenset[str] | None = None  # the ops it runs on kernels (None: all)
 
 
 @functools.cache
@@ -39,12 +52,39 @@ def backend_name(device: torch.device | str) -> str:
     return "triton" if _kernel("sparse_attention", "sparse_attention") is not None else "torch"
 
 
+@contextlib.contextmanager
+def use_kernels_on_cpu(ops: Collection[str] | None = None) -> Iterator[Counter[str]]:
+    """Test-only: inside, CPU tensors also run the Triton kernels (in the interpreter, TRITON_INTERPRET=1
+    set before any kernel module is imported): those of the ops named in `ops` (function names of this
+    module), or of all. Yields the count of kernel calls per op name."""
+    global _cpu_kernel_calls, _cpu_kernel_ops
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("dispatch.use_kernels_on_cpu needs TRITON_INTERPRET=1 (CPU serving never interprets)")
+    previous = _cpu_kernel_calls, _cpu_kernel_ops
+    _cpu_kernel_calls, _cpu_kernel_ops = Counter(), None if ops is None else frozenset(ops)
+    try:
+        yield _cpu_kernel_calls
+    finally:
+        _cpu_kernel_calls, _cpu_kernel_ops = previous
+
+
+def _kernel_for(t: torch.Tensor, module: str, name: str) -> Callable | None:
+    """The kernel `v4_kernels.<module>.kernel.<name>` for tensors like `t`, or None: use the torch reference."""
+    if os.environ.get("V4_PLUGIN_KERNELS", "auto") == "torch":
+        return None
+    if t.is_cuda:
+        return _kernel(module, name)
+    if _cpu_kernel_calls is None or (_cpu_kernel_ops is not None and name not in _cpu_kernel_ops):
+        return None
+    kernel = _kernel(module, name)
+    if kernel is None:
+        raise RuntimeError(f"dispatch.use_kernels_on_cpu: v4_kernels.{module} does not import")
+    _cpu_kernel_calls[name] += 1
+    return kernel
+
+
 def _pick(t: torch.Tensor, module: str, name: str, reference: Callable) -> Callable:
-    if t.is_cuda and os.environ.get("V4_PLUGIN_KERNELS", "auto") != "torch":
-        kernel = _kernel(module, name)
-        if kernel is not None:
-            return kernel
-    return reference
+    return _kernel_for(t, module, name) or reference
 
 
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor,
@@ -79,3 +119,69 @@ def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.
             norm_eps: float, hc_eps: float) -> torch.Tensor:
     """`ops.mhc.hc_head`."""
     return _pick(x, "mhc", "hc_head", mhc_ops.hc_head)(x, fn, scale, base, norm_eps=norm_eps, hc_eps=hc_eps)
+
+
+def _slots(data: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paged storage data [num_blocks, block_size, width] (any block and entry strides, e.g. padded
+    pages) as the rows [n, width] a kernel writes by slot, sharing its memory, and the slot of each
+    (block, offset): rows step by u = gcd of the two strides elements, slot = (b*stride0 + o*stride1) / u."""
+    s0, s1 = data.stride(0), data.stride(1)
+    u = math.gcd(s0, s1)
+    n = ((data.shape[0] - 1) * s0 + (data.shape[1] - 1) * s1) // u + 1
+    return data.as_strided((n, data.shape[2]), (u, 1)), blocks * (s0 // u) + offsets * (s1 // u)
+
+
+def store_main(kv: torch.Tensor, data: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
+               cfg: V4Config) -> None:
+    """`data[blocks, offsets] = kvcache.pack_main(kv, cfg)`: KV entries kv [N, head_dim] as main records
+    into paged storage data uint8 [num_blocks, block_size, main_entry_bytes(cfg)] (blocks, offsets [N])."""
+    kernel = _kernel_for(kv, "kv_store", "store_main")
+    if kernel is None:
+        data[blocks, offsets] = pack_main(kv, cfg)
+    else:
+        kernel(kv, *_slots(data, blocks, offsets), rope_dim=cfg.qk_rope_head_dim)
+
+
+def store_indexer(keys: torch.Tensor, data: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
+                  cfg: V4Config, fmt: IndexerCache) -> None:
+    """`data[blocks, offsets] = kvcache.pack_indexer(keys, cfg, fmt)`: keys [N, index_head_dim] into
+    paged storage data uint8 [num_blocks, block_size, indexer_entry_bytes(cfg, fmt)]."""
+    kernel = _kernel_for(keys, "kv_store", "store_indexer")
+    if kernel is None:
+        data[blocks, offsets] = pack_indexer(keys, cfg, fmt)
+    else:
+        kernel(keys, *_slots(data, blocks, offsets), fmt)
+
+
+def _pool_finish(kv: torch.Tensor, score: torch.Tensor, overlap: bool, before_kv: torch.Tensor | None,
+                 before_score: torch.Tensor | None, *, block_ids: torch.Tensor, **finish) -> torch.Tensor:
+    return comp_ops.finish_entries(comp_ops.pool(kv, score, overlap, before_kv, before_score), block_ids, **finish)
+
+
+def pool_finish(kv: torch.Tensor, score: torch.Tensor, overlap: bool, before_kv: torch.Tensor | None,
+                before_score: torch.Tensor | None, *, block_ids: torch.Tensor, ratio: int, norm_weight: torch.Tensor,
+                eps: float, rope: Rope, dtype: torch.dtype, indexer: bool, simulate_quant: bool) -> torch.Tensor:
+    """`ops.compressor.finish_entries(ops.compressor.pool(kv, score, overlap, before_kv, before_score),
+    block_ids, ...)`: the entries [n, e] in `dtype` of n complete blocks (kv, score fp32 [n, m, c*e];
+    before_* [n, m, 2e], each block's own previous block, or None without overlap)."""
+    return _pick(kv, "compressor", "pool_finish", _pool_finish)(
+        kv, score, overlap, before_kv, before_score, block_ids=block_ids, ratio=ratio, norm_weight=norm_weight,
+        eps=eps, rope=rope, dtype=dtype, indexer=indexer, simulate_quant=simulate_quant)
+
+
+def pool_finish_store(kv: torch.Tensor, score: torch.Tensor, overlap: bool, before_kv: torch.Tensor | None,
+                      before_score: torch.Tensor | None, *, block_ids: torch.Tensor, ratio: int,
+                      norm_weight: torch.Tensor, eps: float, rope: Rope, dtype: torch.dtype, indexer: bool,
+                      data: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor, cfg: V4Config,
+                      fmt: IndexerCache | None) -> None:
+    """`pool_finish(..., simulate_quant=True)` stored at data[blocks, offsets]: as `store_indexer`
+    (format `fmt`) for the indexer compressor, else as `store_main`."""
+    finish = dict(block_ids=block_ids, ratio=ratio, norm_weight=norm_weight, eps=eps, rope=rope, dtype=dtype,
+                  indexer=indexer)
+    kernel = _kernel_for(kv, "compressor", "pool_finish_store")
+    if kernel is not None:
+        rows, slots = _slots(data, blocks, offsets)
+        kernel(kv, score, overlap, before_kv, before_score, **finish, cache=rows, slots=slots, fmt=fmt)
+        return
+    entries = _pool_finish(kv, score, overlap, before_kv, before_score, **finish, simulate_quant=True)
+    data[blocks, offsets] = pack_indexer(entries, cfg, fmt) if indexer else pack_main(entries, cfg)

@@ -203,13 +203,15 @@ class Block:
         kv = self.rope.rotate(kv, positions)
         return comp_ops.simulate_kv_storage(kv, cfg.qk_rope_head_dim) if self.quant.kv_cache else kv
 
-    def _finish(self, pooled: torch.Tensor, block_ids: torch.Tensor, indexer: bool) -> torch.Tensor:
+    def finish_args(self, indexer: bool) -> dict:
+        """The keywords of `ops.compressor.finish_entries` for this layer's main or indexer compressor."""
         prefix = f"{self.p}.attn.indexer.compressor" if indexer else f"{self.p}.attn.compressor"
-        return comp_ops.finish_entries(
-            pooled, block_ids, ratio=self.ratio, norm_weight=self.w(f"{prefix}.norm.weight"),
-            eps=self.cfg.rms_norm_eps, rope=self.rope, dtype=self.w.dtype, indexer=indexer,
-            simulate_quant=self.quant.indexer if indexer else self.quant.kv_cache,
-        )
+        return dict(ratio=self.ratio, norm_weight=self.w(f"{prefix}.norm.weight"), eps=self.cfg.rms_norm_eps,
+                    rope=self.rope, dtype=self.w.dtype, indexer=indexer,
+                    simulate_quant=self.quant.indexer if indexer else self.quant.kv_cache)
+
+    def _finish(self, pooled: torch.Tensor, block_ids: torch.Tensor, indexer: bool) -> torch.Tensor:
+        return comp_ops.finish_entries(pooled, block_ids, **self.finish_args(indexer))
 
     def _projections(self, x: torch.Tensor, indexer: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         prefix = f"{self.p}.attn.indexer.compressor" if indexer else f"{self.p}.attn.compressor"

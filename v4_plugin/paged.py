@@ -26,13 +26,13 @@ from typing import Sequence
 
 import torch
 
+from . import dispatch
 from .config import LayerType, V4Config
 from .drafting import DSparkDraft, DSparkHead
-from .kvcache import pack_indexer, pack_main, unpack_indexer, unpack_main
+from .kvcache import unpack_indexer, unpack_main
 from .layout import IndexerCache, indexer_entry_bytes, main_entry_bytes
 from .model import Block, ModelOutput, QuantSim, ReferenceModel
 from .ops import attention as attn_ops
-from .ops import compressor as comp_ops
 
 
 class KVStorage(enum.Enum):
@@ -123,26 +123,57 @@ class BatchPlan:
 
 
 class _Codec:
-    """Encode/decode entries between the compute dtype and the cache storage."""
+    """Store entries into a layer's paged caches in their storage format, and decode what is read back.
+
+    Quantized stores and the compressor's pooling go through `dispatch` (the KV-store and fused
+    compressor kernels on GPUs, which write the records at the caches' slots directly).
+    """
 
     def __init__(self, cfg: V4Config, fmt: CacheFormat, dtype: torch.dtype):
         self.cfg, self.fmt, self.dtype = cfg, fmt, dtype
 
-    def put_main(self, kv: torch.Tensor) -> torch.Tensor:
-        return pack_main(kv, self.cfg) if self.fmt.kv is KVStorage.FP8 else kv
+    def store_main(self, cache: PagedCache, seq_ids: torch.Tensor, entries: torch.Tensor, kv: torch.Tensor) -> None:
+        """Write KV entries kv [N, head_dim] (window or compressed) at (seq_ids, entries) of `cache`."""
+        if self.fmt.kv is KVStorage.FP8:
+            dispatch.store_main(kv, cache.data, *cache._where(seq_ids, entries), self.cfg)
+        else:
+            cache.write(seq_ids, entries, kv)
 
     def get_main(self, rows: torch.Tensor) -> torch.Tensor:
         return unpack_main(rows, self.cfg, self.dtype) if self.fmt.kv is KVStorage.FP8 else rows
 
-    def put_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        return keys if self.fmt.indexer is None else pack_indexer(keys, self.cfg, self.fmt.indexer)
+    def store_keys(self, cache: PagedCache, seq_ids: torch.Tensor, entries: torch.Tensor, keys: torch.Tensor) -> None:
+        """Write indexer keys [N, index_head_dim] at (seq_ids, entries) of `cache`."""
+        if self.fmt.indexer is None:
+            cache.write(seq_ids, entries, keys)
+        else:
+            dispatch.store_indexer(keys, cache.data, *cache._where(seq_ids, entries), self.cfg, self.fmt.indexer)
 
     def get_keys(self, rows: torch.Tensor) -> torch.Tensor:
         return rows if self.fmt.indexer is None else unpack_indexer(rows, self.cfg, self.fmt.indexer, self.dtype)
 
+    def store_pooled(self, cache: PagedCache, seq_ids: torch.Tensor, block_ids: torch.Tensor, pooling: tuple,
+                     finish: dict) -> None:
+        """Pool, finish and store complete compressor blocks as entries (seq_ids, block_ids) of `cache`.
+
+        `pooling`: (kv, score, overlap, before_kv, before_score) as `ops.compressor.pool` takes them;
+        `finish`: the keywords of `ops.compressor.finish_entries` (`Block.finish_args`).
+        Quantization-simulated entries of a quantized cache take the fused pool + finish + store.
+        """
+        indexer = finish["indexer"]
+        quantized = self.fmt.indexer is not None if indexer else self.fmt.kv is KVStorage.FP8
+        if quantized and finish["simulate_quant"]:
+            blocks, offsets = cache._where(seq_ids, block_ids)
+            fused = {k: v for k, v in finish.items() if k != "simulate_quant"}
+            dispatch.pool_finish_store(*pooling, block_ids=block_ids, **fused, data=cache.data, blocks=blocks,
+                                       offsets=offsets, cfg=self.cfg, fmt=self.fmt.indexer)
+            return
+        entries = dispatch.pool_finish(*pooling, block_ids=block_ids, **finish)
+        (self.store_keys if indexer else self.store_main)(cache, seq_ids, block_ids, entries)
+
 
 def _emit_entries(block: Block, x: torch.Tensor, plan: BatchPlan, state: PagedCache, out: PagedCache,
-                  indexer: bool, encode) -> None:
+                  indexer: bool, codec: _Codec) -> None:
     """Write this step's compressor rows, then pool and store every block they complete."""
     m, overlap = block.ratio, block.kind is LayerType.CSA
     kv, gate, ape = block._projections(x, indexer)
@@ -162,8 +193,8 @@ def _emit_entries(block: Block, x: torch.Tensor, plan: BatchPlan, state: PagedCa
         prev_kv, prev_score = prev.chunk(2, dim=-1)
         before_kv = torch.where(has_prev, prev_kv, torch.zeros_like(prev_kv))
         before_score = torch.where(has_prev, prev_score, torch.full_like(prev_score, float("-inf")))
-    pooled = comp_ops.pool(cur_kv, cur_score, overlap, before_kv, before_score)
-    out.write(seq_j, block_j, encode(block._finish(pooled, block_j, indexer)))
+    codec.store_pooled(out, seq_j, block_j, (cur_kv, cur_score, overlap, before_kv, before_score),
+                       block.finish_args(indexer))
 
 
 def attention_paged(block: Block, x: torch.Tensor, plan: BatchPlan, caches: LayerCaches,
@@ -172,11 +203,11 @@ def attention_paged(block: Block, x: torch.Tensor, plan: BatchPlan, caches: Laye
     cfg, win = block.cfg, block.cfg.sliding_window
     pos, seq = plan.positions, plan.seq_ids
     c_q, q = block._query(x, pos)
-    caches.window.write(seq, pos, codec.put_main(block._window_kv(x, pos)))
+    codec.store_main(caches.window, seq, pos, block._window_kv(x, pos))
     if block.kind is not LayerType.SWA:
-        _emit_entries(block, x, plan, caches.state, caches.compressed, False, codec.put_main)
+        _emit_entries(block, x, plan, caches.state, caches.compressed, False, codec)
         if block.kind is LayerType.CSA:
-            _emit_entries(block, x, plan, caches.index_state, caches.index_keys, True, codec.put_keys)
+            _emit_entries(block, x, plan, caches.index_state, caches.index_keys, True, codec)
 
     outputs = []
     for row, tokens, first, last in plan.sequences():
@@ -247,7 +278,7 @@ def dspark_context_paged(head: DSparkHead, captured: dict[int, torch.Tensor], pl
     `streams_paged(..., capture=head.capture)`. Rows are position-indexed: rejected ones are overwritten."""
     codec = _Codec(head.cfg, fmt, head.model.dtype)
     for cache, kv in zip(caches, head.context_kv(captured, plan.positions)):
-        cache.window.write(plan.seq_ids, plan.positions, codec.put_main(kv))
+        codec.store_main(cache.window, plan.seq_ids, plan.positions, kv)
 
 
 @torch.no_grad()

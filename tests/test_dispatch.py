@@ -1,0 +1,148 @@
+"""The dispatch layer is what paged execution calls: with the kernels on (in the Triton interpreter,
+`dispatch.use_kernels_on_cpu`), `forward_paged` on a tiny model runs every hot op through its kernel
+and matches the torch path.
+
+Three sequences (1, 5 and 129 tokens: no, one and many complete compressor blocks, one 128-block)
+are prefilled in one batch, then each decodes one token. Tolerances:
+
+* exact mode (float caches, `QuantSim.off()`): the kernels sum in another order, logits agree to
+  1e-4 (measured: about 1e-5);
+* the KV-store kernels alone: they quantize bit-exactly, so the caches and logits are identical;
+* the fused compressor store alone: its pooling sums in another order, so an FP8 / FP4 rounding near
+  a midpoint may go the other way; the first compressor layer (identical inputs) must write the same
+  records but for such flips (at most 1% of their bytes; measured: 1 byte in 6600);
+* all kernels with quantized caches: such a flip changes later layers' inputs and their roundings
+  (the FP8 rounding chaos of a tiny random model), so logits are only compared to 10% of their
+  largest magnitude (measured: 3%), with the same greedy token everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import pytest
+import torch
+
+from v4_kernels.testing import one_cpu_thread  # noqa: F401  (autouse fixture)
+from v4_plugin import dispatch
+from v4_plugin.config import LayerType, parse_config
+from v4_plugin.layout import IndexerCache
+from v4_plugin.model import QuantSim, ReferenceModel
+from v4_plugin.paged import EXACT, CacheFormat, KVStorage
+from v4_plugin.tiny import TINY_PRESETS, random_weights
+
+from paged_engine import TinyEngine
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="runs CPU tensors through the kernels in the Triton interpreter")
+
+LENGTHS = (1, 5, 129)
+STORES = ("store_main", "store_indexer")
+
+
+def _pad_pages(engine: TinyEngine) -> None:
+    """Give every cache padded pages, as vLLM's hybrid allocator does: blocks 24 elements apart beyond
+    their entries (the kernels then write rows of gcd(block stride, entry stride) elements)."""
+    for layer in engine.caches:
+        for cache in (layer.window, layer.state, layer.compressed, layer.index_state, layer.index_keys):
+            if cache is not None:
+                n, bs, w = cache.data.shape
+                pages = torch.full((n, bs * w + 24), 7, dtype=cache.data.dtype)
+                cache.data = pages[:, : bs * w].view(n, bs, w)
+
+
+def _run(fmt: CacheFormat, quant: QuantSim, ops: tuple[str, ...] | None = None, kernels: bool = True,
+         padded: bool = False) -> tuple[torch.Tensor, TinyEngine, Counter]:
+    """Prefill LENGTHS in one step, then decode one token each: (logits [T, vocab], engine, kernel calls)."""
+    cfg = parse_config(TINY_PRESETS["flash"])
+    model = ReferenceModel(cfg, random_weights(cfg, seed=0), quant=quant)
+    gen = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, cfg.vocab_size, (n + 1,), generator=gen) for n in LENGTHS]
+    engine = TinyEngine(model, fmt, len(seqs), max(LENGTHS) + 1)
+    if padded:
+        _pad_pages(engine)
+    prefill = [(s, ids[:-1], 0) for s, ids in enumerate(seqs)]
+    decode = [(s, ids[-1:], len(ids) - 1) for s, ids in enumerate(seqs)]
+    calls = Counter()
+    logits = []
+    for chunks in (prefill, decode):
+        if kernels:
+            with dispatch.use_kernels_on_cpu(ops) as step_calls:
+                logits += engine.step(chunks)
+            calls += step_calls
+        else:
+            logits += engine.step(chunks)
+    return torch.cat(logits), engine, calls
+
+
+def _caches(engine: TinyEngine, layer: int | None = None) -> list[torch.Tensor]:
+    layers = engine.caches if layer is None else engine.caches[layer : layer + 1]
+    return [c.data for lc in layers for c in (lc.window, lc.compressed, lc.index_keys) if c is not None]
+
+
+def _expected_calls(cfg, quantized_kv: bool, fused: bool) -> Counter:
+    """Kernel calls of the two steps: per step and layer two hc_pre / hc_post, one attention per
+    sequence (CSA: also one indexer scoring and top-k), one window store (quantized caches); once,
+    hc_head per step; the compressors complete blocks in the prefill only (5 and 129 tokens): one
+    pooling per CSA compressor (main and indexer) and one for the HCA layer (129 >= 128)."""
+    kinds = [cfg.layer_type(i) for i in range(cfg.num_hidden_layers)]
+    n_csa, n_hca, steps, seqs = kinds.count(LayerType.CSA), kinds.count(LayerType.HCA), 2, len(LENGTHS)
+    calls = Counter(hc_pre=2 * len(kinds) * steps, hc_post=2 * len(kinds) * steps, hc_head=steps,
+                    sparse_attention=len(kinds) * seqs * steps, index_scores=n_csa * seqs * steps,
+                    select_topk=n_csa * seqs * steps)
+    calls["pool_finish_store" if fused else "pool_finish"] = 2 * n_csa + n_hca
+    if quantized_kv:
+        calls["store_main"] = len(kinds) * steps
+    return calls
+
+
+def test_every_op_runs_on_its_kernel_exact_mode():
+    quant = QuantSim.off()
+    expected, _, _ = _run(EXACT, quant, kernels=False)
+    got, engine, calls = _run(EXACT, quant)
+    assert calls == _expected_calls(engine.model.cfg, quantized_kv=False, fused=False)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("indexer", [IndexerCache.FP8, IndexerCache.FP4])
+def test_kv_store_kernels_write_the_reference_bytes(indexer):
+    """Indexer keys not FP4-simulated, so that they take `store_indexer` (not the fused compressor store);
+    padded pages."""
+    fmt, quant = CacheFormat(KVStorage.FP8, indexer), QuantSim(activations=True, kv_cache=True, indexer=False)
+    expected, torch_engine, _ = _run(fmt, quant, kernels=False, padded=True)
+    got, engine, calls = _run(fmt, quant, ops=STORES, padded=True)
+    cfg = engine.model.cfg
+    n_csa = sum(cfg.layer_type(i) is LayerType.CSA for i in range(cfg.num_hidden_layers))
+    # window entries in both steps; indexer keys of the prefill (compressed entries take the fused store)
+    assert calls == Counter(store_main=2 * cfg.num_hidden_layers, store_indexer=n_csa)
+    for a, b in zip(_caches(engine), _caches(torch_engine), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("indexer", [IndexerCache.FP8, IndexerCache.FP4])
+def test_fused_compressor_store_writes_the_reference_records(indexer):
+    """Padded pages."""
+    fmt = CacheFormat(KVStorage.FP8, indexer)
+    quant = fmt.quant_sim(activations=True)
+    _, torch_engine, _ = _run(fmt, quant, kernels=False, padded=True)
+    _, engine, calls = _run(fmt, quant, ops=("pool_finish_store",), padded=True)
+    cfg = engine.model.cfg
+    first = next(i for i in range(cfg.num_hidden_layers) if cfg.layer_type(i) is not LayerType.SWA)
+    assert calls["pool_finish_store"] == 5 and set(calls) == {"pool_finish_store"}
+    for a, b in zip(_caches(engine, first), _caches(torch_engine, first), strict=True):
+        written = (b != 7).any(-1)  # TinyEngine fills unwritten rows with 7s
+        assert written.any() and torch.equal(written, (a != 7).any(-1))
+        assert (a[written] != b[written]).float().mean() <= 0.01
+
+
+@pytest.mark.parametrize("indexer", [IndexerCache.FP8, IndexerCache.FP4])
+def test_every_op_runs_on_its_kernel_quantized_caches(indexer):
+    fmt = CacheFormat(KVStorage.FP8, indexer)
+    quant = fmt.quant_sim(activations=True)
+    expected, _, _ = _run(fmt, quant, kernels=False)
+    got, engine, calls = _run(fmt, quant)
+    assert calls == _expected_calls(engine.model.cfg, quantized_kv=True, fused=True)
+    assert (got - expected).abs().max() <= 0.1 * expected.abs().max()
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
