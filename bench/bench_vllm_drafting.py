@@ -22,30 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: the replay proposer is this module's
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: ReplayProposer is set here
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-class ReplayProposer:
-    """vLLM `custom_class` proposer drafting the known greedy continuation (set in `continuations`)."""
-
-    continuations: dict[tuple[int, ...], list[int]] = {}
-
-    def __init__(self, vllm_config):
-        self.k = vllm_config.speculative_config.num_speculative_tokens
-
-    def load_model(self, target_model) -> None:
-        pass
-
-    def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None) -> list[list[int]]:
-        drafts = []
-        for i in range(len(sampled_token_ids)):
-            seq = token_ids_cpu[i, : int(num_tokens_no_spec[i])].tolist()
-            prompt = next(p for p in self.continuations if tuple(seq[: len(p)]) == p)
-            done = len(seq) - len(prompt)
-            drafts.append((self.continuations[prompt][done : done + self.k] + [0] * self.k)[: self.k])
-        return drafts
 
 
 def _run(llm, prompts: list[list[int]], new: int) -> tuple[float, list[list[int]], float]:
@@ -76,7 +55,7 @@ def main() -> int:
     batches = [int(b) for b in args.batches.split(",")]
 
     from v4_plugin.tiny import make_tiny
-    from vllm_backend.testing import make_llm, random_prompt
+    from vllm_backend.testing import ReplayProposer, make_llm, random_prompt
 
     cases = {"flash": [None, ("mtp", 1), ("mtp", 3), ("replay", 3)],
              "flash-0731": [None, ("dspark", 5), ("replay", 5)]}
@@ -95,7 +74,7 @@ def main() -> int:
                         ReplayProposer.continuations = {
                             tuple(p): toks + [0] * (k + 1) for p, toks in zip(prompts, plain[max(batches)][1])}
                         config = {"method": "custom_class", "num_speculative_tokens": k,
-                                  "model": f"{__name__}.ReplayProposer"}
+                                  "model": "vllm_backend.testing.ReplayProposer"}
                 llm = make_llm(model_dir, dtype=args.dtype, speculative_config=config, disable_log_stats=False)
                 _run(llm, prompts[:1], 4)  # warm-up
                 for b in batches:

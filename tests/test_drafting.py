@@ -22,6 +22,7 @@ from v4_plugin.paged import (EXACT, BatchPlan, dspark_context_paged, dspark_draf
 from v4_plugin.tiny import TINY_PRESETS, random_weights
 
 from paged_engine import TinyEngine
+from recording import recording
 
 TOL = dict(atol=2e-4, rtol=1e-4)
 STATE_TOL = dict(atol=1e-5, rtol=1e-5)
@@ -215,16 +216,6 @@ def test_mtp_drafter_state_equals_the_whole_sequence_mtp(models):
     assert drafter.propose(3) == fresh.propose(3)
 
 
-class RecordingMTPDrafter(MTPDrafter):
-    def __init__(self, model: ReferenceModel):
-        super().__init__(model)
-        self.proposed: list[list[int]] = []
-
-    def propose(self, k: int) -> list[int]:
-        self.proposed.append(super().propose(k))
-        return self.proposed[-1]
-
-
 @dataclass
 class PagedStep:
     """One verify step of `_paged_generate`'s batch, after acceptance."""
@@ -308,20 +299,10 @@ def test_paged_mtp_drafts_equal_the_reference_drafter(models, k):
     engine = TinyEngine(model, EXACT, len(prompts), 200)
     got_tokens, got_drafts = _paged_generate(engine, prompts, NEW_TOKENS, (), _mtp_proposer(engine, k))
     for prompt, tokens, drafts in zip(prompts, got_tokens, got_drafts):
-        reference = RecordingMTPDrafter(model)
+        reference = recording(MTPDrafter)(model)
         out = speculative_generate(model, reference, prompt, NEW_TOKENS, k)
         assert tokens == out.tokens == model.generate(prompt, NEW_TOKENS)
         assert drafts[: len(reference.proposed)] == reference.proposed and len(reference.proposed) >= 4
-
-
-class RecordingDSparkDrafter(DSparkDrafter):
-    def __init__(self, model: ReferenceModel):
-        super().__init__(model)
-        self.proposed: list[list[int]] = []
-
-    def propose(self, k: int) -> list[int]:
-        self.proposed.append(super().propose(k))
-        return self.proposed[-1]
 
 
 @pytest.mark.parametrize("k", [3, K])
@@ -342,7 +323,7 @@ def test_paged_dspark_drafts_equal_the_reference_drafter(models, k):
 
     got_tokens, got_drafts = _paged_generate(engine, prompts, NEW_TOKENS, head.capture, propose)
     for prompt, tokens, drafts in zip(prompts, got_tokens, got_drafts):
-        reference = RecordingDSparkDrafter(model)
+        reference = recording(DSparkDrafter)(model)
         out = speculative_generate(model, reference, prompt, NEW_TOKENS, k)
         assert tokens == out.tokens == model.generate(prompt, NEW_TOKENS)
         assert drafts[: len(reference.proposed)] == reference.proposed and len(reference.proposed) >= 3

@@ -5,7 +5,7 @@ checkpoint, DSpark on the tiny Flash-0731 one (served through vLLM's `custom_cla
 In-process engines, exact mode (fp32, `auto` KV, no quantization simulation), so the reference model
 is the oracle token for token. Random tiny weights reject almost every draft: that exercises the
 position-indexed overwrite of rejected rows (our caches need no rollback). Full acceptance is forced
-with a `custom_class` proposer that copies the target's greedy continuation.
+with a `custom_class` proposer that replays the target's greedy continuation.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ import pytest
 
 pytest.importorskip("vllm")
 
+from recording import recording
+
 from v4_plugin.drafting import DSparkDrafter, MTPDrafter, speculative_generate
-from vllm_backend.testing import EnvPatch, counters, engine_core, make_llm, random_prompt, reference_model
+from vllm_backend.testing import (EnvPatch, ReplayProposer, counters, engine_core, make_llm, random_prompt,
+                                  reference_model)
 
 LENGTHS = [1, 3, 4, 5, 126, 127, 128, 129]  # drafts cross the 4- and 128-token edges
 NEW_TOKENS = 12
@@ -88,23 +91,18 @@ def test_drafts_equal_the_reference_drafter(drafting):
     recorded: list[list[int]] = []
     propose = proposer.propose
 
-    def recording(*args, **kwargs):
+    def propose_and_record(*args, **kwargs):
         drafts = propose(*args, **kwargs)
         recorded.extend(drafts.tolist() if hasattr(drafts, "tolist") else drafts)
         return drafts
 
-    class Recording(DRAFTERS[method]):
-        def propose(self, n):
-            self.proposed = getattr(self, "proposed", []) + [super().propose(n)]
-            return self.proposed[-1]
-
-    proposer.propose = recording
+    proposer.propose = propose_and_record
     try:
         for n in (3, 126):
             prompt = random_prompt(n, seed=100 + n)
             recorded.clear()
             assert _greedy(llm, [prompt])[0] == reference.generate(prompt, NEW_TOKENS)
-            want = Recording(reference)
+            want = recording(DRAFTERS[method])(reference)
             speculative_generate(reference, want, prompt, NEW_TOKENS, k)
             assert len(want.proposed) >= 2
             assert recorded[: len(want.proposed)] == want.proposed, n
@@ -129,36 +127,13 @@ def test_kv_capacity_with_the_drafter_windows_matches_the_plan(drafting, checkpo
 
 
 # ---- forced full acceptance ----------------------------------------------------------------------
-class CopyTargetProposer:
-    """vLLM `custom_class` proposer drafting the target's own greedy continuation (every draft accepted).
-
-    `continuations` maps a prompt (tuple of ids) to its greedy continuation, set by the test."""
-
-    continuations: dict[tuple[int, ...], list[int]] = {}
-
-    def __init__(self, vllm_config):
-        self.k = vllm_config.speculative_config.num_speculative_tokens
-
-    def load_model(self, target_model) -> None:  # the CPU model runner hands every drafter the target
-        pass
-
-    def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None) -> list[list[int]]:
-        drafts = []
-        for i in range(len(sampled_token_ids)):
-            seq = token_ids_cpu[i, : int(num_tokens_no_spec[i])].tolist()
-            prompt = next(p for p in self.continuations if tuple(seq[: len(p)]) == p)
-            done = len(seq) - len(prompt)
-            drafts.append((self.continuations[prompt][done : done + self.k] + [0] * self.k)[: self.k])
-        return drafts
-
-
 def test_full_acceptance_emits_k_plus_one_tokens_per_step(checkpoints, references):
     k, reference = 3, references["flash"]
     prompts = [random_prompt(n, seed=7 + n) for n in (5, 127)]
     greedy = [reference.generate(p, NEW_TOKENS + k + 1) for p in prompts]
-    CopyTargetProposer.continuations = {tuple(p): g for p, g in zip(prompts, greedy)}
+    ReplayProposer.continuations = {tuple(p): g for p, g in zip(prompts, greedy)}
     llm = _engine(checkpoints["flash"], {"method": "custom_class", "num_speculative_tokens": k,
-                                            "model": f"{__name__}.CopyTargetProposer"})
+                                            "model": "vllm_backend.testing.ReplayProposer"})
     try:
         assert _greedy(llm, prompts) == [g[:NEW_TOKENS] for g in greedy]
         c = counters(llm)

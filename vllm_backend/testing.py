@@ -259,3 +259,27 @@ if __name__ == "__main__":  # python -m vllm_backend.testing MODEL_DIR MAX_NEW_T
 
     tokens = greedy_tokens(sys.argv[1], json.load(sys.stdin), int(sys.argv[2]))
     print(TOKENS_MARK + json.dumps(tokens), flush=True)
+
+
+class ReplayProposer:
+    """vLLM `custom_class` proposer drafting a known continuation of each prompt (the plain greedy output:
+    every draft accepted, k + 1 tokens per verify step). Used in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0):
+    `--speculative-config '{"method": "custom_class", "model": "vllm_backend.testing.ReplayProposer", ...}'`
+    after setting `ReplayProposer.continuations` (prompt ids tuple -> continuation)."""
+
+    continuations: dict[tuple[int, ...], list[int]] = {}
+
+    def __init__(self, vllm_config):
+        self.k = vllm_config.speculative_config.num_speculative_tokens
+
+    def load_model(self, target_model) -> None:  # the CPU model runner hands every drafter the target
+        pass
+
+    def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None) -> list[list[int]]:
+        drafts = []
+        for i in range(len(sampled_token_ids)):
+            seq = token_ids_cpu[i, : int(num_tokens_no_spec[i])].tolist()
+            prompt = next(p for p in self.continuations if tuple(seq[: len(p)]) == p)
+            done = len(seq) - len(prompt)
+            drafts.append((self.continuations[prompt][done : done + self.k] + [0] * self.k)[: self.k])
+        return drafts
