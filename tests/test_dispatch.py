@@ -14,6 +14,12 @@ are prefilled in one batch, then each decodes one token. Tolerances:
 * all kernels with quantized caches: such a flip changes later layers' inputs and their roundings
   (the FP8 rounding chaos of a tiny random model), so logits are only compared to 10% of their
   largest magnitude (measured: 3%), with the same greedy token everywhere.
+
+The GEMMs (FP8 linear, FP4 MoE) need the weights as the checkpoint stores them: a tiny checkpoint
+loaded with `keep_quantized=True` runs them (sequences of 1 and 5 tokens), against the same file
+loaded dense. The weights are the same grid values, so with `QuantSim.off()` only the summation order
+differs: logits to 1e-4. With simulated FP8 activations a rounding flip can move later values: logits
+to 2% of their largest magnitude, same greedy tokens.
 """
 
 from __future__ import annotations
@@ -26,11 +32,13 @@ import torch
 
 from v4_kernels.testing import one_cpu_thread  # noqa: F401  (autouse fixture)
 from v4_plugin import dispatch
-from v4_plugin.config import LayerType, parse_config
+from v4_plugin.checkpoint import load_checkpoint
+from v4_plugin.config import LayerType, load_config, parse_config
+from v4_plugin.drafting import DSparkHead
 from v4_plugin.layout import IndexerCache
 from v4_plugin.model import QuantSim, ReferenceModel
 from v4_plugin.paged import EXACT, CacheFormat, KVStorage
-from v4_plugin.tiny import TINY_PRESETS, random_weights
+from v4_plugin.tiny import TINY_PRESETS, make_tiny, random_weights
 
 from paged_engine import TinyEngine
 
@@ -146,3 +154,90 @@ def test_every_op_runs_on_its_kernel_quantized_caches(indexer):
     assert calls == _expected_calls(engine.model.cfg, quantized_kv=True, fused=True)
     assert (got - expected).abs().max() <= 0.1 * expected.abs().max()
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+# ---- the GEMMs, on a checkpoint loaded with keep_quantized ----------------------------------------
+GEMMS = ("linear", "moe")
+
+
+@pytest.fixture(scope="module", params=["flash", "flash-0731"])
+def tiny_dir(request, tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp(request.param), request.param, seed=0)
+
+
+def _dense_and_quantized(path, quant: QuantSim) -> tuple[ReferenceModel, ReferenceModel]:
+    cfg = load_config(path)
+    return tuple(ReferenceModel(cfg, load_checkpoint(path, cfg, keep_quantized=keep), quant=quant)
+                 for keep in (False, True))
+
+
+def _gemm_logits(model: ReferenceModel, kernels: bool) -> tuple[torch.Tensor, Counter]:
+    """forward (5 tokens), then paged: prefill of 1 and 5 tokens in one batch and a decode step each;
+    all logits, and the GEMM kernel calls."""
+    cfg = model.cfg
+    gen = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, cfg.vocab_size, (n + 1,), generator=gen) for n in (1, 5)]
+    engine = TinyEngine(model, EXACT, len(seqs), 7)
+    runs = [lambda: [model.forward(seqs[1][:-1]).logits],
+            lambda: engine.step([(s, ids[:-1], 0) for s, ids in enumerate(seqs)]),
+            lambda: engine.step([(s, ids[-1:], len(ids) - 1) for s, ids in enumerate(seqs)])]
+    logits, calls = [], Counter()
+    for run in runs:
+        if kernels:
+            with dispatch.use_kernels_on_cpu(GEMMS) as step_calls:
+                logits += run()
+            calls += step_calls
+        else:
+            logits += run()
+    return torch.cat(logits), calls
+
+
+def _gemm_calls(cfg) -> Counter:
+    """GEMM calls of `_gemm_logits`' steps (1, 2 and 2 sequences): per step and layer wq_a, wq_b, wkv and
+    one MoE; per sequence (attention runs sequence by sequence) wo_b and, for CSA, the indexer's wq_b."""
+    layers = cfg.num_hidden_layers
+    n_csa = sum(cfg.layer_type(i) is LayerType.CSA for i in range(layers))
+    seqs = (1, 2, 2)
+    return Counter(linear=sum(3 * layers + n * (layers + n_csa) for n in seqs), moe=len(seqs) * layers)
+
+
+def test_keep_quantized_only_where_the_gemm_kernels_run():
+    assert dispatch.keep_quantized("cpu") is False  # CPU serving never interprets kernels
+
+
+def test_quantized_checkpoint_runs_the_gemm_kernels_exact_mode(tiny_dir):
+    dense, quantized = _dense_and_quantized(tiny_dir, QuantSim.off())
+    expected, _ = _gemm_logits(dense, kernels=False)
+    assert torch.equal(_gemm_logits(quantized, kernels=False)[0], expected)  # dequantized on demand: same values
+    got, calls = _gemm_logits(quantized, kernels=True)
+    assert calls == _gemm_calls(dense.cfg)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_quantized_checkpoint_runs_the_gemm_kernels_fp8_activations(tiny_dir):
+    dense, quantized = _dense_and_quantized(tiny_dir, QuantSim(activations=True, kv_cache=False, indexer=False))
+    expected, _ = _gemm_logits(dense, kernels=False)
+    got, calls = _gemm_logits(quantized, kernels=True)
+    assert calls == _gemm_calls(dense.cfg)
+    assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_drafter_projections_run_the_fp8_kernel(tiny_dir):
+    """MTP's e_proj / h_proj (flash) or DSpark's main_proj (flash-0731), exact mode."""
+    dense, quantized = _dense_and_quantized(tiny_dir, QuantSim.off())
+    ids = torch.tensor([5, 9, 3, 17, 2])
+    if dense.cfg.dspark is None:
+        streams = dense.forward(ids).streams
+        expected = dense._mtp_input(streams, ids, 0)
+        with dispatch.use_kernels_on_cpu(("linear",)) as calls:
+            got = quantized._mtp_input(streams, ids, 0)
+        assert calls == Counter(linear=2)
+    else:
+        head = DSparkHead(dense)
+        captured = dense.forward(ids, capture=head.capture).captured
+        expected = head.main_x(captured)
+        with dispatch.use_kernels_on_cpu(("linear",)) as calls:
+            got = DSparkHead(quantized).main_x(captured)
+        assert calls == Counter(linear=1)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

@@ -67,16 +67,22 @@ def decode_tensor(spec: TensorSpec, parts: Sequence[torch.Tensor], dtype: torch.
     [out, in/32]) are dequantized to `dtype`; BF16 and unquantized linears are cast to `dtype`;
     FP32 tensors come back fp32 and int64 tensors unchanged. The result has the logical shape.
     """
-    if spec.format is Format.FP8:
-        return dequantize_weight_fp8(*parts).to(dtype)
-    if spec.format is Format.FP4:
-        return dequantize_weight_fp4(*parts).to(dtype)
+    if spec.format in (Format.FP8, Format.FP4):
+        return dequantize_linear(*parts, dtype)
     (value,) = parts
     if spec.format is Format.FP32:
         return value.float()
     if spec.format is Format.I64:
         return value
     return value.to(dtype)
+
+
+def dequantize_linear(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A quantized linear's file entries -> its values [out, in] in `dtype`: FP8 (e4m3 [out, in] + E8M0
+    [ceil(out/128), ceil(in/128)]) or, told apart by the int8 weight, FP4 (packed [out, in/2] + E8M0 [out, in/32])."""
+    if weight.dtype == torch.int8:
+        return dequantize_weight_fp4(weight, scale).to(dtype)
+    return dequantize_weight_fp8(weight, scale).to(dtype)
 
 
 # ---- locating the shards ------------------------------------------------------------------------
@@ -256,16 +262,22 @@ def _read_config(root: Path) -> dict | None:
 
 
 def _decode_all(
-    cfg: V4Config, include_mtp: bool, read: Callable[[str], torch.Tensor], dtype: torch.dtype
+    cfg: V4Config, include_mtp: bool, read: Callable[[str], torch.Tensor], dtype: torch.dtype, keep_quantized: bool
 ) -> dict[str, torch.Tensor]:
-    """Decode every logical tensor; `read(file_name) -> Tensor` supplies the raw file entries."""
-    return {
-        spec.key: decode_tensor(spec, [read(name) for name, _, _ in file_entries(spec)], dtype)
-        for spec in checkpoint_tensors(cfg, include_mtp=include_mtp)
-    }
+    """Decode every logical tensor (FP8 / FP4 linears kept as their file entries if `keep_quantized`);
+    `read(file_name) -> Tensor` supplies the raw file entries."""
+    out: dict[str, torch.Tensor] = {}
+    for spec in checkpoint_tensors(cfg, include_mtp=include_mtp):
+        names = [name for name, _, _ in file_entries(spec)]
+        if keep_quantized and spec.format in (Format.FP8, Format.FP4):
+            out.update((name, read(name)) for name in names)
+        else:
+            out[spec.key] = decode_tensor(spec, [read(name) for name in names], dtype)
+    return out
 
 
-def _load_official(root: Path, cfg: V4Config, include_mtp: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _load_official(root: Path, cfg: V4Config, include_mtp: bool, dtype: torch.dtype,
+                   keep_quantized: bool) -> dict[str, torch.Tensor]:
     """Validate from the headers, then read tensors in schema order with one shard open at a time."""
     inventory = inspect_checkpoint(root, cfg, include_mtp)
     skipped = sum(_is_mtp(name) for name in inventory) if not include_mtp else 0
@@ -283,10 +295,11 @@ def _load_official(root: Path, cfg: V4Config, include_mtp: bool, dtype: torch.dt
                 current[shard] = stack.enter_context(_open_shard(root, shard, None))
             return current[shard].get_tensor(name)
 
-        return _decode_all(cfg, include_mtp, read, dtype)
+        return _decode_all(cfg, include_mtp, read, dtype, keep_quantized)
 
 
-def _load_transformers(root: Path, raw_config: dict, cfg: V4Config, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _load_transformers(root: Path, raw_config: dict, cfg: V4Config, dtype: torch.dtype,
+                       keep_quantized: bool) -> dict[str, torch.Tensor]:
     """A `save_pretrained` checkpoint: read all tensors, rename to official names, validate, cast."""
     where = f"{root} (transformers dialect, converted to official names)"
     try:
@@ -298,16 +311,19 @@ def _load_transformers(root: Path, raw_config: dict, cfg: V4Config, dtype: torch
         for name, t in tensors.items()
     }
     _raise_if(_inventory_problems(found, cfg, include_mtp=False), where)
-    return _decode_all(cfg, False, tensors.__getitem__, dtype)
+    return _decode_all(cfg, False, tensors.__getitem__, dtype, keep_quantized)
 
 
 def load_checkpoint(
-    path: str | Path, cfg: V4Config | None = None, *, dtype: torch.dtype = torch.float32, include_mtp: bool = True
+    path: str | Path, cfg: V4Config | None = None, *, dtype: torch.dtype = torch.float32, include_mtp: bool = True,
+    keep_quantized: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Validate and load a checkpoint directory; returns dequantized tensors by official name, in schema order.
 
     Linears come back as `<name>.weight` [out, in] in `dtype` (FP8 and FP4 dequantized; no `.scale`
-    entries), BF16 tensors cast to `dtype`, FP32 tensors as fp32, `tid2eid` as int64. `cfg` defaults
+    entries), BF16 tensors cast to `dtype`, FP32 tensors as fp32, `tid2eid` as int64. With
+    `keep_quantized`, FP8 and FP4 linears are instead their raw file entries `<name>.weight` (e4m3, or
+    packed int8) and `<name>.scale` (E8M0), for the GEMM kernels (`dispatch.keep_quantized`). `cfg` defaults
     to the directory's `config.json`. A transformers-dialect checkpoint (no MTP) is converted and
     validated against `checkpoint_tensors(cfg, include_mtp=False)`. Raises `CheckpointError`.
     """
@@ -317,5 +333,5 @@ def load_checkpoint(
     raw_config = _read_config(root)
     cfg = cfg if cfg is not None else load_config(root)
     if raw_config is not None and hf_dialect.is_transformers_dialect(raw_config):
-        return _load_transformers(root, raw_config, cfg, dtype)
-    return _load_official(root, cfg, include_mtp, dtype)
+        return _load_transformers(root, raw_config, cfg, dtype, keep_quantized)
+    return _load_official(root, cfg, include_mtp, dtype, keep_quantized)

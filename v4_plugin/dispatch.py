@@ -5,7 +5,9 @@ when Triton imports. `V4_PLUGIN_KERNELS=torch` forces the reference ops everywhe
 `V4_PLUGIN_KERNELS=triton` makes the kernels mandatory on CUDA (an import failure then raises).
 Tests without a GPU run CPU tensors through the interpreted kernels inside `use_kernels_on_cpu()`.
 Each function here states the core op it stands for; the kernel wrappers in `v4_kernels` have the
-core op's signature, or (KV stores, compressor) take the cache rows and slots their reference writes.
+core op's signature, or (KV stores, compressor) take the cache rows and slots their reference writes,
+or (GEMMs: linear, MoE) take the weights in checkpoint format, which only a model loaded with
+`keep_quantized` holds.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from .layout import IndexerCache
 from .ops import attention as attn_ops
 from .ops import compressor as comp_ops
 from .ops import indexer as index_ops
+from .ops import linear as linear_ops
 from .ops import mhc as mhc_ops
+from .ops import moe as moe_ops
 from .ops.rope import Rope
 
 _cpu_kernel_calls: Counter[str] | None = None  # kernel calls per op inside `use_kernels_on_cpu`
@@ -52,6 +56,12 @@ def backend_name(device: torch.device | str) -> str:
     return "triton" if _kernel("sparse_attention", "sparse_attention") is not None else "torch"
 
 
+def keep_quantized(device: torch.device | str) -> bool:
+    """Whether a model on `device` should load its FP8 / FP4 linears as checkpoint entries
+    (`load_checkpoint(..., keep_quantized=True)`): where the GEMM kernels serve them."""
+    return backend_name(device) == "triton"
+
+
 @contextlib.contextmanager
 def use_kernels_on_cpu(ops: Collection[str] | None = None) -> Iterator[Counter[str]]:
     """Test-only: inside, CPU tensors also run the Triton kernels (in the interpreter, TRITON_INTERPRET=1
@@ -68,23 +78,47 @@ def use_kernels_on_cpu(ops: Collection[str] | None = None) -> Iterator[Counter[s
         _cpu_kernel_calls, _cpu_kernel_ops = previous
 
 
-def _kernel_for(t: torch.Tensor, module: str, name: str) -> Callable | None:
-    """The kernel `v4_kernels.<module>.kernel.<name>` for tensors like `t`, or None: use the torch reference."""
+def _kernel_for(t: torch.Tensor, module: str, name: str, op: str | None = None) -> Callable | None:
+    """The kernel `v4_kernels.<module>.kernel.<name>` for tensors like `t`, or None: use the torch reference.
+    `op`: the function of this module it serves (`use_kernels_on_cpu` names and counts ops), default `name`."""
     if os.environ.get("V4_PLUGIN_KERNELS", "auto") == "torch":
         return None
     if t.is_cuda:
         return _kernel(module, name)
-    if _cpu_kernel_calls is None or (_cpu_kernel_ops is not None and name not in _cpu_kernel_ops):
+    op = op or name
+    if _cpu_kernel_calls is None or (_cpu_kernel_ops is not None and op not in _cpu_kernel_ops):
         return None
     kernel = _kernel(module, name)
     if kernel is None:
         raise RuntimeError(f"dispatch.use_kernels_on_cpu: v4_kernels.{module} does not import")
-    _cpu_kernel_calls[name] += 1
+    _cpu_kernel_calls[op] += 1
     return kernel
 
 
 def _pick(t: torch.Tensor, module: str, name: str, reference: Callable) -> Callable:
     return _kernel_for(t, module, name) or reference
+
+
+def linear(x: torch.Tensor, weight: linear_ops.LinearWeight, quantize_input: bool) -> torch.Tensor:
+    """`ops.linear.linear(x, weight.dense(), quantize_input)`: x [..., in] -> [..., out] in x.dtype; a weight
+    kept in FP8 goes to the FP8 GEMM kernel (never dequantized)."""
+    kernel = None if weight.fp8 is None else _kernel_for(x, "fp8_linear", "fp8_linear", op="linear")
+    if kernel is None:
+        return linear_ops.linear(x, weight.dense(), quantize_input)
+    return kernel(x, *weight.fp8, quantize_input)
+
+
+def moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: moe_ops.MoEWeights, *,
+        limit: float, quantize_input: bool) -> torch.Tensor:
+    """`ops.moe.moe(x, weights, ids, *experts.dense(), ...)`: x [T, D], routing weights fp32 [T, k] and
+    expert ids [T, k] -> [T, D] in x.dtype; experts kept in FP4 (`experts.packed`) go to the grouped
+    FP4 MoE kernel (the shared expert to the FP8 GEMM)."""
+    kernel = None if experts.packed is None else _kernel_for(x, "fp4_moe", "fp4_moe", op="moe")
+    if kernel is None:
+        return moe_ops.moe(x, weights, ids, *experts.dense(), limit=limit, quantize_input=quantize_input)
+    routed, shared = experts.packed()
+    return kernel(x, weights, ids, _kernel("fp4_moe", "FP4Experts")(*routed), _kernel("fp4_moe", "FP8Expert")(*shared),
+                  limit=limit, quantize_input=quantize_input)
 
 
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor,

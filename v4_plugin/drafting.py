@@ -37,7 +37,7 @@ import torch
 
 from .config import V4Config
 from .model import Block, ModelOutput, ReferenceModel
-from .ops.linear import linear
+from . import dispatch
 from .ops.norm import rms_norm
 
 
@@ -180,7 +180,7 @@ class DSparkHead:
         main_norm(main_proj(concat of the stream means of `dspark_target_layer_ids`))."""
         w, eps = self.model.w, self.cfg.rms_norm_eps
         features = torch.cat([captured[i].mean(dim=1) for i in self.dspark.target_layer_ids], dim=-1)
-        x = linear(features, w("mtp.0.main_proj.weight"), self.stages[0].act_q)
+        x = dispatch.linear(features, w.linear("mtp.0.main_proj.weight"), self.stages[0].act_q)
         return rms_norm(x, w("mtp.0.main_norm.weight"), eps)
 
     def context_kv(self, captured: dict[int, torch.Tensor], positions: torch.Tensor) -> list[torch.Tensor]:

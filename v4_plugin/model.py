@@ -9,8 +9,9 @@ Readable and eager, for one sequence at a time. Two entry points share the ops i
   and `rollback` undo the tail of a step exactly (speculative verification, `v4_plugin.drafting`).
 
 Hot ops go through `dispatch` (Triton kernels for CUDA tensors, the torch ops otherwise; set
-V4_PLUGIN_KERNELS=torch for the pure reference on a GPU). Weights are the dequantized checkpoint
-values under their official names (spec §9). The quantization
+V4_PLUGIN_KERNELS=torch for the pure reference on a GPU). Weights are the checkpoint tensors under
+their official names (spec §9): dequantized, or the FP8/FP4 linears' file entries, which the GEMM
+kernels read as they are (`Weights`). The quantization
 the model was trained with is simulated (FP8 activations in FP8/FP4 linears, FP8 KV entries,
 Hadamard + FP4 indexer q/k), each switchable through `QuantSim` for exact comparisons against
 implementations that skip it.
@@ -24,13 +25,14 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from .checkpoint import dequantize_linear
 from .config import LayerType, V4Config
 from . import dispatch
 from .ops import attention as attn_ops
 from .ops import compressor as comp_ops
 from .ops import indexer as index_ops
-from .ops.linear import linear
-from .ops.moe import ExpertWeights, moe, route
+from .ops.linear import LinearWeight, linear
+from .ops.moe import ExpertWeights, MoEWeights, route
 from .ops.norm import rms_norm
 from .ops.rope import Rope
 
@@ -49,20 +51,69 @@ class QuantSim:
 
 
 class Weights:
-    """Read-only view of the checkpoint tensors by official name, cast to the compute dtype on demand."""
+    """Read-only view of the checkpoint tensors by official name, cast to the compute dtype on demand.
+
+    The tensors are `load_checkpoint`'s: dequantized, or with `keep_quantized` the FP8 / FP4 linears as
+    their file entries `<name>.weight` + `<name>.scale`, which are dequantized on first use (cached)
+    and reach the GEMM kernels as they are through `linear` and `moe`.
+    """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype):
         self._tensors, self.dtype = tensors, dtype
+        self._dequantized: dict[str, torch.Tensor] = {}
+        self._stacks: dict[str, tuple[torch.Tensor, ...]] = {}  # shared expert prefix -> routed FP4 stack
 
-    def __call__(self, name: str, *, keep_dtype: bool = False) -> torch.Tensor:
+    def _get(self, name: str) -> torch.Tensor:
         try:
-            t = self._tensors[name]
+            return self._tensors[name]
         except KeyError:
             raise KeyError(f"reference model: checkpoint tensor '{name}' is missing") from None
+
+    def _scale(self, name: str) -> torch.Tensor | None:
+        """The E8M0 scales of `name` (`<linear>.weight`) if that linear is kept quantized, else None."""
+        return self._tensors.get(name.removesuffix(".weight") + ".scale") if name.endswith(".weight") else None
+
+    def __call__(self, name: str, *, keep_dtype: bool = False) -> torch.Tensor:
+        t = self._get(name)
+        scale = self._scale(name)
+        if scale is not None:
+            if name not in self._dequantized:
+                self._dequantized[name] = dequantize_linear(t, scale, self.dtype)
+            return self._dequantized[name]
         return t if keep_dtype or not t.is_floating_point() else t.to(self.dtype)
 
     def __contains__(self, name: str) -> bool:
         return name in self._tensors
+
+    def linear(self, name: str) -> LinearWeight:
+        """The linear `name` (`<linear>.weight`) for `dispatch.linear`: with its FP8 entries if kept so."""
+        weight, scale = self._get(name), self._scale(name)
+        fp8 = (weight, scale) if scale is not None and weight.dtype == torch.float8_e4m3fn else None
+        return LinearWeight(lambda: self(name), fp8)
+
+    def moe(self, prefix: str, n_routed: int) -> MoEWeights:
+        """The experts `{prefix}.experts.{0 ... n_routed-1}` and `{prefix}.shared_experts` for `dispatch.moe`:
+        packed when the routed experts are kept in FP4 and the shared one in FP8."""
+        routed, shared = [f"{prefix}.experts.{e}" for e in range(n_routed)], f"{prefix}.shared_experts"
+        w1 = self._get(f"{routed[0]}.w1.weight")
+        packed = w1.dtype == torch.int8 and self._scale(f"{shared}.w1.weight") is not None
+        return MoEWeights(lambda: ([self._expert(p) for p in routed], self._expert(shared)),
+                          (lambda: self._packed_experts(routed, shared)) if packed else None)
+
+    def _expert(self, prefix: str) -> ExpertWeights:
+        return ExpertWeights(*(self(f"{prefix}.w{i}.weight") for i in (1, 2, 3)))
+
+    def _entries(self, prefix: str) -> tuple[torch.Tensor, ...]:
+        """An expert's file entries (w1, w1_scale, w2, w2_scale, w3, w3_scale)."""
+        return tuple(self._get(f"{prefix}.w{i}.{part}") for i in (1, 2, 3) for part in ("weight", "scale"))
+
+    def _packed_experts(self, routed: list[str],
+                        shared: str) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """`MoEWeights.packed`: the routed experts' entries stacked over E (built once per layer), the shared one's."""
+        if shared not in self._stacks:
+            entries = [self._entries(p) for p in routed]
+            self._stacks[shared] = tuple(torch.stack([e[i] for e in entries]) for i in range(6))
+        return self._stacks[shared], self._entries(shared)
 
 
 @dataclass
@@ -186,7 +237,7 @@ class Block:
 
     # ---- shared pieces ---------------------------------------------------------------------------
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return linear(x, self.w(f"{self.p}.{name}.weight"), self.act_q)
+        return dispatch.linear(x, self.w.linear(f"{self.p}.{name}.weight"), self.act_q)
 
     def _query(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (c_q [T, R_q], q [T, H, d]): low-rank query, weightless per-head norm, RoPE."""
@@ -328,13 +379,8 @@ class Block:
             bias=None if hashed else self.w(f"{p}.gate.bias", keep_dtype=True),
             tid2eid=self.w(f"{p}.gate.tid2eid") if hashed else None, token_ids=token_ids,
         )
-
-        def weights_of(prefix: str) -> ExpertWeights:
-            return ExpertWeights(*(self.w(f"{prefix}.w{i}.weight") for i in (1, 2, 3)))
-
-        experts = [weights_of(f"{p}.experts.{e}") for e in range(cfg.n_routed_experts)]
-        return moe(x, weights, ids, experts, weights_of(f"{p}.shared_experts"),
-                   limit=cfg.swiglu_limit, quantize_input=self.act_q)
+        return dispatch.moe(x, weights, ids, self.w.moe(p, cfg.n_routed_experts), limit=cfg.swiglu_limit,
+                            quantize_input=self.act_q)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor,
                 attention: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -459,7 +505,8 @@ class ReferenceModel:
         e = rms_norm(self.embed(next_ids), self.w(f"{p}enorm.weight"), cfg.rms_norm_eps)
         h = rms_norm(streams, self.w(f"{p}hnorm.weight"), cfg.rms_norm_eps)
         act_q = self.mtp_blocks[depth].act_q
-        return linear(e, self.w(f"{p}e_proj.weight"), act_q).unsqueeze(1) + linear(h, self.w(f"{p}h_proj.weight"), act_q)
+        return (dispatch.linear(e, self.w.linear(f"{p}e_proj.weight"), act_q).unsqueeze(1)
+                + dispatch.linear(h, self.w.linear(f"{p}h_proj.weight"), act_q))
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:

@@ -173,6 +173,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         self.model_dir = resolve_model_dir(model_config.model, getattr(model_config, "revision", None))
         self.cfg = load_config(self.model_dir)
         self.dtype = model_config.dtype
+        self.device_type = vllm_config.device_config.device_type
         cache_dtype = vllm_config.cache_config.cache_dtype
         self.fmt = cache_format(cache_dtype, indexer_cache_choice(vllm_config))
         self.quant = quant_sim_from_env()
@@ -192,7 +193,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         indexer = "float" if self.fmt.indexer is None else self.fmt.indexer.value
         logger.info(
             "deepseek-v4-plugin %s: serving DeepseekV4ForCausalLM with the %s attention backend (%s)",
-            __version__, BACKEND_NAME, dispatch.backend_name(vllm_config.device_config.device_type),
+            __version__, BACKEND_NAME, dispatch.backend_name(self.device_type),
         )
         logger.info(
             "deepseek-v4-plugin: %d layers (%d SWA, %d CSA, %d HCA), KV storage %s, indexer keys %s, "
@@ -205,11 +206,13 @@ class DeepseekV4ForCausalLM(nn.Module):
     # ---- weights -----------------------------------------------------------------------------------
     def load_weights(self, weights) -> set[str]:
         """Load through the core's loader (official FP8/FP4 format, tiny checkpoints, transformers'
-        save_pretrained dialect); vLLM's own weight iterator is not consumed (no second read)."""
+        save_pretrained dialect); vLLM's own weight iterator is not consumed (no second read). Where the
+        GEMM kernels run (`dispatch.keep_quantized`), FP8/FP4 linears stay in their file format."""
         from v4_plugin.checkpoint import load_checkpoint
 
         drafting = self.serve_mtp or self.dspark_caches is not None
-        tensors = load_checkpoint(self.model_dir, self.cfg, dtype=self.dtype, include_mtp=drafting)
+        tensors = load_checkpoint(self.model_dir, self.cfg, dtype=self.dtype, include_mtp=drafting,
+                                  keep_quantized=dispatch.keep_quantized(self.device_type))
         for name, tensor in tensors.items():
             add_parameter(self, name, tensor)
         params = dict(self.named_parameters())

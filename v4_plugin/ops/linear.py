@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from ..quant import fake_quant_fp8
@@ -19,3 +22,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, quantize_input: bool) -> torch
     """
     xq = fake_quant_fp8(x.float(), ACT_BLOCK) if quantize_input else x.float()
     return (xq @ weight.float().T).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class LinearWeight:
+    """One linear layer's weight [out, in], as `dispatch.linear` takes it.
+
+    `dense()` gives the values in the compute dtype (a kept-quantized weight is dequantized on the
+    first call); `fp8` holds the checkpoint entries (e4m3 [out, in], E8M0 [ceil(out/128), ceil(in/128)])
+    when the checkpoint was loaded with `keep_quantized`, else None.
+    """
+
+    dense: Callable[[], torch.Tensor]
+    fp8: tuple[torch.Tensor, torch.Tensor] | None = None

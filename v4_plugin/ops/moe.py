@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,21 @@ class ExpertWeights:
     w1: torch.Tensor
     w2: torch.Tensor
     w3: torch.Tensor
+
+
+@dataclass(frozen=True)
+class MoEWeights:
+    """One MoE layer's experts, as `dispatch.moe` takes them.
+
+    `dense()` gives (routed experts [E], shared expert) as dequantized values in the compute dtype.
+    `packed()` (None unless the checkpoint was loaded with `keep_quantized` and has FP4 routed experts)
+    gives them in checkpoint format, each as (w1, w1_scale, w2, w2_scale, w3, w3_scale): the routed
+    ones stacked over E (packed int8 [E, out, in/2], E8M0 [E, out, in/32]), the shared one FP8
+    (e4m3 [out, in], E8M0 [ceil(out/128), ceil(in/128)]).
+    """
+
+    dense: Callable[[], tuple[list[ExpertWeights], ExpertWeights]]
+    packed: Callable[[], tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] | None = None
 
 
 def expert(x: torch.Tensor, w: ExpertWeights, *, limit: float, quantize_input: bool,
