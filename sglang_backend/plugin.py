@@ -21,7 +21,10 @@ SGLang's native DeepSeek-V4 code serves, untouched), it:
    pool construction (`KVCacheConfigurator._build_token_to_kv_pool`) for our architecture only: the
    caches are the core's layout (`sglang_backend.pools`), sized by `v4_plugin.capacity`;
 5. renders chats for our architecture with `v4_plugin.chat` and the checkpoint's effort profile
-   (the `v4_plugin` chat encoding, `sglang_backend.chat`).
+   (the `v4_plugin` chat encoding, `sglang_backend.chat`);
+6. serves `--speculative-algorithm NEXTN/EAGLE` with the MTP block as SGLang's draft model and
+   refuses drafters the checkpoint does not carry (`sglang_backend.speculative`): hooks on SGLang's
+   model config (the draft architecture) and on its draft attention-backend factory.
 """
 
 from __future__ import annotations
@@ -93,10 +96,11 @@ def _register_attention_backend() -> None:
 
 
 def create_backend(runner):
-    """Attention-backend factory (`ATTENTION_BACKENDS["v4_plugin"]`), called in the scheduler."""
-    from .backend import V4PluginAttnBackend
+    """Attention-backend factory (`ATTENTION_BACKENDS["v4_plugin"]`), called in the scheduler: the
+    plugin's backend with the speculative forward modes (`speculative.V4SpecAttnBackend`)."""
+    from .speculative import V4SpecAttnBackend
 
-    return V4PluginAttnBackend(runner)
+    return V4SpecAttnBackend(runner)
 
 
 def _register_model_defaults() -> None:
@@ -109,7 +113,11 @@ def model_defaults(server_args, hf_config) -> dict:
     """Server-argument defaults for our architecture (SGLang's per-architecture override registry)."""
     from sglang.srt.arg_groups.overrides import resolving_view
 
+    from .pools import v4_config_of
+    from .speculative import check_request
+
     cfg = resolving_view(server_args)
+    check_request(server_args, v4_config_of(cfg))
     out: dict = {}
     for name in ("attention_backend", "prefill_attention_backend", "decode_attention_backend"):
         chosen = getattr(cfg, name, None)
@@ -131,6 +139,9 @@ def model_defaults(server_args, hf_config) -> dict:
 GET_CONFIG = "sglang.srt.utils.hf_transformers.config.get_config"
 POOL_CONFIGURATOR = "sglang.srt.model_executor.pool_configurator.create_memory_pool_configurator"
 BUILD_POOL = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_token_to_kv_pool"
+MODEL_CONFIG = "sglang.srt.configs.model_config.ModelConfig._derive_hybrid_model"
+DRAFT_BACKENDS = "sglang.srt.speculative.draft_utils.DraftBackendFactory"
+EAGLE_UTILS = "sglang.srt.speculative.eagle_utils"  # its tree kernels, bound by name there
 
 
 def _install_hooks() -> None:
@@ -139,6 +150,24 @@ def _install_hooks() -> None:
     HookRegistry.register(GET_CONFIG, rename_architecture, HookType.AFTER)
     HookRegistry.register(POOL_CONFIGURATOR, _pool_configurator, HookType.AROUND)
     HookRegistry.register(BUILD_POOL, _build_pool, HookType.AROUND)
+    HookRegistry.register(MODEL_CONFIG, _speculative("configure_model_config"), HookType.AFTER)
+    for name in ("create_decode_backend", "create_draft_extend_backend"):
+        HookRegistry.register(f"{DRAFT_BACKENDS}.{name}", _speculative(name), HookType.AROUND)
+    HookRegistry.register(f"{EAGLE_UTILS}.build_tree_kernel_efficient_func", _speculative("build_tree_on_cpu"),
+                          HookType.AROUND)
+    HookRegistry.register(f"{EAGLE_UTILS}.verify_tree_greedy_func", _speculative("verify_tree_on_cpu"),
+                          HookType.AROUND)
+
+
+def _speculative(name: str):
+    """A hook that imports `sglang_backend.speculative` (SGLang's attention classes) on first call only."""
+
+    def hook(*args, **kwargs):
+        from . import speculative
+
+        return getattr(speculative, name)(*args, **kwargs)
+
+    return hook
 
 
 def rename_architecture(config, *args, **kwargs):
@@ -162,8 +191,11 @@ def rename_architecture(config, *args, **kwargs):
 
 
 def is_ours(hf_config) -> bool:
+    """The served model or one of its draft models (`speculative.ARCHS`)."""
+    from .speculative import ARCHS
+
     archs = getattr(hf_config, "architectures", None) or []
-    return bool(archs) and archs[0] == PLUGIN_ARCH
+    return bool(archs) and archs[0] in ARCHS
 
 
 def _pool_configurator(original, kvc, *args, **kwargs):

@@ -106,6 +106,9 @@ class V4PoolConfigurator(MemoryPoolConfigurator):
         self.cfg = v4_config_of(kvc.model_config)
         self.st = storage_choice(kvc.kv_cache_dtype_str, kvc.model_dtype)
         self.window = self.cfg.sliding_window
+        # EAGLE/NEXTN: the draft worker's pool (`build_token_pool`) holds the MTP window on the same slots.
+        drafting = kvc.spec_algorithm.is_eagle() and not kvc.is_draft_worker
+        self.draft_layers = len(draft_layer_types(self.cfg)) if drafting else 0
         schedule = get_schedule()
         self.swa_cap_tokens: int | None = None
         self.swa_full_tokens_ratio: float | None = None
@@ -122,7 +125,8 @@ class V4PoolConfigurator(MemoryPoolConfigurator):
 
     def _sizes(self, memory_bytes: int | None, page_size: int, max_full_tokens: int | None = None) -> SglangCapacity:
         cap = self.st.capacity(self.cfg, memory_bytes, page_size=page_size, max_full_tokens=max_full_tokens,
-                               swa_full_tokens_ratio=self.swa_full_tokens_ratio, swa_tokens=self.swa_cap_tokens)
+                               swa_full_tokens_ratio=self.swa_full_tokens_ratio, swa_tokens=self.swa_cap_tokens,
+                               draft_layers=self.draft_layers)
         if cap.swa_tokens <= self.window + page_size:
             raise ValueError(f"deepseek-v4-plugin: an SWA pool of {cap.swa_tokens} tokens cannot hold one request "
                              f"(window {self.window} + page {page_size}); raise --swa-full-tokens-ratio, "
@@ -186,14 +190,18 @@ class V4TokenToKVPool(_NoRawKV, BaseSWAKVPool):
     slot mapping). SGLang's own attention paths never touch it: the model reads and writes it through
     the core's `forward_paged`, with the `LayerCaches` of `layer_caches`."""
 
-    def __init__(self, cfg: V4Config, st: StorageChoice, *, size: int, size_swa: int, page_size: int, device):
+    def __init__(self, cfg: V4Config, st: StorageChoice, *, size: int, size_swa: int, page_size: int, device,
+                 layer_types: tuple[LayerType, ...] | None = None):
+        """layer_types: the layers whose caches this pool holds (default: the main layers; a draft
+        model's pool: its draft blocks, `draft_layer_types`)."""
         if page_size % LayerType.HCA.ratio or page_size % LayerType.CSA.ratio:
             raise ValueError(f"v4_plugin: --page-size {page_size} must be a multiple of 128 "
                              "(every compressed block must lie inside one page)")
-        super().__init__(size, page_size, st.dtype, cfg.num_hidden_layers, device, False)
+        layer_types = cfg.layer_types if layer_types is None else layer_types
+        super().__init__(size, page_size, st.dtype, len(layer_types), device, False)
         self.cfg, self.st, self.size_swa = cfg, st, size_swa
         full_specs, swa_specs = [], []
-        for kind in cfg.layer_types:
+        for kind in layer_types:
             entries = cache_entry(cfg, kind, st.cache_format(), st.dtype)
             full_specs.append({name: (page_size // kind.ratio, *entries[name]) for name in FULL_CACHES
                                if name in entries})
@@ -237,12 +245,20 @@ class V4TokenToKVPool(_NoRawKV, BaseSWAKVPool):
                 for full, swa in zip(self.full_kv_pool.layers, self.swa_kv_pool.layers)]
 
 
+def draft_layer_types(cfg: V4Config) -> tuple[LayerType, ...]:
+    """Layers of the MTP draft model's pool: block mtp.0 (reused for every draft), its window cache."""
+    return (cfg.layer_type(cfg.num_hidden_layers),)
+
+
 def build_token_pool(kvc, *, sizes, **_) -> V4TokenToKVPool:
-    """AROUND `KVCacheConfigurator._build_token_to_kv_pool` for our architecture."""
+    """AROUND `KVCacheConfigurator._build_token_to_kv_pool` for our architecture. A draft worker's
+    pool holds its draft blocks' caches on the slots of the target's allocator (same sizes)."""
     from sglang.srt.runtime_context import get_schedule
 
     if sizes.swa_max_total_num_tokens is None:
         raise RuntimeError("v4_plugin: SGLang did not size an SWA pool (is_hybrid_swa is off for the model)")
-    return V4TokenToKVPool(v4_config_of(kvc.model_config), storage_choice(kvc.kv_cache_dtype_str, kvc.model_dtype),
+    cfg = v4_config_of(kvc.model_config)
+    return V4TokenToKVPool(cfg, storage_choice(kvc.kv_cache_dtype_str, kvc.model_dtype),
                            size=sizes.full_max_total_num_tokens, size_swa=sizes.swa_max_total_num_tokens,
-                           page_size=get_schedule().page_size, device=kvc.device)
+                           page_size=get_schedule().page_size, device=kvc.device,
+                           layer_types=draft_layer_types(cfg) if kvc.is_draft_worker else None)

@@ -30,13 +30,14 @@ def prompt_ids(length: int, vocab: int, seed: int) -> list[int]:
     return torch.randint(2, vocab, (length,), generator=g).tolist()
 
 
-def reference_model(model_dir: str, *, quant_off: bool = True):
+def reference_model(model_dir: str, *, quant_off: bool = True, mtp: bool = False):
+    """The core's fp32 model of a checkpoint (`mtp`: with the mtp.* tensors, for the drafters)."""
     from v4_plugin.checkpoint import load_checkpoint
     from v4_plugin.config import load_config
     from v4_plugin.model import QuantSim, ReferenceModel
 
     cfg = load_config(model_dir)
-    tensors = load_checkpoint(model_dir, cfg, dtype=torch.float32, include_mtp=False)
+    tensors = load_checkpoint(model_dir, cfg, dtype=torch.float32, include_mtp=mtp)
     return ReferenceModel(cfg, tensors, dtype=torch.float32, quant=QuantSim.off() if quant_off else QuantSim())
 
 
@@ -95,7 +96,7 @@ def start_engine(model_dir: str, **kwargs):
             from sglang.srt.utils import kill_process_tree
 
             kill_process_tree(os.getpid(), include_parent=False)
-            raise EngineDied(f"engine failed to start: {exc!r}\n{open(log).read()[-6000:]}") from exc
+            raise EngineDied(f"engine failed to start: {exc!r}\n(log: {log})\n{open(log).read()[-6000:]}") from exc
     return engine, log
 
 

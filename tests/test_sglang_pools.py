@@ -51,14 +51,34 @@ def _model_dir(tmp_path, model: str):
     return path
 
 
-def _configurator(model_dir, kv_cache_dtype: str):
-    """SGLang's pool-configurator factory (hooked by the plugin) for our architecture."""
+def _configurator(model_dir, kv_cache_dtype: str, speculative_algorithm: str | None = None):
+    """SGLang's pool-configurator factory (hooked by the plugin) for our architecture (the target worker)."""
     from sglang.srt.model_executor.pool_configurator import create_memory_pool_configurator
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
     hf = SimpleNamespace(architectures=["DeepseekV4PluginForCausalLM"])
     kvc = SimpleNamespace(model_config=SimpleNamespace(model_path=str(model_dir), hf_config=hf),
-                          kv_cache_dtype_str=kv_cache_dtype, model_dtype=torch.bfloat16, page_size=PAGE, attn_dp_size=1)
+                          kv_cache_dtype_str=kv_cache_dtype, model_dtype=torch.bfloat16, page_size=PAGE, attn_dp_size=1,
+                          spec_algorithm=SpeculativeAlgorithm.from_string(speculative_algorithm), is_draft_worker=False)
     return create_memory_pool_configurator(kvc)
+
+
+@pytest.mark.parametrize("algorithm", ["NEXTN", "EAGLE"])
+def test_mtp_draft_window_is_charged_per_swa_slot(algorithm, tmp_path, sglang_args):
+    """With MTP drafting the draft worker's pool keeps the MTP block's window on the target's SWA slots:
+    SGLang's configurator path charges one more 584-B window entry per SWA slot, and fewer tokens fit."""
+    from v4_plugin.layout import main_entry_bytes
+
+    model_dir = _model_dir(tmp_path, "flash")
+    sglang_args(model_dir, "--kv-cache-dtype", "fp8_e4m3")
+    memory = 64 * GIB
+    plain = _configurator(model_dir, "fp8_e4m3")._sizes(memory, PAGE)
+    drafting = _configurator(model_dir, "fp8_e4m3", algorithm)._sizes(memory, PAGE)
+    assert drafting.full_bytes_per_token == plain.full_bytes_per_token
+    assert drafting.swa_bytes_per_token == plain.swa_bytes_per_token + main_entry_bytes(preset_config("flash"))
+    assert drafting.full_tokens < plain.full_tokens
+    assert drafting == sglang_planned_capacity(preset_config("flash"), memory, page_size=PAGE,
+                                               swa_full_tokens_ratio=0.8, draft_layers=1)
 
 
 @pytest.mark.parametrize("model", ["flash", "pro"])

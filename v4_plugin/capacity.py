@@ -184,8 +184,10 @@ class SglangCapacity:
 
 
 def sglang_slot_bytes(cfg: V4Config, *, fp8: bool = True, indexer: IndexerCache | None = IndexerCache.FP8,
-                      dtype_bytes: int = 2) -> tuple[float, int]:
-    """(bytes per full-pool slot, bytes per SWA-pool slot) over the main layers.
+                      dtype_bytes: int = 2, draft_layers: int = 0) -> tuple[float, int]:
+    """(bytes per full-pool slot, bytes per SWA-pool slot) over the main layers and `draft_layers`
+    drafter blocks (EAGLE/NEXTN: the MTP block, whose window lives in the draft worker's pool on the
+    target's SWA slots: one more window entry per SWA slot).
 
     fp8: 584-B records (`--kv-cache-dtype fp8*`), else float entries of `dtype_bytes` per element
     (`auto`, the model dtype); indexer: key format of FP8 caches (None = float keys).
@@ -203,23 +205,25 @@ def sglang_slot_bytes(cfg: V4Config, *, fp8: bool = True, indexer: IndexerCache 
         if kind is LayerType.CSA:
             full += idx / kind.ratio
             swa += compressor_state_bytes(cfg, kind, indexer=True) // rows
-    return full, swa
+    return full, swa + draft_layers * main
 
 
 def sglang_planned_capacity(cfg: V4Config, memory_bytes: int | None, *, page_size: int,
                             swa_full_tokens_ratio: float | None = None, swa_tokens: int | None = None,
                             max_full_tokens: int | None = None, fp8: bool = True,
-                            indexer: IndexerCache | None = IndexerCache.FP8, dtype_bytes: int = 2) -> SglangCapacity:
+                            indexer: IndexerCache | None = IndexerCache.FP8, dtype_bytes: int = 2,
+                            draft_layers: int = 0) -> SglangCapacity:
     """SGLang's pool sizes for `memory_bytes` of cache memory (None: unbounded) and at most
     `max_full_tokens` full slots (`--max-total-tokens`), in ratio mode (`swa_full_tokens_ratio`) or
-    request-cap mode (`swa_tokens`: SGLang's cap for --max-running-requests); give exactly one."""
+    request-cap mode (`swa_tokens`: SGLang's cap for --max-running-requests); give exactly one.
+    `draft_layers`: drafter blocks whose windows share the SWA slots (`sglang_slot_bytes`)."""
     if (swa_full_tokens_ratio is None) == (swa_tokens is None):
         raise ValueError("sglang_planned_capacity: give swa_full_tokens_ratio or swa_tokens, not both")
     if page_size % LayerType.HCA.ratio:
         raise ValueError(f"page_size {page_size} is not a multiple of {LayerType.HCA.ratio}")
     if memory_bytes is None and max_full_tokens is None:
         raise ValueError("sglang_planned_capacity: give memory_bytes or max_full_tokens")
-    full_b, swa_b = sglang_slot_bytes(cfg, fp8=fp8, indexer=indexer, dtype_bytes=dtype_bytes)
+    full_b, swa_b = sglang_slot_bytes(cfg, fp8=fp8, indexer=indexer, dtype_bytes=dtype_bytes, draft_layers=draft_layers)
     swa = None if swa_tokens is None else _cdiv(swa_tokens, page_size) * page_size
     full = max_full_tokens if max_full_tokens is not None else memory_bytes
     if memory_bytes is not None:

@@ -7,12 +7,16 @@ the `v4_plugin` attention backend supplies the batch plan and the per-layer page
 Two names, one implementation: `DeepseekV4PluginForCausalLM` (what SGLang sees once the plugin
 renames the architecture) and `DeepseekV4ForCausalLM` (the checkpoint's own name: as part of the
 external model package it wins the registry over SGLang's native class).
+
+For SGLang's EAGLE worker (`deepseek_v4_mtp`, `sglang_backend.speculative`) the model hands the draft
+the flat pre-hc_head streams [T, hc*D] (`LogitsProcessorOutput.hidden_states`, as SGLang's native V4
+NEXTN reads them) and shares its embedding and head (`get_embed_and_head`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -23,12 +27,16 @@ from sglang_backend import BACKEND_NAME, NATIVE_ARCH, PROJECT, __version__
 logger = logging.getLogger("sglang_backend")
 
 
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def implementation() -> str:
     """Which kernels run the core's math in this process (`v4_plugin.dispatch`): 'triton' on a GPU
     where the kernels load, else 'torch'."""
     from v4_plugin import dispatch
 
-    return dispatch.backend_name("cuda" if torch.cuda.is_available() else "cpu")
+    return dispatch.backend_name(device_type())
 
 
 def startup_line(backend: str) -> str:
@@ -110,14 +118,22 @@ class DeepseekV4PluginForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load through the core: validated, dequantized, official names (`CheckpointError` names the
         tensor and shard). SGLang's raw file iterator is not consumed."""
-        from v4_plugin.checkpoint import load_checkpoint
         from v4_plugin.model import ReferenceModel
 
-        tensors = load_checkpoint(self._resolved_dir(), self.cfg, dtype=self.dtype, include_mtp=False)
+        tensors = self._load_tensors()
         for name, t in tensors.items():
             _register(self, name, t)
         self.tensors = tensors
         self.ref = ReferenceModel(self.cfg, tensors, dtype=self.dtype, quant=self.quant)
+
+    def _load_tensors(self) -> dict[str, torch.Tensor]:
+        """The checkpoint tensors this model holds: the main model's (mtp.* skipped); FP8/FP4 linears in
+        their file format where the GEMM kernels run (`dispatch.keep_quantized`)."""
+        from v4_plugin import dispatch
+        from v4_plugin.checkpoint import load_checkpoint
+
+        return load_checkpoint(self._resolved_dir(), self.cfg, dtype=self.dtype, include_mtp=False,
+                               keep_quantized=dispatch.keep_quantized(device_type()))
 
     def _reference_for(self, fmt):
         """The reference model whose quantization simulation matches the cache storage: FP8 records hold
@@ -138,27 +154,50 @@ class DeepseekV4PluginForCausalLM(nn.Module):
             self.ref = ReferenceModel(self.cfg, self.tensors, dtype=self.dtype, quant=want)
         return self.ref
 
+    def get_embed_and_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embedding and output head SGLang's EAGLE worker shares with the draft model."""
+        return self.tensors["embed.weight"], self.tensors["head.weight"]
+
     # ---- forward --------------------------------------------------------------------------------
     @torch.no_grad()  # not inference_mode: SGLang's sampler scales the logits in place
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch, input_embeds=None,
                 **kwargs):
-        from sglang.srt.layers.logits_processor import LogitsProcessorOutput
-
         from sglang.srt.model_executor.forward_context import get_attn_backend
 
         backend = get_attn_backend()
         meta = getattr(backend, "forward_metadata", None)
         if meta is None:  # idle batch
-            return LogitsProcessorOutput(next_token_logits=torch.zeros(0, self.cfg.vocab_size,
-                                                                       device=input_ids.device))
-        from v4_plugin.paged import forward_paged
+            return idle_output(self.cfg.vocab_size, input_ids.device)
+        from v4_plugin.paged import streams_paged
 
         fmt = backend.token_to_kv_pool.st.cache_format()
-        out = forward_paged(self._reference_for(fmt), input_ids.to(torch.long), meta.plan, meta.caches, fmt)
-        logits = out.logits
-        if forward_batch.forward_mode.is_extend():
-            logits = logits[meta.last_index]
-        return LogitsProcessorOutput(next_token_logits=logits)
+        ref = self._reference_for(fmt)
+        streams, _ = streams_paged(ref, input_ids.to(torch.long), meta.plan, meta.caches, fmt)
+        return step_output(ref.logits, streams, forward_batch, meta)
+
+
+def idle_output(vocab_size: int, device: torch.device):
+    """SGLang's `LogitsProcessorOutput` of an idle batch (no tokens)."""
+    from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+
+    return LogitsProcessorOutput(next_token_logits=torch.zeros(0, vocab_size, device=device))
+
+
+def step_output(head: Callable[[torch.Tensor], torch.Tensor], streams: torch.Tensor, forward_batch, meta):
+    """SGLang's `LogitsProcessorOutput` of one step from its pre-hc_head streams [T, hc, D]; `head` maps
+    streams to fp32 logits. A prefill chunk (extend) yields the logits of each sequence's last token
+    (only those rows go through the head); speculative steps (verify, draft extend, draft decode) those
+    of every token. Hidden states, as the step's capture mode asks: the flat streams [T or num_seqs,
+    hc*D] (the MTP block's input)."""
+    from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+
+    mode, capture = forward_batch.forward_mode, forward_batch.capture_hidden_mode
+    last_only = mode.is_extend() and not mode.is_target_verify()
+    hidden = None
+    if capture is not None and capture.need_capture():
+        hidden = (streams if capture.is_full() else streams[meta.last_index]).flatten(1)
+    return LogitsProcessorOutput(next_token_logits=head(streams[meta.last_index] if last_only else streams),
+                                 hidden_states=hidden)
 
 
 class DeepseekV4ForCausalLM(DeepseekV4PluginForCausalLM):

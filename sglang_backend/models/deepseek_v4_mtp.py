@@ -1,0 +1,57 @@
+"""The 04-24 MTP block as the draft model of SGLang's EAGLE worker (`sglang_backend.speculative`).
+
+SGLang names a DeepSeek-V4 draft config `DeepseekV4PluginForCausalLMNextN` (the plugin's
+`configure_model_config`); this module of the external model package serves it with the core's
+`mtp_streams_paged`, over the MTP block's window cache in the draft worker's pool.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .deepseek_v4_plugin import DeepseekV4PluginForCausalLM, device_type, idle_output, step_output
+
+
+class DeepseekV4PluginForCausalLMNextN(DeepseekV4PluginForCausalLM):
+    """The 04-24 MTP block (depth 0, reused for every draft) as SGLang's EAGLE draft model: the core's
+    `mtp_streams_paged` over its window cache in the draft worker's pool (`pools.draft_layer_types`).
+
+    Row i of a step reads the target's (or, in later draft steps, its own) streams at the row's
+    position, `spec_info.hidden_states` [T, hc*D], and `input_ids[i]`, the token one position later
+    (SGLang shifts the ids for its draft models); it returns the draft logits for two positions ahead
+    and its own streams as hidden states."""
+
+    def _load_tensors(self) -> dict[str, torch.Tensor]:
+        """The mtp.* tensors; the embedding and head come from the target (`set_embed_and_head`)."""
+        from v4_plugin import dispatch
+        from v4_plugin.checkpoint import load_checkpoint
+
+        tensors = load_checkpoint(self._resolved_dir(), self.cfg, dtype=self.dtype, include_mtp=True,
+                                  keep_quantized=dispatch.keep_quantized(device_type()))
+        return {name: t for name, t in tensors.items() if name.startswith("mtp.")}
+
+    def set_embed_and_head(self, embed: torch.Tensor, head: torch.Tensor) -> None:
+        from v4_plugin.model import ReferenceModel
+
+        self.tensors.update({"embed.weight": embed, "head.weight": head})
+        self.ref = ReferenceModel(self.cfg, self.tensors, dtype=self.dtype, quant=self.ref.quant)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch, input_embeds=None,
+                **kwargs):
+        from sglang.srt.model_executor.forward_context import get_attn_backend
+
+        from v4_plugin.paged import mtp_streams_paged
+
+        backend = get_attn_backend()
+        meta = getattr(backend, "forward_metadata", None)
+        if meta is None:  # idle batch
+            return idle_output(self.cfg.vocab_size, input_ids.device)
+        fmt = backend.token_to_kv_pool.st.cache_format()
+        ref = self._reference_for(fmt)
+        streams = forward_batch.spec_info.hidden_states.unflatten(-1, (self.cfg.hc_mult, self.cfg.hidden_size))
+        out = mtp_streams_paged(ref, streams.to(ref.dtype), input_ids.to(torch.long), meta.plan, meta.caches[0], fmt)
+        return step_output(lambda rows: ref.logits(rows, "mtp.0."), out, forward_batch, meta)
+
+
+EntryClass = [DeepseekV4PluginForCausalLMNextN]

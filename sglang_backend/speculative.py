@@ -1,0 +1,203 @@
+"""Speculative decoding for DeepSeek-V4 through SGLang's own workers (`--speculative-algorithm`).
+
+SGLang's EAGLE worker (`--speculative-algorithm NEXTN` or `EAGLE`, chain drafts: topk 1) runs the
+04-24 checkpoints' MTP block as its draft model. The plugin supplies what the worker looks up for
+our architecture:
+
+* the draft architecture: SGLang's `ModelConfig` turns a draft config of `DeepseekV4ForCausalLM`
+  into its native `DeepseekV4ForCausalLMNextN`, which expects SGLang's native V4 model hooks. Under
+  our renamed architecture it does nothing, so `configure_model_config` names the draft `MTP_ARCH`
+  (`models.deepseek_v4_mtp.DeepseekV4PluginForCausalLMNextN`: the core's `mtp_streams_paged`).
+  It also gives our configs what SGLang's native V4 config carries: no per-layer SWA split
+  (`is_deepseek_v4_arch`) and the hc-flattened hidden width (`spec_hidden_size` = hc_mult *
+  hidden_size) the target hands the draft;
+* `check_request`: the checkpoint against the requested drafter (`v4_plugin.drafting.plan_speculation`:
+  MTP on a DSpark checkpoint, DSpark on a 04-24 one, more drafts than dspark_block_size), while
+  SGLang resolves its server arguments, so `sgl.Engine` / `launch_server` fail with the core's
+  message. DSpark (`DSPARK`, the refreshes' drafter) is refused with its own message: SGLang runs it
+  in its `DSparkWorkerV2` only on CUDA/NPU/XPU, over its native V4 model's DSpark hooks, which the
+  plugin does not provide;
+* attention metadata for the speculative forward modes (`V4SpecAttnBackend`: verify and draft-extend
+  steps of several tokens per sequence) and the per-step backends of the multi-step draft
+  (`V4MultiStepDraftBackend`), given to SGLang's `DraftBackendFactory` for our backend name.
+
+The draft's window cache is a pool of its own (`pools.V4TokenToKVPool` over the MTP block) on the
+slots of SGLang's shared hybrid-SWA allocator: rows live and die with the target's window slots.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import BACKEND_NAME, PLUGIN_ARCH
+from .backend import V4ForwardMetadata, V4PluginAttnBackend
+
+MTP_ARCH = "DeepseekV4PluginForCausalLMNextN"  # the 04-24 MTP block as SGLang's EAGLE draft model
+ARCHS = (PLUGIN_ARCH, MTP_ARCH)
+
+
+def drafts_requested(cfg) -> int | None:
+    """Drafts per step from SGLang's arguments (`cfg`: a resolving view of ServerArgs): EAGLE chains
+    draft `--speculative-num-steps` tokens, DSpark `--speculative-num-draft-tokens` - 1 (SGLang's gamma)."""
+    if cfg.speculative_algorithm.upper() == "DSPARK":
+        n = cfg.speculative_num_draft_tokens
+        return None if n is None else int(n) - 1
+    n = cfg.speculative_num_steps
+    return None if n is None else int(n)
+
+
+def check_request(server_args, v4_cfg) -> None:
+    """Refuse a speculative configuration this checkpoint cannot serve (`SpeculativeConfigError`)."""
+    from sglang.srt.arg_groups.overrides import resolving_view
+
+    from v4_plugin.drafting import Method, SpeculativeConfigError, plan_speculation
+
+    cfg = resolving_view(server_args)
+    if cfg.speculative_algorithm is None:
+        return
+    try:
+        plan = plan_speculation(v4_cfg, cfg.speculative_algorithm, drafts_requested(cfg))
+    except SpeculativeConfigError as e:
+        raise SpeculativeConfigError(f"--speculative-algorithm {cfg.speculative_algorithm} "
+                                     f"(--speculative-num-steps {cfg.speculative_num_steps}, "
+                                     f"--speculative-num-draft-tokens {cfg.speculative_num_draft_tokens}): {e}") from None
+    if plan.method is Method.DSPARK:
+        raise SpeculativeConfigError(
+            f"{v4_cfg.source}: DSpark drafting is not served by the deepseek-v4-plugin's SGLang backend: SGLang runs "
+            "--speculative-algorithm DSPARK in its own DSpark worker (CUDA, NPU or XPU only) over its native "
+            "DeepSeek-V4 model. Serve without drafting, or set V4_PLUGIN_DISABLE=1 for SGLang's native "
+            "DeepSeek-V4 on a supported GPU")
+    topk = cfg.speculative_eagle_topk
+    if topk is not None and int(topk) != 1:
+        raise SpeculativeConfigError(f"--speculative-eagle-topk {topk}: DeepSeek-V4 drafts chains only "
+                                     "(--speculative-eagle-topk 1)")
+
+
+def configure_model_config(result, model_config, *args, **kwargs):
+    """AFTER `ModelConfig._derive_hybrid_model`, for our architecture: native-V4 pool semantics, the
+    hc-flattened spec hidden width, and for a draft config the MTP draft architecture (the request
+    was checked against the checkpoint by `check_request`)."""
+    archs = model_config.hf_config.architectures
+    if not archs or archs[0] not in ARCHS:
+        return result
+    model_config.is_deepseek_v4_arch = True  # SGLang: no per-layer SWA split of the draft's KV
+    hc_mult = int(getattr(model_config.hf_text_config, "hc_mult", 1))
+    model_config.spec_hidden_size = model_config.hc_hidden_size = hc_mult * model_config.hidden_size
+    if model_config.is_draft_model and archs[0] == PLUGIN_ARCH:
+        archs[0] = MTP_ARCH
+        model_config.hf_config.num_nextn_predict_layers = 1  # depth 0, reused for every draft
+        model_config.num_nextn_predict_layers = 1
+    return result
+
+
+# ---- attention metadata ----------------------------------------------------------------------------
+def step_metadata(backend: V4PluginAttnBackend, forward_batch, positions: torch.Tensor,
+                  counts: torch.Tensor) -> V4ForwardMetadata:
+    """The core's plan and caches for a step of `counts[s]` tokens of sequence s at `positions` [T]
+    (contiguous per sequence, in batch order), the block tables read from SGLang's req_to_token."""
+    from v4_plugin.paged import BatchPlan
+
+    pool, dev = backend.token_to_kv_pool, positions.device
+    counts = counts.to(device=dev, dtype=torch.long)
+    seq_ids = torch.repeat_interleave(torch.arange(len(counts), device=dev), counts)
+    plan = BatchPlan(positions=positions.to(torch.long), seq_ids=seq_ids)
+    page = pool.page_size
+    n_pages = -(-(int(positions.max()) + 1) // page)
+    rows = forward_batch.req_pool_indices.to(torch.long)
+    page_starts = backend.req_to_token_pool.req_to_token[rows][:, 0 : n_pages * page : page].to(torch.long)
+    return V4ForwardMetadata(plan, pool.layer_caches(page_starts), torch.cumsum(counts, 0) - 1)
+
+
+class V4SpecAttnBackend(V4PluginAttnBackend):
+    """`V4PluginAttnBackend` plus the speculative forward modes, where each sequence has the same
+    number of tokens: target verify (anchor + drafts) and the draft's extend over the verify window."""
+
+    def init_forward_metadata(self, forward_batch):
+        mode = forward_batch.forward_mode
+        if not (mode.is_target_verify() or mode.is_draft_extend_v2()):
+            return super().init_forward_metadata(forward_batch)
+        bs = forward_batch.batch_size
+        width = forward_batch.positions.numel() // bs
+        self.forward_metadata = step_metadata(self, forward_batch, forward_batch.positions,
+                                              torch.full((bs,), width))
+
+
+class V4MultiStepDraftBackend:
+    """SGLang's multi-step draft backend for our draft models: `attn_backends[i]` serves draft step
+    i + 1 of a chain, one token per sequence at position seq_len + i (the anchor's position is
+    seq_len; step i feeds the i+1-th draft token)."""
+
+    def __init__(self, model_runner, topk: int, speculative_num_steps: int):
+        if topk != 1:
+            raise ValueError(f"{BACKEND_NAME}: DeepSeek-V4 drafts chains only (--speculative-eagle-topk 1, "
+                             f"got {topk})")
+        self.topk, self.speculative_num_steps = topk, speculative_num_steps
+        self.attn_backends = [V4SpecAttnBackend(model_runner) for _ in range(speculative_num_steps - 1)]
+
+    def init_forward_metadata(self, forward_batch):
+        bs = forward_batch.batch_size
+        for i, backend in enumerate(self.attn_backends):
+            backend.forward_metadata = step_metadata(backend, forward_batch, forward_batch.positions + i,
+                                                     torch.ones(bs, dtype=torch.long))
+
+
+def _ours(factory) -> bool:
+    archs = factory.draft_model_runner.model_config.hf_config.architectures or []
+    return bool(archs) and archs[0] in ARCHS
+
+
+def create_decode_backend(original, factory, *args, **kwargs):
+    """AROUND `DraftBackendFactory.create_decode_backend`: ours for our draft models (None for one step)."""
+    if not _ours(factory):
+        return original(factory, *args, **kwargs)
+    if factory.speculative_num_steps <= 1:
+        return None
+    return V4MultiStepDraftBackend(factory.draft_model_runner, factory.topk, factory.speculative_num_steps)
+
+
+def create_draft_extend_backend(original, factory, *args, **kwargs):
+    """AROUND `DraftBackendFactory.create_draft_extend_backend`: ours for our draft models."""
+    if not _ours(factory):
+        return original(factory, *args, **kwargs)
+    backend = V4SpecAttnBackend(factory.draft_model_runner)
+    backend.prefill_attention_backend_str = backend.decode_attention_backend_str = BACKEND_NAME
+    return backend
+
+
+# ---- SGLang's chain-tree kernels on CPU ------------------------------------------------------------
+# SGLang builds and verifies the draft tree with CUDA/HIP kernels, `sgl_kernel`'s CPU build (absent
+# here: `is_cpu()` is False in this CPU setup) or Triton (XPU). Off those platforms it has none
+# (`NameError: name 'sgl_build_tree_kernel_efficient' is not defined`), so on CPU tensors the
+# plugin runs SGLang's own Triton versions, which the Triton interpreter executes
+# (TRITON_INTERPRET=1, as the tests set it without a GPU).
+def build_tree_on_cpu(original, *args, **kwargs):
+    """AROUND eagle_utils' `build_tree_kernel_efficient_func` (same positional arguments)."""
+    from sglang.kernels.ops.speculative import spec_tree
+
+    return _on_cpu(original, spec_tree.sgl_build_tree_kernel_triton, args, kwargs, {"top_scores_index": "selected_index",
+                   "seq_lens": "verified_seq_len", "spec_steps": "depth", "num_verify_tokens": "draft_token_num"})
+
+
+def verify_tree_on_cpu(original, *args, **kwargs):
+    """AROUND eagle_utils' `verify_tree_greedy_func`."""
+    from sglang.kernels.ops.speculative import spec_tree
+
+    bound = _bind(original, args, kwargs)
+    if bound["predicts"].device.type != "cpu":
+        return original(*args, **kwargs)
+    bound.pop("topk", None)
+    spec_tree.verify_tree_greedy_triton(**bound)
+    return bound["predicts"], bound["accept_index"], bound["accept_token_num"]
+
+
+def _bind(fn, args, kwargs) -> dict:
+    import inspect
+
+    return dict(inspect.signature(fn).bind(*args, **kwargs).arguments)
+
+
+def _on_cpu(original, triton_fn, args, kwargs, renames: dict[str, str]):
+    bound = _bind(original, args, kwargs)
+    if next(iter(bound.values())).device.type != "cpu":
+        return original(*args, **kwargs)
+    return triton_fn(**{renames.get(k, k): v for k, v in bound.items()})
