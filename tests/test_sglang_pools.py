@@ -79,6 +79,11 @@ def test_mtp_draft_window_is_charged_per_swa_slot(algorithm, tmp_path, sglang_ar
     assert drafting.full_tokens < plain.full_tokens
     assert drafting == sglang_planned_capacity(preset_config("flash"), memory, page_size=PAGE,
                                                swa_full_tokens_ratio=0.8, draft_layers=1)
+    from test_layout import kv_plan
+
+    cli = kv_plan("--framework", "sglang", "--model", "flash", "--kv-cache-memory", str(memory), "--kv-cache-dtype",
+                  "fp8_e4m3", "--page-size", str(PAGE), "--speculative-algorithm", algorithm)
+    assert (cli["max_total_num_tokens"], cli["swa_tokens"]) == (drafting.full_tokens, drafting.swa_tokens)
 
 
 @pytest.mark.parametrize("model", ["flash", "pro"])

@@ -203,9 +203,15 @@ def _sglang_plan(args: argparse.Namespace, cfg: V4Config, name: str) -> tuple[di
     indexer = IndexerCache(args.indexer_cache or "fp8") if fp8 else None
     dtype = "bfloat16" if args.dtype == "auto" else args.dtype
     ratio = None if args.swa_tokens is not None else (args.swa_full_tokens_ratio or SGLANG_SWA_RATIO)
+    draft_layers = 0
+    if args.speculative_algorithm is not None:
+        if plan_speculation(cfg, args.speculative_algorithm).method is not Method.MTP:
+            raise ValueError("SGLang with this plugin drafts with the MTP block only (--speculative-algorithm NEXTN "
+                             "or EAGLE); DSPARK needs SGLang's native DeepSeek-V4 model")
+        draft_layers = 1  # the MTP block (depth 0, reused for every draft): its window on each SWA slot
     cap = sglang_planned_capacity(cfg, args.kv_cache_memory, page_size=page, swa_full_tokens_ratio=ratio,
                                   swa_tokens=args.swa_tokens, max_full_tokens=args.max_total_tokens, fp8=fp8,
-                                  indexer=indexer, dtype_bytes=_DTYPE_BYTES[dtype])
+                                  indexer=indexer, dtype_bytes=_DTYPE_BYTES[dtype], draft_layers=draft_layers)
     line = f"max_total_num_tokens={cap.full_tokens}, SWA pool {cap.swa_tokens} tokens"
     mode = f"--swa-tokens {args.swa_tokens}" if ratio is None else f"--swa-full-tokens-ratio {ratio:g}"
     fields = {
@@ -213,7 +219,7 @@ def _sglang_plan(args: argparse.Namespace, cfg: V4Config, name: str) -> tuple[di
         "kv_cache_dtype": args.kv_cache_dtype, "indexer_cache": indexer.value if indexer else "float",
         "dtype": dtype, "swa_full_tokens_ratio": ratio, "full_bytes_per_token": cap.full_bytes_per_token,
         "swa_bytes_per_token": cap.swa_bytes_per_token, "max_total_num_tokens": cap.full_tokens,
-        "swa_tokens": cap.swa_tokens, "log_line": line,
+        "swa_tokens": cap.swa_tokens, "draft_layers": draft_layers, "log_line": line,
     }
     rows = [
         ("model", name),
@@ -222,7 +228,8 @@ def _sglang_plan(args: argparse.Namespace, cfg: V4Config, name: str) -> tuple[di
         ("page size", f"{page} tokens"),
         ("SWA sizing", mode),
         ("full slot", f"{cap.full_bytes_per_token:,.4f} B (compressed entries + indexer keys)"),
-        ("SWA slot", f"{cap.swa_bytes_per_token:,} B (window entries + compressor rows)"),
+        ("SWA slot", f"{cap.swa_bytes_per_token:,} B (window entries + compressor rows"
+                     f"{' + the MTP draft window' if draft_layers else ''})"),
     ]
     return fields, rows, line
 
@@ -339,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"SWA pool tokens per full-pool token (SGLang's flag; default {SGLANG_SWA_RATIO})")
     sglang.add_argument("--swa-tokens", type=parse_tokens, help="a fixed SWA pool instead of the ratio")
     sglang.add_argument("--max-total-tokens", type=parse_tokens, help="SGLang's cap on the full pool")
+    sglang.add_argument("--speculative-algorithm", metavar="NAME",
+                        help="SGLang's flag (NEXTN or EAGLE): the MTP draft window is charged per SWA slot")
     kv.set_defaults(func=_kv_plan)
 
     tiny = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the official on-disk format")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .deepseek_v4_plugin import DeepseekV4PluginForCausalLM, device_type, idle_output, step_output
+from .deepseek_v4_plugin import DeepseekV4PluginForCausalLM, device_type
 
 
 class DeepseekV4PluginForCausalLMNextN(DeepseekV4PluginForCausalLM):
@@ -20,6 +20,8 @@ class DeepseekV4PluginForCausalLMNextN(DeepseekV4PluginForCausalLM):
     position, `spec_info.hidden_states` [T, hc*D], and `input_ids[i]`, the token one position later
     (SGLang shifts the ids for its draft models); it returns the draft logits for two positions ahead
     and its own streams as hidden states."""
+
+    HEAD_PREFIX = "mtp.0."
 
     def _load_tensors(self) -> dict[str, torch.Tensor]:
         """The mtp.* tensors; the embedding and head come from the target (`set_embed_and_head`)."""
@@ -36,22 +38,11 @@ class DeepseekV4PluginForCausalLMNextN(DeepseekV4PluginForCausalLM):
         self.tensors.update({"embed.weight": embed, "head.weight": head})
         self.ref = ReferenceModel(self.cfg, self.tensors, dtype=self.dtype, quant=self.ref.quant)
 
-    @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch, input_embeds=None,
-                **kwargs):
-        from sglang.srt.model_executor.forward_context import get_attn_backend
-
+    def _step_streams(self, ref, input_ids: torch.Tensor, forward_batch, meta, fmt) -> torch.Tensor:
         from v4_plugin.paged import mtp_streams_paged
 
-        backend = get_attn_backend()
-        meta = getattr(backend, "forward_metadata", None)
-        if meta is None:  # idle batch
-            return idle_output(self.cfg.vocab_size, input_ids.device)
-        fmt = backend.token_to_kv_pool.st.cache_format()
-        ref = self._reference_for(fmt)
         streams = forward_batch.spec_info.hidden_states.unflatten(-1, (self.cfg.hc_mult, self.cfg.hidden_size))
-        out = mtp_streams_paged(ref, streams.to(ref.dtype), input_ids.to(torch.long), meta.plan, meta.caches[0], fmt)
-        return step_output(lambda rows: ref.logits(rows, "mtp.0."), out, forward_batch, meta)
+        return mtp_streams_paged(ref, streams.to(ref.dtype), input_ids, meta.plan, meta.caches[0], fmt)
 
 
 EntryClass = [DeepseekV4PluginForCausalLMNextN]

@@ -159,6 +159,8 @@ class DeepseekV4PluginForCausalLM(nn.Module):
         return self.tensors["embed.weight"], self.tensors["head.weight"]
 
     # ---- forward --------------------------------------------------------------------------------
+    HEAD_PREFIX = ""  # the head that finishes this model's streams (`ReferenceModel.logits`)
+
     @torch.no_grad()  # not inference_mode: SGLang's sampler scales the logits in place
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch, input_embeds=None,
                 **kwargs):
@@ -168,12 +170,16 @@ class DeepseekV4PluginForCausalLM(nn.Module):
         meta = getattr(backend, "forward_metadata", None)
         if meta is None:  # idle batch
             return idle_output(self.cfg.vocab_size, input_ids.device)
-        from v4_plugin.paged import streams_paged
-
         fmt = backend.token_to_kv_pool.st.cache_format()
         ref = self._reference_for(fmt)
-        streams, _ = streams_paged(ref, input_ids.to(torch.long), meta.plan, meta.caches, fmt)
-        return step_output(ref.logits, streams, forward_batch, meta)
+        streams = self._step_streams(ref, input_ids.to(torch.long), forward_batch, meta, fmt)
+        return step_output(lambda rows: ref.logits(rows, self.HEAD_PREFIX), streams, forward_batch, meta)
+
+    def _step_streams(self, ref, input_ids: torch.Tensor, forward_batch, meta, fmt) -> torch.Tensor:
+        """This step's pre-hc_head streams [T, hc, D]: the main layers over the paged caches."""
+        from v4_plugin.paged import streams_paged
+
+        return streams_paged(ref, input_ids, meta.plan, meta.caches, fmt)[0]
 
 
 def idle_output(vocab_size: int, device: torch.device):
