@@ -41,34 +41,26 @@ class V4PluginAttnBackend(AttentionBackend):
 
     # ---- metadata -------------------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch):
-        from v4_plugin.paged import BatchPlan
-
-        fb, pool = forward_batch, self.token_to_kv_pool
+        fb = forward_batch
         mode = fb.forward_mode
         if mode.is_idle():
             self.forward_metadata = None
             return
         bs = fb.batch_size
-        dev = fb.positions.device
-        seq_lens = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
-        if mode.is_decode_or_idle() or not mode.is_extend():
-            new_lens = [1] * bs
+        if mode.is_target_verify() or mode.is_draft_extend_v2():
+            # Speculative steps: every sequence has the same number of tokens (anchor + drafts).
+            counts = torch.full((bs,), fb.positions.numel() // bs, dtype=torch.long)
+            max_len = int(fb.positions.max()) + 1
         else:
-            new_lens = (fb.extend_seq_lens_cpu if fb.extend_seq_lens_cpu is not None
-                        else fb.extend_seq_lens.tolist())
-        counts = torch.tensor(new_lens, dtype=torch.long, device=dev)
-        seq_ids = torch.repeat_interleave(torch.arange(bs, device=dev), counts)
-        plan = BatchPlan(positions=fb.positions.to(torch.long), seq_ids=seq_ids)
-        last_index = torch.cumsum(counts, 0) - 1
-
-        page = pool.page_size
-        max_len = max(seq_lens)
-        n_pages = -(-max_len // page)
-        rows = fb.req_pool_indices.to(torch.long)
-        # The full-pool slot of each page's first position, per sequence: the pool turns these into the
-        # block tables of its full (compressed) and SWA (window, compressor rows) caches.
-        page_starts = self.req_to_token_pool.req_to_token[rows][:, 0 : n_pages * page : page].to(torch.long)
-        self.forward_metadata = V4ForwardMetadata(plan, pool.layer_caches(page_starts), last_index)
+            seq_lens = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
+            if mode.is_decode_or_idle() or not mode.is_extend():
+                new_lens = [1] * bs
+            else:
+                new_lens = (fb.extend_seq_lens_cpu if fb.extend_seq_lens_cpu is not None
+                            else fb.extend_seq_lens.tolist())
+            counts = torch.tensor(new_lens, dtype=torch.long)
+            max_len = max(seq_lens)
+        self.forward_metadata = step_metadata(self, fb, fb.positions, counts, max_len)
 
     # ---- SGLang's per-layer entry points: not used by our model ------------------------------------
     def forward_extend(self, *args, **kwargs):
@@ -79,3 +71,23 @@ class V4PluginAttnBackend(AttentionBackend):
 
     def support_triton(self):
         return False
+
+
+def step_metadata(backend: V4PluginAttnBackend, forward_batch, positions: torch.Tensor, counts: torch.Tensor,
+                  max_len: int) -> V4ForwardMetadata:
+    """The core's plan and caches for a step of `counts[s]` tokens of sequence s at `positions` [T]
+    (contiguous per sequence, in batch order; no sequence longer than `max_len` tokens), the block
+    tables read from SGLang's req_to_token."""
+    from v4_plugin.paged import BatchPlan
+
+    pool, dev = backend.token_to_kv_pool, positions.device
+    counts = counts.to(device=dev, dtype=torch.long)
+    seq_ids = torch.repeat_interleave(torch.arange(len(counts), device=dev), counts)
+    plan = BatchPlan(positions=positions.to(torch.long), seq_ids=seq_ids)
+    page = pool.page_size
+    n_pages = -(-max_len // page)
+    rows = forward_batch.req_pool_indices.to(torch.long)
+    # The full-pool slot of each page's first position, per sequence: the pool turns these into the
+    # block tables of its full (compressed) and SWA (window, compressor rows) caches.
+    page_starts = backend.req_to_token_pool.req_to_token[rows][:, 0 : n_pages * page : page].to(torch.long)
+    return V4ForwardMetadata(plan, pool.layer_caches(page_starts), torch.cumsum(counts, 0) - 1)

@@ -96,11 +96,10 @@ def _register_attention_backend() -> None:
 
 
 def create_backend(runner):
-    """Attention-backend factory (`ATTENTION_BACKENDS["v4_plugin"]`), called in the scheduler: the
-    plugin's backend with the speculative forward modes (`speculative.V4SpecAttnBackend`)."""
-    from .speculative import V4SpecAttnBackend
+    """Attention-backend factory (`ATTENTION_BACKENDS["v4_plugin"]`), called in the scheduler."""
+    from .backend import V4PluginAttnBackend
 
-    return V4SpecAttnBackend(runner)
+    return V4PluginAttnBackend(runner)
 
 
 def _register_model_defaults() -> None:

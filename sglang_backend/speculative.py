@@ -17,9 +17,9 @@ our architecture:
   message. DSpark (`DSPARK`, the refreshes' drafter) is refused with its own message: SGLang runs it
   in its `DSparkWorkerV2` only on CUDA/NPU/XPU, over its native V4 model's DSpark hooks, which the
   plugin does not provide;
-* attention metadata for the speculative forward modes (`V4SpecAttnBackend`: verify and draft-extend
-  steps of several tokens per sequence) and the per-step backends of the multi-step draft
-  (`V4MultiStepDraftBackend`), given to SGLang's `DraftBackendFactory` for our backend name.
+* the per-step attention backends of the multi-step draft (`V4MultiStepDraftBackend`) and the draft's
+  extend backend, given to SGLang's `DraftBackendFactory` for our backend name (the backend itself
+  plans verify and draft-extend steps, `backend.V4PluginAttnBackend`).
 
 The draft's window cache is a pool of its own (`pools.V4TokenToKVPool` over the MTP block) on the
 slots of SGLang's shared hybrid-SWA allocator: rows live and die with the target's window slots.
@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from . import BACKEND_NAME, PLUGIN_ARCH
-from .backend import V4ForwardMetadata, V4PluginAttnBackend
+from .backend import V4PluginAttnBackend, step_metadata
 
 MTP_ARCH = "DeepseekV4PluginForCausalLMNextN"  # the 04-24 MTP block as SGLang's EAGLE draft model
 ARCHS = (PLUGIN_ARCH, MTP_ARCH)
@@ -91,37 +91,6 @@ def configure_model_config(result, model_config, *args, **kwargs):
 
 
 # ---- attention metadata ----------------------------------------------------------------------------
-def step_metadata(backend: V4PluginAttnBackend, forward_batch, positions: torch.Tensor,
-                  counts: torch.Tensor) -> V4ForwardMetadata:
-    """The core's plan and caches for a step of `counts[s]` tokens of sequence s at `positions` [T]
-    (contiguous per sequence, in batch order), the block tables read from SGLang's req_to_token."""
-    from v4_plugin.paged import BatchPlan
-
-    pool, dev = backend.token_to_kv_pool, positions.device
-    counts = counts.to(device=dev, dtype=torch.long)
-    seq_ids = torch.repeat_interleave(torch.arange(len(counts), device=dev), counts)
-    plan = BatchPlan(positions=positions.to(torch.long), seq_ids=seq_ids)
-    page = pool.page_size
-    n_pages = -(-(int(positions.max()) + 1) // page)
-    rows = forward_batch.req_pool_indices.to(torch.long)
-    page_starts = backend.req_to_token_pool.req_to_token[rows][:, 0 : n_pages * page : page].to(torch.long)
-    return V4ForwardMetadata(plan, pool.layer_caches(page_starts), torch.cumsum(counts, 0) - 1)
-
-
-class V4SpecAttnBackend(V4PluginAttnBackend):
-    """`V4PluginAttnBackend` plus the speculative forward modes, where each sequence has the same
-    number of tokens: target verify (anchor + drafts) and the draft's extend over the verify window."""
-
-    def init_forward_metadata(self, forward_batch):
-        mode = forward_batch.forward_mode
-        if not (mode.is_target_verify() or mode.is_draft_extend_v2()):
-            return super().init_forward_metadata(forward_batch)
-        bs = forward_batch.batch_size
-        width = forward_batch.positions.numel() // bs
-        self.forward_metadata = step_metadata(self, forward_batch, forward_batch.positions,
-                                              torch.full((bs,), width))
-
-
 class V4MultiStepDraftBackend:
     """SGLang's multi-step draft backend for our draft models: `attn_backends[i]` serves draft step
     i + 1 of a chain, one token per sequence at position seq_len + i (the anchor's position is
@@ -132,13 +101,14 @@ class V4MultiStepDraftBackend:
             raise ValueError(f"{BACKEND_NAME}: DeepSeek-V4 drafts chains only (--speculative-eagle-topk 1, "
                              f"got {topk})")
         self.topk, self.speculative_num_steps = topk, speculative_num_steps
-        self.attn_backends = [V4SpecAttnBackend(model_runner) for _ in range(speculative_num_steps - 1)]
+        self.attn_backends = [V4PluginAttnBackend(model_runner) for _ in range(speculative_num_steps - 1)]
 
     def init_forward_metadata(self, forward_batch):
-        bs = forward_batch.batch_size
+        bs, positions = forward_batch.batch_size, forward_batch.positions
+        max_len = int(positions.max()) + 1
         for i, backend in enumerate(self.attn_backends):
-            backend.forward_metadata = step_metadata(backend, forward_batch, forward_batch.positions + i,
-                                                     torch.ones(bs, dtype=torch.long))
+            backend.forward_metadata = step_metadata(backend, forward_batch, positions + i,
+                                                     torch.ones(bs, dtype=torch.long), max_len + i)
 
 
 def _ours(factory) -> bool:
@@ -159,7 +129,7 @@ def create_draft_extend_backend(original, factory, *args, **kwargs):
     """AROUND `DraftBackendFactory.create_draft_extend_backend`: ours for our draft models."""
     if not _ours(factory):
         return original(factory, *args, **kwargs)
-    backend = V4SpecAttnBackend(factory.draft_model_runner)
+    backend = V4PluginAttnBackend(factory.draft_model_runner)
     backend.prefill_attention_backend_str = backend.decode_attention_backend_str = BACKEND_NAME
     return backend
 
