@@ -175,6 +175,10 @@ def test_load_options(tiny):
     assert main["layers.1.hc_attn_fn"].dtype == torch.float32  # fp32 kept
     full = random_weights(cfg, seed=0)
     assert torch.equal(main["layers.1.ffn.experts.0.w1.weight"], full["layers.1.ffn.experts.0.w1.weight"].bfloat16())
+    drafter = load_checkpoint(path, cfg, only_mtp=True)  # a draft model's tensors alone
+    everything = load_checkpoint(path, cfg)
+    assert list(drafter) == [k for k in everything if k.startswith("mtp.")] and drafter
+    assert all(torch.equal(t, everything[k]) for k, t in drafter.items())
 
 
 def test_single_file_checkpoint(flash_copy):
