@@ -121,19 +121,27 @@ class CacheLayers(nn.Module):
     def step(self, positions: torch.Tensor) -> tuple[BatchPlan, list[LayerCaches]] | None:
         """This step's `BatchPlan` (its real tokens only) and `LayerCaches` per block; None when vLLM runs
         the model without attention metadata (profiling and dummy runs)."""
-        metadata = get_forward_context().attn_metadata
-        if isinstance(metadata, list):  # micro-batching: not used with this backend
-            metadata = metadata[0] if len(metadata) == 1 else None
-        if not metadata:
+        metadata = step_metadata()
+        if metadata is None:
             return None
         first = metadata[self.names[0]["window"]]
         query_lens = first.query_start_loc_cpu.diff()
         seq_ids = torch.repeat_interleave(torch.arange(first.num_reqs), query_lens).to(positions.device)
         n = first.num_actual_tokens
-        plan = BatchPlan(positions=positions[:n].long(), seq_ids=seq_ids[:n])
-        caches = [LayerCaches(**{cache: PagedCache(self._by_name[name].kv_cache, metadata[name].block_table)
-                                 for cache, name in names.items()}) for names in self.names]
-        return plan, caches
+        return BatchPlan(positions=positions[:n].long(), seq_ids=seq_ids[:n]), self.views(metadata)
+
+    def views(self, metadata: dict) -> list[LayerCaches]:
+        """Per block, its caches as this step's block tables see them (rows in batch order)."""
+        return [LayerCaches(**{cache: PagedCache(self._by_name[name].kv_cache, metadata[name].block_table)
+                               for cache, name in names.items()}) for names in self.names]
+
+
+def step_metadata() -> dict | None:
+    """This step's attention metadata by layer name, or None (profiling and dummy runs)."""
+    metadata = get_forward_context().attn_metadata
+    if isinstance(metadata, list):  # micro-batching: not used with this backend
+        metadata = metadata[0] if len(metadata) == 1 else None
+    return metadata or None
 
 
 def drafts_with_mtp(vllm_config: VllmConfig) -> bool:
@@ -242,7 +250,7 @@ class DeepseekV4ForCausalLM(nn.Module):
             streams, _ = streams_paged(self.core, ids, plan, caches, self.fmt)
         else:
             streams, captured = streams_paged(self.core, ids, plan, caches, self.fmt, self.dspark_head.capture)
-            _, self._dspark_views = self.dspark_caches.step(positions)
+            self._dspark_views = self.dspark_caches.views(step_metadata())
             dspark_context_paged(self.dspark_head, captured, plan, self._dspark_views, self.fmt)
         return pad_rows(streams.flatten(1), input_ids.shape[0])
 

@@ -20,7 +20,6 @@ from torch import nn
 from vllm.config import VllmConfig
 
 from v4_plugin.config import load_config
-from v4_plugin.drafting import plan_speculation
 from v4_plugin.paged import mtp_streams_paged
 
 from .kv_specs import cache_format, indexer_cache_choice
@@ -32,11 +31,9 @@ class DeepseekV4MTP(nn.Module):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
-        spec = vllm_config.speculative_config
-        model_config = spec.draft_model_config if spec is not None else vllm_config.model_config
+        # The request was checked against the checkpoint when vLLM built its config (`plugin.check_speculation`).
+        model_config = vllm_config.speculative_config.draft_model_config
         self.cfg = load_config(resolve_model_dir(model_config.model, getattr(model_config, "revision", None)))
-        plan_speculation(self.cfg, spec.method if spec is not None else "mtp",
-                         spec.num_speculative_tokens if spec is not None else None)
         cache_dtype = vllm_config.cache_config.cache_dtype
         self.fmt = cache_format(cache_dtype, indexer_cache_choice(vllm_config))
         n = self.cfg.num_hidden_layers

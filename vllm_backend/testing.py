@@ -254,13 +254,6 @@ def greedy_tokens_in_subprocess(model_dir: str | Path, prompts: list[list[int]],
     return json.loads(lines[-1][len(TOKENS_MARK):])
 
 
-if __name__ == "__main__":  # python -m vllm_backend.testing MODEL_DIR MAX_NEW_TOKENS < prompts.json
-    import json
-
-    tokens = greedy_tokens(sys.argv[1], json.load(sys.stdin), int(sys.argv[2]))
-    print(TOKENS_MARK + json.dumps(tokens), flush=True)
-
-
 class ReplayProposer:
     """vLLM `custom_class` proposer drafting a known continuation of each prompt (the plain greedy output:
     every draft accepted, k + 1 tokens per verify step). Used in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0):
@@ -283,3 +276,11 @@ class ReplayProposer:
             done = len(seq) - len(prompt)
             drafts.append((self.continuations[prompt][done : done + self.k] + [0] * self.k)[: self.k])
         return drafts
+
+
+if __name__ == "__main__":  # python -m vllm_backend.testing MODEL_DIR MAX_NEW_TOKENS < prompts.json
+    import json
+
+    tokens = greedy_tokens(sys.argv[1], json.load(sys.stdin), int(sys.argv[2]))
+    print(TOKENS_MARK + json.dumps(tokens), flush=True)
+
