@@ -34,7 +34,7 @@ from v4_kernels.testing import one_cpu_thread  # noqa: F401  (autouse fixture)
 from v4_plugin import dispatch
 from v4_plugin.checkpoint import load_checkpoint
 from v4_plugin.config import LayerType, load_config, parse_config
-from v4_plugin.drafting import DSparkHead
+from v4_plugin.drafting import DSparkHead, dspark_features
 from v4_plugin.layout import IndexerCache
 from v4_plugin.model import QuantSim, ReferenceModel
 from v4_plugin.paged import EXACT, CacheFormat, KVStorage
@@ -239,9 +239,9 @@ def test_drafter_projections_run_the_fp8_kernel(tiny_dir):
         assert calls == Counter(linear=2)
     else:
         head = DSparkHead(dense)
-        captured = dense.forward(ids, capture=head.capture).captured
-        expected = head.main_x(captured)
+        features = dspark_features(dense.cfg, dense.forward(ids, capture=head.capture).captured)
+        expected = head.main_x(features)
         with dispatch.use_kernels_on_cpu(("linear",)) as calls:
-            got = DSparkHead(quantized).main_x(captured)
+            got = DSparkHead(quantized).main_x(features)
         assert calls == Counter(linear=1)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

@@ -15,10 +15,10 @@ import torch
 
 from v4_plugin.config import parse_config
 from v4_plugin.drafting import (DSparkDrafter, DSparkHead, Method, MTPDrafter, ReplayDrafter, SpeculativeConfigError,
-                                plan_speculation, speculative_generate)
+                                dspark_features, plan_speculation, speculative_generate)
 from v4_plugin.model import QuantSim, ReferenceModel, SequenceCache
-from v4_plugin.paged import (EXACT, BatchPlan, dspark_context_paged, dspark_draft_paged, mtp_streams_paged,
-                             streams_paged)
+from v4_plugin.paged import (EXACT, BatchPlan, dspark_blocks_paged, dspark_context_paged, dspark_draft_paged,
+                             mtp_streams_paged, streams_paged)
 from v4_plugin.tiny import TINY_PRESETS, random_weights
 
 from paged_engine import TinyEngine
@@ -305,10 +305,21 @@ def test_paged_mtp_drafts_equal_the_reference_drafter(models, k):
         assert drafts[: len(reference.proposed)] == reference.proposed and len(reference.proposed) >= 4
 
 
-@pytest.mark.parametrize("k", [3, K])
-def test_paged_dspark_drafts_equal_the_reference_drafter(models, k):
+def _markov_chain(head: DSparkHead, anchors: list[int], hidden: torch.Tensor) -> list[list[int]]:
+    """Drafts picked one step at a time for the whole batch, as SGLang's draft loop runs them:
+    hidden [n, k, D] from `dspark_blocks_paged`."""
+    prev, steps = torch.tensor(anchors), []
+    for i in range(hidden.shape[1]):
+        prev = head.markov_logits(hidden[:, i], prev).argmax(dim=-1)
+        steps.append(prev.tolist())
+    return [list(drafts) for drafts in zip(*steps)]
+
+
+@pytest.mark.parametrize("k,stepwise", [(3, False), (K, False), (K, True)])
+def test_paged_dspark_drafts_equal_the_reference_drafter(models, k, stepwise):
     """DSpark over paged context caches (written for every verified row, rejected ones overwritten
-    later) proposes exactly the reference `DSparkDrafter`'s blocks at every step, batched."""
+    later) proposes exactly the reference `DSparkDrafter`'s blocks at every step, batched; also when
+    the Markov head picks the drafts a step at a time over the batch (`stepwise`, SGLang's loop)."""
     model = models["flash-0731"]
     head = DSparkHead(model)
     prompts = [_ids(125, seed=31).tolist(), _ids(4, seed=32).tolist()]
@@ -317,8 +328,11 @@ def test_paged_dspark_drafts_equal_the_reference_drafter(models, k):
     rows = list(range(len(prompts)))
 
     def propose(step: PagedStep) -> list[list[int]]:
-        dspark_context_paged(head, step.captured, step.plan, caches, engine.fmt)
+        dspark_context_paged(head, dspark_features(model.cfg, step.captured), step.plan, caches, engine.fmt)
         anchors, positions = zip(*step.anchors)
+        if stepwise:
+            return _markov_chain(head, list(anchors),
+                                 dspark_blocks_paged(head, anchors, positions, rows, caches, engine.fmt, k))
         return [d.tokens for d in dspark_draft_paged(head, anchors, positions, rows, caches, engine.fmt, k)]
 
     got_tokens, got_drafts = _paged_generate(engine, prompts, NEW_TOKENS, head.capture, propose)

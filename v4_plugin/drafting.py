@@ -35,7 +35,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from .config import V4Config
+from .config import LayerType, V4Config
 from .model import Block, ModelOutput, ReferenceModel
 from . import dispatch
 from .ops.norm import rms_norm
@@ -162,10 +162,25 @@ class DSparkDraft:
     confidence: torch.Tensor  # fp32 [k]: the confidence head's acceptance estimate per draft
 
 
+def dspark_features(cfg: V4Config, captured: dict[int, torch.Tensor]) -> torch.Tensor:
+    """What a DSpark drafter reads of the target, per target row: the hc-stream means of the captured
+    outputs (layer id -> [T, hc, D]) of main layers `dspark_target_layer_ids`, concatenated [T, S*D].
+    Weight-free, so the target computes it and hands it over (SGLang passes it as hidden states)."""
+    return torch.cat([captured[i].mean(dim=1) for i in cfg.dspark.target_layer_ids], dim=-1)
+
+
+def draft_layer_types(cfg: V4Config) -> tuple[LayerType, ...]:
+    """The blocks of the checkpoint's drafter that keep a window cache beside the main layers when a
+    framework drafts one step at a time: the DSpark stages (a context window each) or the MTP block
+    (depth 0, reused for every draft)."""
+    blocks = cfg.dspark.num_stages if cfg.dspark is not None else 1
+    return tuple(cfg.layer_type(cfg.num_hidden_layers + k) for k in range(blocks))
+
+
 class DSparkHead:
     """The DSpark drafter's math, stateless (see the module docstring): context KV from the target's
-    captured streams, and one drafted block over given context KV. `DSparkDrafter` keeps one sequence's
-    context in rings; `paged.dspark_context_paged` / `dspark_draft_paged` keep it in paged caches."""
+    `dspark_features`, and one drafted block over given context KV. `DSparkDrafter` keeps one sequence's
+    context in rings; `paged.dspark_context_paged` / `dspark_blocks_paged` keep it in paged caches."""
 
     def __init__(self, model: ReferenceModel):
         cfg = model.cfg
@@ -174,18 +189,17 @@ class DSparkHead:
         n, stages = cfg.num_hidden_layers, cfg.dspark.num_stages
         self.stages = [Block(cfg, model.w, f"mtp.{k}", n + k, model.quant) for k in range(stages)]
         self.capture = tuple(cfg.dspark.target_layer_ids)
+        self.last = f"mtp.{stages - 1}."  # the stage whose hc_head and norm finish a block
 
-    def main_x(self, captured: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Captured target streams (layer id -> [T, hc, D]) -> context vectors [T, D]:
-        main_norm(main_proj(concat of the stream means of `dspark_target_layer_ids`))."""
+    def main_x(self, features: torch.Tensor) -> torch.Tensor:
+        """`dspark_features` [T, S*D] -> context vectors [T, D]: main_norm(main_proj(features))."""
         w, eps = self.model.w, self.cfg.rms_norm_eps
-        features = torch.cat([captured[i].mean(dim=1) for i in self.dspark.target_layer_ids], dim=-1)
         x = dispatch.linear(features, w.linear("mtp.0.main_proj.weight"), self.stages[0].act_q)
         return rms_norm(x, w("mtp.0.main_norm.weight"), eps)
 
-    def context_kv(self, captured: dict[int, torch.Tensor], positions: torch.Tensor) -> list[torch.Tensor]:
+    def context_kv(self, features: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
         """Per stage, the context KV entries [T, d] of the target rows at `positions` (int64 [T])."""
-        main_x = self.main_x(captured)
+        main_x = self.main_x(features)
         return [stage._window_kv(main_x, positions) for stage in self.stages]
 
     def _block_attention(self, stage: Block, context: torch.Tensor, u: torch.Tensor,
@@ -197,34 +211,44 @@ class DSparkHead:
         return stage._attend(q, kv, indices, positions)
 
     @torch.no_grad()
-    def draft(self, anchor: int, position: int, contexts: Sequence[torch.Tensor], k: int) -> DSparkDraft:
-        """Propose k <= dspark_block_size tokens after `anchor`, the token at `position` (not yet in the
-        context). contexts: per stage, the KV of the last min(position, sliding_window) positions before
-        it, oldest first [n, d]. One parallel block through the stages, then the Markov head."""
+    def block_hidden(self, anchor: int, position: int, contexts: Sequence[torch.Tensor], k: int) -> torch.Tensor:
+        """The block after `anchor`, the token at `position` (not yet in the context), through the stages:
+        its hc_head outputs [k, D] (row i gives draft i's base logits). contexts: per stage, the KV of the
+        last min(position, sliding_window) positions before it, oldest first [n, d]."""
         if not 1 <= k <= self.dspark.block_size:
             raise SpeculativeConfigError(f"DSpark drafts 1 ... dspark_block_size = {self.dspark.block_size} tokens, "
                                          f"not {k}")
-        model, w, last = self.model, self.model.w, f"mtp.{self.dspark.num_stages - 1}."
+        model = self.model
         ids = torch.tensor([anchor] + [self.dspark.noise_token_id] * (k - 1))
         positions = torch.arange(position, position + k)
         x = model._streams(ids)
         for stage, context in zip(self.stages, contexts):
             x = stage.forward(x, ids, lambda u, s=stage, c=context: self._block_attention(s, c, u, positions))
-        hidden = model._head_hidden(x, last)  # [k, D]
-        base = model._head_logits(hidden, last)  # fp32 [k, V]
-        w1 = w(f"{last}markov_head.markov_w1.weight").float()  # [V, R]
-        w2 = w(f"{last}markov_head.markov_w2.weight").float()  # [V, R]
-        prev, tokens, logits, prev_embeds = anchor, [], [], []
+        return model._head_hidden(x, self.last)
+
+    def markov_logits(self, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """The draft logits fp32 [n, V] of block rows `hidden` [n, D] after tokens `prev` (int64 [n]): the
+        rows' base logits plus the Markov head's bias markov_w2 . markov_w1[prev]."""
+        w = self.model.w
+        w1 = w(f"{self.last}markov_head.markov_w1.weight").float()  # [V, R]
+        w2 = w(f"{self.last}markov_head.markov_w2.weight").float()  # [V, R]
+        return self.model._head_logits(hidden, self.last) + w1[prev] @ w2.T
+
+    @torch.no_grad()
+    def draft(self, anchor: int, position: int, contexts: Sequence[torch.Tensor], k: int) -> DSparkDraft:
+        """Propose k <= dspark_block_size tokens after `anchor` (`block_hidden`'s arguments): one parallel
+        block through the stages, then the Markov head left to right."""
+        hidden = self.block_hidden(anchor, position, contexts, k)
+        prev, tokens, logits = anchor, [], []
         for i in range(k):
-            embed = w1[prev]
-            row = base[i] + w2 @ embed
+            row = self.markov_logits(hidden[i:i + 1], torch.tensor([prev]))[0]
             prev = int(row.argmax())
             tokens.append(prev)
             logits.append(row)
-            prev_embeds.append(embed)
-        features = torch.cat((hidden.float(), torch.stack(prev_embeds)), dim=-1)
-        confidence = torch.sigmoid(features @ w(f"{last}confidence_head.proj.weight").float().T).squeeze(-1)
-        return DSparkDraft(tokens, torch.stack(logits), confidence)
+        w1 = self.model.w(f"{self.last}markov_head.markov_w1.weight").float()
+        features = torch.cat((hidden.float(), w1[torch.tensor([anchor] + tokens[:-1])]), dim=-1)
+        confidence = self.model.w(f"{self.last}confidence_head.proj.weight").float()
+        return DSparkDraft(tokens, torch.stack(logits), torch.sigmoid(features @ confidence.T).squeeze(-1))
 
 
 class DSparkDrafter:
@@ -244,8 +268,8 @@ class DSparkDrafter:
         """Write each stage's context KV for the accepted positions; `next_token` is the next anchor."""
         win = self.cfg.sliding_window
         positions = torch.arange(self.num_context, self.num_context + token_ids.shape[0])[-win:]
-        captured = {i: c[-win:] for i, c in out.captured.items()}
-        for ring, kv in zip(self.context, self.head.context_kv(captured, positions)):
+        features = dspark_features(self.cfg, out.captured)[-win:]
+        for ring, kv in zip(self.context, self.head.context_kv(features, positions)):
             ring[positions % win] = kv
         self.num_context += token_ids.shape[0]
         self.anchor = next_token

@@ -271,14 +271,21 @@ def mtp_streams_paged(model: ReferenceModel, streams: torch.Tensor, next_ids: to
 
 
 @torch.no_grad()
-def dspark_context_paged(head: DSparkHead, captured: dict[int, torch.Tensor], plan: BatchPlan,
-                         caches: list[LayerCaches], fmt: CacheFormat) -> None:
+def dspark_context_paged(head: DSparkHead, features: torch.Tensor, plan: BatchPlan, caches: list[LayerCaches],
+                         fmt: CacheFormat) -> None:
     """Write every DSpark stage's context KV for this step's target rows into that stage's window cache
-    (one `LayerCaches` per stage). `captured`: the step's `dspark_target_layer_ids` streams from
-    `streams_paged(..., capture=head.capture)`. Rows are position-indexed: rejected ones are overwritten."""
+    (one `LayerCaches` per stage). `features`: the rows' `drafting.dspark_features` [T, S*D] (from the
+    `head.capture` streams of `streams_paged`). Rows are position-indexed: rejected ones are overwritten."""
     codec = _Codec(head.cfg, fmt, head.model.dtype)
-    for cache, kv in zip(caches, head.context_kv(captured, plan.positions)):
+    for cache, kv in zip(caches, head.context_kv(features, plan.positions)):
         codec.store_main(cache.window, plan.seq_ids, plan.positions, kv)
+
+
+def _dspark_contexts(head: DSparkHead, row: int, position: int, caches: list[LayerCaches],
+                     codec: _Codec) -> list[torch.Tensor]:
+    """Per stage, the context entries [n, d] of the window before `position` of block-table row `row`."""
+    window = torch.arange(max(0, position - head.cfg.sliding_window), position)
+    return [codec.get_main(c.window.read(torch.full_like(window, row), window)) for c in caches]
 
 
 @torch.no_grad()
@@ -287,9 +294,15 @@ def dspark_draft_paged(head: DSparkHead, anchors: Sequence[int], positions: Sequ
     """One DSpark block per sequence: `anchors[i]`, the token at `positions[i]` of block-table row `rows[i]`,
     drafted over the context that `dspark_context_paged` wrote for the positions before it."""
     codec = _Codec(head.cfg, fmt, head.model.dtype)
-    win, drafts = head.cfg.sliding_window, []
-    for anchor, p, row in zip(anchors, positions, rows):
-        window = torch.arange(max(0, p - win), p)
-        contexts = [codec.get_main(c.window.read(torch.full_like(window, row), window)) for c in caches]
-        drafts.append(head.draft(anchor, p, contexts, k))
-    return drafts
+    return [head.draft(anchor, p, _dspark_contexts(head, row, p, caches, codec), k)
+            for anchor, p, row in zip(anchors, positions, rows)]
+
+
+@torch.no_grad()
+def dspark_blocks_paged(head: DSparkHead, anchors: Sequence[int], positions: Sequence[int], rows: Sequence[int],
+                        caches: list[LayerCaches], fmt: CacheFormat, k: int) -> torch.Tensor:
+    """`dspark_draft_paged`'s blocks before the Markov head: their hc_head outputs [n, k, D], for a framework
+    that picks the drafts itself one step at a time (`DSparkHead.markov_logits` per step)."""
+    codec = _Codec(head.cfg, fmt, head.model.dtype)
+    return torch.stack([head.block_hidden(anchor, p, _dspark_contexts(head, row, p, caches, codec), k)
+                        for anchor, p, row in zip(anchors, positions, rows)])

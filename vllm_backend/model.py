@@ -27,7 +27,7 @@ from vllm.v1.kv_cache_interface import KVCacheSpec
 from v4_plugin import __version__, dispatch
 from v4_plugin.config import LayerType, V4Config, load_config
 from v4_plugin.model import QuantSim, ReferenceModel
-from v4_plugin.drafting import DSparkHead
+from v4_plugin.drafting import DSparkHead, dspark_features
 from v4_plugin.paged import BatchPlan, CacheFormat, LayerCaches, PagedCache, dspark_context_paged, streams_paged
 
 from .backend import BACKEND_NAME, V4PagedBackend
@@ -251,7 +251,8 @@ class DeepseekV4ForCausalLM(nn.Module):
         else:
             streams, captured = streams_paged(self.core, ids, plan, caches, self.fmt, self.dspark_head.capture)
             self._dspark_views = self.dspark_caches.views(step_metadata())
-            dspark_context_paged(self.dspark_head, captured, plan, self._dspark_views, self.fmt)
+            dspark_context_paged(self.dspark_head, dspark_features(self.cfg, captured), plan, self._dspark_views,
+                                 self.fmt)
         return pad_rows(streams.flatten(1), input_ids.shape[0])
 
     def dspark_step(self) -> tuple[DSparkHead, list[LayerCaches], CacheFormat]:
