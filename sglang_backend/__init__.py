@@ -15,8 +15,14 @@ from v4_plugin import __version__
 
 NATIVE_ARCH = "DeepseekV4ForCausalLM"  # what V4 checkpoints name in config.json
 PLUGIN_ARCH = "DeepseekV4PluginForCausalLM"  # the name SGLang sees once the plugin is active
+# Draft models of SGLang's EAGLE worker (`speculative`): the 04-24 MTP block, the refreshes' DSpark
+# stages, and for tests the MTP draft made to propose a known continuation (`models.replay_draft`).
+MTP_ARCH = "DeepseekV4PluginForCausalLMNextN"
+DSPARK_ARCH = "DeepseekV4PluginForCausalLMDSpark"
+REPLAY_ARCH = "DeepseekV4PluginReplayDraft"
 BACKEND_NAME = "v4_plugin"  # --attention-backend v4_plugin
 MODELS_PACKAGE = "sglang_backend.models"
 PROJECT = "deepseek-v4-plugin"
 
-__all__ = ["__version__", "NATIVE_ARCH", "PLUGIN_ARCH", "BACKEND_NAME", "MODELS_PACKAGE", "PROJECT"]
+__all__ = ["__version__", "NATIVE_ARCH", "PLUGIN_ARCH", "MTP_ARCH", "DSPARK_ARCH", "REPLAY_ARCH", "BACKEND_NAME",
+           "MODELS_PACKAGE", "PROJECT"]

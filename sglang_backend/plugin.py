@@ -22,9 +22,11 @@ SGLang's native DeepSeek-V4 code serves, untouched), it:
    caches are the core's layout (`sglang_backend.pools`), sized by `v4_plugin.capacity`;
 5. renders chats for our architecture with `v4_plugin.chat` and the checkpoint's effort profile
    (the `v4_plugin` chat encoding, `sglang_backend.chat`);
-6. serves `--speculative-algorithm NEXTN/EAGLE` with the MTP block as SGLang's draft model and
-   refuses drafters the checkpoint does not carry (`sglang_backend.speculative`): hooks on SGLang's
-   model config (the draft architecture) and on its draft attention-backend factory.
+6. serves `--speculative-algorithm NEXTN/EAGLE` (MTP block) and `DSPARK` (DSpark stages) through
+   SGLang's EAGLE worker and refuses drafters the checkpoint does not carry
+   (`sglang_backend.speculative`): hooks on SGLang's speculative-argument resolution (DSPARK becomes
+   EAGLE with our draft), its model config (the draft architecture) and its draft attention-backend
+   factory.
 """
 
 from __future__ import annotations
@@ -141,14 +143,17 @@ BUILD_POOL = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._bu
 MODEL_CONFIG = "sglang.srt.configs.model_config.ModelConfig._derive_hybrid_model"
 DRAFT_BACKENDS = "sglang.srt.speculative.draft_utils.DraftBackendFactory"
 EAGLE_UTILS = "sglang.srt.speculative.eagle_utils"  # its tree kernels, bound by name there
+SPECULATIVE_ARGS = "handle_speculative_decoding"  # the server-argument resolution step
 
 
 def _install_hooks() -> None:
+    from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(GET_CONFIG, rename_architecture, HookType.AFTER)
     HookRegistry.register(POOL_CONFIGURATOR, _pool_configurator, HookType.AROUND)
     HookRegistry.register(BUILD_POOL, _build_pool, HookType.AROUND)
+    register_resolution_hook(SPECULATIVE_ARGS)(_speculative("serve_dspark_with_eagle"))
     HookRegistry.register(MODEL_CONFIG, _speculative("configure_model_config"), HookType.AFTER)
     for name in ("create_decode_backend", "create_draft_extend_backend"):
         HookRegistry.register(f"{DRAFT_BACKENDS}.{name}", _speculative(name), HookType.AROUND)

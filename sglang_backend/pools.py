@@ -38,6 +38,7 @@ from sglang.srt.model_executor.pool_configurator import (
 
 from v4_plugin.capacity import SglangCapacity, sglang_planned_capacity
 from v4_plugin.config import LayerType, V4Config, load_config
+from v4_plugin.drafting import draft_layer_types
 from v4_plugin.layout import IndexerCache
 from v4_plugin.paged import CacheFormat, KVStorage, LayerCaches, PagedCache, cache_entry
 
@@ -106,7 +107,8 @@ class V4PoolConfigurator(MemoryPoolConfigurator):
         self.cfg = v4_config_of(kvc.model_config)
         self.st = storage_choice(kvc.kv_cache_dtype_str, kvc.model_dtype)
         self.window = self.cfg.sliding_window
-        # EAGLE/NEXTN: the draft worker's pool (`build_token_pool`) holds the MTP window on the same slots.
+        # EAGLE (MTP or the plugin's DSpark draft): the draft worker's pool (`build_token_pool`) holds the
+        # drafter's windows on the same slots.
         drafting = kvc.spec_algorithm.is_eagle() and not kvc.is_draft_worker
         self.draft_layers = len(draft_layer_types(self.cfg)) if drafting else 0
         schedule = get_schedule()
@@ -243,11 +245,6 @@ class V4TokenToKVPool(_NoRawKV, BaseSWAKVPool):
         return [LayerCaches(**{name: PagedCache(buf, full_pages) for name, buf in full.items()},
                             **{name: PagedCache(buf, swa_pages) for name, buf in swa.items()})
                 for full, swa in zip(self.full_kv_pool.layers, self.swa_kv_pool.layers)]
-
-
-def draft_layer_types(cfg: V4Config) -> tuple[LayerType, ...]:
-    """Layers of the MTP draft model's pool: block mtp.0 (reused for every draft), its window cache."""
-    return (cfg.layer_type(cfg.num_hidden_layers),)
 
 
 def build_token_pool(kvc, *, sizes, **_) -> V4TokenToKVPool:

@@ -1,39 +1,51 @@
-"""Speculative decoding for DeepSeek-V4 through SGLang's own workers (`--speculative-algorithm`).
+"""Speculative decoding for DeepSeek-V4 through SGLang's own EAGLE worker (`--speculative-algorithm`).
 
-SGLang's EAGLE worker (`--speculative-algorithm NEXTN` or `EAGLE`, chain drafts: topk 1) runs the
-04-24 checkpoints' MTP block as its draft model. The plugin supplies what the worker looks up for
-our architecture:
+SGLang's EAGLE worker (chain drafts: topk 1) runs the checkpoint's drafter as its draft model:
+
+* 04-24 checkpoints, `--speculative-algorithm NEXTN` or `EAGLE`: the MTP block
+  (`models.deepseek_v4_mtp`, the core's `mtp_streams_paged`; draft step i feeds the MTP its own
+  streams and the previous draft);
+* -0731 / -0813 refreshes, `--speculative-algorithm DSPARK`: SGLang runs DSPARK only in its own
+  `DSparkWorkerV2`, on CUDA/NPU/XPU, over its native V4 model. `serve_dspark_with_eagle` turns the request
+  into EAGLE with k = gamma drafts (`--speculative-num-draft-tokens` - 1, default
+  dspark_block_size) and the draft `models.deepseek_v4_dspark`: the target hands it the
+  `dspark_features` of every row it verified; the draft extend writes the stages' context and runs
+  one block per sequence after its newest token; each draft step is one Markov-head pick over the
+  block's rows, which the draft carries as its hidden states.
+
+The plugin supplies what the worker looks up for our architecture:
 
 * the draft architecture: SGLang's `ModelConfig` turns a draft config of `DeepseekV4ForCausalLM`
-  into its native `DeepseekV4ForCausalLMNextN`, which expects SGLang's native V4 model hooks. Under
-  our renamed architecture it does nothing, so `configure_model_config` names the draft `MTP_ARCH`
-  (`models.deepseek_v4_mtp.DeepseekV4PluginForCausalLMNextN`: the core's `mtp_streams_paged`).
-  It also gives our configs what SGLang's native V4 config carries: no per-layer SWA split
-  (`is_deepseek_v4_arch`) and the hc-flattened hidden width (`spec_hidden_size` = hc_mult *
-  hidden_size) the target hands the draft;
+  into its native `...NextN` / `...DSpark`, which expect SGLang's native V4 model hooks. Under our
+  renamed architecture it does nothing, so `configure_model_config` names the draft `MTP_ARCH` or
+  `DSPARK_ARCH`. It also gives our configs what SGLang's native V4 config carries: no per-layer
+  SWA split (`is_deepseek_v4_arch`) and the widths of the hidden states the worker hands on
+  (`spec_hidden_size`);
 * `check_request`: the checkpoint against the requested drafter (`v4_plugin.drafting.plan_speculation`:
-  MTP on a DSpark checkpoint, DSpark on a 04-24 one, more drafts than dspark_block_size), while
-  SGLang resolves its server arguments, so `sgl.Engine` / `launch_server` fail with the core's
-  message. DSpark (`DSPARK`, the refreshes' drafter) is refused with its own message: SGLang runs it
-  in its `DSparkWorkerV2` only on CUDA/NPU/XPU, over its native V4 model's DSpark hooks, which the
-  plugin does not provide;
+  MTP on a DSpark checkpoint, DSpark on a 04-24 one, more drafts than dspark_block_size, topk > 1),
+  while SGLang resolves its server arguments, so `sgl.Engine` / `launch_server` fail with the core's
+  message;
 * the per-step attention backends of the multi-step draft (`V4MultiStepDraftBackend`) and the draft's
   extend backend, given to SGLang's `DraftBackendFactory` for our backend name (the backend itself
   plans verify and draft-extend steps, `backend.V4PluginAttnBackend`).
 
-The draft's window cache is a pool of its own (`pools.V4TokenToKVPool` over the MTP block) on the
-slots of SGLang's shared hybrid-SWA allocator: rows live and die with the target's window slots.
+The drafter's window caches are a pool of their own (`pools.V4TokenToKVPool` over
+`v4_plugin.drafting.draft_layer_types`) on the slots of SGLang's shared hybrid-SWA allocator: rows
+live and die with the target's window slots.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from . import BACKEND_NAME, PLUGIN_ARCH
+from . import BACKEND_NAME, DSPARK_ARCH, MTP_ARCH, PLUGIN_ARCH, REPLAY_ARCH
 from .backend import V4PluginAttnBackend, step_metadata
 
-MTP_ARCH = "DeepseekV4PluginForCausalLMNextN"  # the 04-24 MTP block as SGLang's EAGLE draft model
-ARCHS = (PLUGIN_ARCH, MTP_ARCH)
+ARCHS = (PLUGIN_ARCH, MTP_ARCH, DSPARK_ARCH, REPLAY_ARCH)  # the served model and its draft models
+
+logger = logging.getLogger(__name__)
 
 
 def drafts_requested(cfg) -> int | None:
@@ -46,47 +58,74 @@ def drafts_requested(cfg) -> int | None:
     return None if n is None else int(n)
 
 
-def check_request(server_args, v4_cfg) -> None:
-    """Refuse a speculative configuration this checkpoint cannot serve (`SpeculativeConfigError`)."""
+def check_request(server_args, v4_cfg):
+    """The checkpoint against the requested drafter: its `SpeculativePlan`, None without drafting;
+    `SpeculativeConfigError` names the flags and the config fields."""
     from sglang.srt.arg_groups.overrides import resolving_view
 
-    from v4_plugin.drafting import Method, SpeculativeConfigError, plan_speculation
+    from v4_plugin.drafting import SpeculativeConfigError, plan_speculation
 
     cfg = resolving_view(server_args)
     if cfg.speculative_algorithm is None:
-        return
+        return None
     try:
         plan = plan_speculation(v4_cfg, cfg.speculative_algorithm, drafts_requested(cfg))
     except SpeculativeConfigError as e:
         raise SpeculativeConfigError(f"--speculative-algorithm {cfg.speculative_algorithm} "
                                      f"(--speculative-num-steps {cfg.speculative_num_steps}, "
                                      f"--speculative-num-draft-tokens {cfg.speculative_num_draft_tokens}): {e}") from None
-    if plan.method is Method.DSPARK:
-        raise SpeculativeConfigError(
-            f"{v4_cfg.source}: DSpark drafting is not served by the deepseek-v4-plugin's SGLang backend: SGLang runs "
-            "--speculative-algorithm DSPARK in its own DSpark worker (CUDA, NPU or XPU only) over its native "
-            "DeepSeek-V4 model. Serve without drafting, or set V4_PLUGIN_DISABLE=1 for SGLang's native "
-            "DeepSeek-V4 on a supported GPU")
     topk = cfg.speculative_eagle_topk
     if topk is not None and int(topk) != 1:
         raise SpeculativeConfigError(f"--speculative-eagle-topk {topk}: DeepSeek-V4 drafts chains only "
                                      "(--speculative-eagle-topk 1)")
+    return plan
+
+
+def serve_dspark_with_eagle(server_args, previous) -> None:
+    """Resolution hook around SGLang's `handle_speculative_decoding`: for our architecture, DSPARK becomes
+    SGLang's EAGLE worker with the plugin's DSpark draft, k = gamma drafts per verify step."""
+    from sglang.srt.arg_groups.model_override_base import model_config_of
+    from sglang.srt.arg_groups.overrides import declare_resolution, resolving_view
+
+    from v4_plugin.drafting import Method
+
+    from .pools import v4_config_of
+
+    cfg = resolving_view(server_args)
+    if (cfg.speculative_algorithm or "").upper() == "DSPARK" and \
+            model_config_of(server_args).hf_config.architectures[0] == PLUGIN_ARCH:
+        plan = check_request(server_args, v4_config_of(cfg))
+        assert plan.method is Method.DSPARK
+        k = plan.num_speculative_tokens
+        logger.info("deepseek-v4-plugin: --speculative-algorithm DSPARK -> SGLang's EAGLE worker with the "
+                    "plugin's DSpark draft (%s), %d drafts per verify step", DSPARK_ARCH, k)
+        declare_resolution(server_args, "deepseek-v4-plugin", speculative_algorithm="EAGLE", speculative_num_steps=k,
+                           speculative_eagle_topk=1, speculative_num_draft_tokens=k + 1)
+    previous(server_args)
 
 
 def configure_model_config(result, model_config, *args, **kwargs):
     """AFTER `ModelConfig._derive_hybrid_model`, for our architecture: native-V4 pool semantics, the
-    hc-flattened spec hidden width, and for a draft config the MTP draft architecture (the request
-    was checked against the checkpoint by `check_request`)."""
+    width of the hidden states the EAGLE worker hands on (`spec_hidden_size`) and, for a draft config,
+    the draft architecture of the checkpoint's drafter (the request was checked by `check_request`)."""
     archs = model_config.hf_config.architectures
     if not archs or archs[0] not in ARCHS:
         return result
     model_config.is_deepseek_v4_arch = True  # SGLang: no per-layer SWA split of the draft's KV
-    hc_mult = int(getattr(model_config.hf_text_config, "hc_mult", 1))
-    model_config.spec_hidden_size = model_config.hc_hidden_size = hc_mult * model_config.hidden_size
+    text = model_config.hf_text_config
+    hc_mult, width = int(getattr(text, "hc_mult", 1)), model_config.hidden_size
+    model_config.hc_hidden_size = hc_mult * width
+    dspark = getattr(text, "dspark_target_layer_ids", None) is not None
     if model_config.is_draft_model and archs[0] == PLUGIN_ARCH:
-        archs[0] = MTP_ARCH
-        model_config.hf_config.num_nextn_predict_layers = 1  # depth 0, reused for every draft
+        archs[0] = DSPARK_ARCH if dspark else MTP_ARCH
+        model_config.hf_config.num_nextn_predict_layers = 1  # MTP: depth 0, reused for every draft
         model_config.num_nextn_predict_layers = 1
+    if not dspark:  # the target and the MTP draft hand on pre-hc_head streams
+        model_config.spec_hidden_size = hc_mult * width
+    elif model_config.is_draft_model:  # the DSpark draft carries its block's rows between draft steps
+        model_config.spec_hidden_size = int(text.dspark_block_size) * width
+    else:  # the target hands the DSpark draft the features of its target layers
+        model_config.spec_hidden_size = len(text.dspark_target_layer_ids) * width
     return result
 
 

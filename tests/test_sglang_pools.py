@@ -63,27 +63,30 @@ def _configurator(model_dir, kv_cache_dtype: str, speculative_algorithm: str | N
     return create_memory_pool_configurator(kvc)
 
 
-@pytest.mark.parametrize("algorithm", ["NEXTN", "EAGLE"])
-def test_mtp_draft_window_is_charged_per_swa_slot(algorithm, tmp_path, sglang_args):
-    """With MTP drafting the draft worker's pool keeps the MTP block's window on the target's SWA slots:
-    SGLang's configurator path charges one more 584-B window entry per SWA slot, and fewer tokens fit."""
+@pytest.mark.parametrize("model,flag,windows", [("flash", "NEXTN", 1), ("flash", "EAGLE", 1), ("flash-0731", "DSPARK", 3)])
+def test_drafter_windows_are_charged_per_swa_slot(model, flag, windows, tmp_path, sglang_args):
+    """With drafting the draft worker's pool keeps the drafter's windows on the target's SWA slots (the MTP
+    block's; DSpark's three stages', served as EAGLE, which is what the configurator sees): SGLang's
+    configurator path charges one more 584-B window entry per SWA slot and window, and fewer tokens fit;
+    `kv-plan --speculative-algorithm` says the same."""
     from v4_plugin.layout import main_entry_bytes
 
-    model_dir = _model_dir(tmp_path, "flash")
+    model_dir = _model_dir(tmp_path, model)
     sglang_args(model_dir, "--kv-cache-dtype", "fp8_e4m3")
     memory = 64 * GIB
     plain = _configurator(model_dir, "fp8_e4m3")._sizes(memory, PAGE)
-    drafting = _configurator(model_dir, "fp8_e4m3", algorithm)._sizes(memory, PAGE)
+    drafting = _configurator(model_dir, "fp8_e4m3", "EAGLE" if flag == "DSPARK" else flag)._sizes(memory, PAGE)
     assert drafting.full_bytes_per_token == plain.full_bytes_per_token
-    assert drafting.swa_bytes_per_token == plain.swa_bytes_per_token + main_entry_bytes(preset_config("flash"))
+    assert drafting.swa_bytes_per_token == plain.swa_bytes_per_token + windows * main_entry_bytes(preset_config(model))
     assert drafting.full_tokens < plain.full_tokens
-    assert drafting == sglang_planned_capacity(preset_config("flash"), memory, page_size=PAGE,
-                                               swa_full_tokens_ratio=0.8, draft_layers=1)
+    assert drafting == sglang_planned_capacity(preset_config(model), memory, page_size=PAGE,
+                                               swa_full_tokens_ratio=0.8, draft_layers=windows)
     from test_layout import kv_plan
 
-    cli = kv_plan("--framework", "sglang", "--model", "flash", "--kv-cache-memory", str(memory), "--kv-cache-dtype",
-                  "fp8_e4m3", "--page-size", str(PAGE), "--speculative-algorithm", algorithm)
-    assert (cli["max_total_num_tokens"], cli["swa_tokens"]) == (drafting.full_tokens, drafting.swa_tokens)
+    cli = kv_plan("--framework", "sglang", "--model", model, "--kv-cache-memory", str(memory), "--kv-cache-dtype",
+                  "fp8_e4m3", "--page-size", str(PAGE), "--speculative-algorithm", flag)
+    assert (cli["max_total_num_tokens"], cli["swa_tokens"], cli["draft_layers"]) == \
+        (drafting.full_tokens, drafting.swa_tokens, windows)
 
 
 @pytest.mark.parametrize("model", ["flash", "pro"])

@@ -1,17 +1,25 @@
 """Issue 10 (SGLang): speculative decoding through SGLang's own EAGLE worker, on CPU.
 
-One engine (`--speculative-algorithm NEXTN`, chains of `STEPS` drafts: `--speculative-eagle-topk 1`)
-serves the tiny 04-24 checkpoint in exact mode, the MTP block as its draft model
-(`DeepseekV4PluginForCausalLMNextN` over the draft worker's pool). Per request it must give the core's
-plain greedy tokens and SGLang's own acceptance metrics must be those of the core's drafting loop
-(`speculative_generate` with `MTPDrafter`): verify steps, accepted drafts and their histogram. The
-prompts (lengths 1, 3, 126, 127: drafts cross the 4- and 128-token edges) include ones where the
-reference accepts drafts, so a wrong draft model cannot pass by rejecting everything. Alone and 8
-concurrent. Requests the checkpoint cannot serve fail in `sgl.Engine` with the core's message, and
-DSpark requests with the plugin's (SGLang runs DSPARK only in its own worker, on CUDA/NPU/XPU).
+One engine per drafter serves a tiny checkpoint in exact mode, chains of drafts
+(`--speculative-eagle-topk 1`):
+
+* MTP: the 04-24 checkpoint, `--speculative-algorithm NEXTN` with `STEPS` drafts, the MTP block as
+  the draft model (`DeepseekV4PluginForCausalLMNextN` over the draft worker's pool);
+* DSpark: the -0731 checkpoint, plain `--speculative-algorithm DSPARK` (k = dspark_block_size = 5),
+  which the plugin serves through the same worker with its DSpark draft
+  (`DeepseekV4PluginForCausalLMDSpark`).
+
+Per request SGLang must give the core's plain greedy tokens, and its own acceptance metrics must be
+those of the core's drafting loop (`speculative_generate` with `MTPDrafter` / `DSparkDrafter`):
+verify steps, accepted drafts and their histogram. The prompts (lengths 1, 3, 126, 127: drafts cross
+the 4- and 128-token edges) include ones where the reference accepts drafts, so a wrong draft model
+cannot pass by rejecting everything. Alone and 8 concurrent. Requests the checkpoint cannot serve
+fail in `sgl.Engine` with the core's message.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pytest
 
@@ -20,13 +28,27 @@ pytest.importorskip("sglang")
 from sglang_backend import testing as T  # noqa: E402
 from v4_plugin.tiny import make_tiny  # noqa: E402
 
-STEPS = 3  # drafts per verify step
 NEW_TOKENS = 12
 VOCAB = 384
-# (length, seed); the reference accepts a draft in all but (3, 0)
-PROMPTS = [(1, 1), (1, 8), (3, 26), (3, 0), (126, 9), (126, 10), (127, 8), (127, 15)]
+STEPS = 3  # MTP drafts per verify step
 SPEC_ARGS = dict(speculative_algorithm="NEXTN", speculative_num_steps=STEPS, speculative_eagle_topk=1,
                  speculative_num_draft_tokens=STEPS + 1)
+
+
+@dataclass(frozen=True)
+class Drafting:
+    preset: str
+    args: dict
+    k: int  # drafts per verify step
+    prompts: tuple[tuple[int, int], ...]  # (length, seed); the reference accepts a draft in most
+
+
+DRAFTING = {
+    "mtp": Drafting("flash", SPEC_ARGS, STEPS,
+                    ((1, 1), (1, 8), (3, 26), (3, 0), (126, 9), (126, 10), (127, 8), (127, 15))),
+    "dspark": Drafting("flash-0731", dict(speculative_algorithm="DSPARK"), 5,
+                       ((1, 3), (1, 16), (3, 2), (3, 3), (126, 1), (126, 18), (127, 5), (127, 6))),
+}
 
 
 @pytest.fixture(scope="module")
@@ -35,31 +57,29 @@ def checkpoints(tmp_path_factory):
     return {preset: str(make_tiny(root / preset, preset, seed=0)) for preset in ("flash", "flash-0731")}
 
 
-@pytest.fixture(scope="module")
-def served(checkpoints):
+@pytest.fixture(scope="module", params=list(DRAFTING))
+def served(request, checkpoints):
+    """(drafting, engine, log, expected): expected maps (length, seed) to (prompt, the core's speculative
+    run: tokens == plain greedy, accepted drafts per step)."""
+    from v4_plugin.drafting import DSparkDrafter, MTPDrafter, speculative_generate
+
+    drafting = DRAFTING[request.param]
+    model = T.reference_model(checkpoints[drafting.preset], mtp=True)
+    drafter = MTPDrafter if request.param == "mtp" else DSparkDrafter
+    expected = {}
+    for n, seed in drafting.prompts:
+        prompt = T.prompt_ids(n, VOCAB, seed)
+        run = speculative_generate(model, drafter(model), prompt, NEW_TOKENS, drafting.k)
+        assert run.tokens == model.generate(prompt, NEW_TOKENS)
+        expected[n, seed] = prompt, run
+    assert sum(sum(run.accepted) for _, run in expected.values()) >= 4  # the drafter is checked, not only the verifier
     with T.environment(T.EXACT_ENV):
-        engine, log = T.start_engine(checkpoints["flash"], max_total_tokens=4096, chunked_prefill_size=128,
-                                     **SPEC_ARGS)
+        engine, log = T.start_engine(checkpoints[drafting.preset], max_total_tokens=4096, chunked_prefill_size=128,
+                                     **drafting.args)
     try:
-        yield engine, log
+        yield drafting, engine, log, expected
     finally:
         T.shutdown_engine(engine)
-
-
-@pytest.fixture(scope="module")
-def expected(checkpoints):
-    """Per prompt: the core's speculative run (tokens == plain greedy, accepted drafts per step)."""
-    from v4_plugin.drafting import MTPDrafter, speculative_generate
-
-    model = T.reference_model(checkpoints["flash"], mtp=True)
-    out = {}
-    for n, seed in PROMPTS:
-        prompt = T.prompt_ids(n, VOCAB, seed)
-        run = speculative_generate(model, MTPDrafter(model), prompt, NEW_TOKENS, STEPS)
-        assert run.tokens == model.generate(prompt, NEW_TOKENS)
-        out[n, seed] = prompt, run
-    assert sum(sum(run.accepted) for _, run in out.values()) >= 4  # the drafter is checked, not only the verifier
-    return out
 
 
 def _check(result: dict, run, what: str) -> None:
@@ -71,14 +91,14 @@ def _check(result: dict, run, what: str) -> None:
     assert meta["spec_accept_length"] == pytest.approx(NEW_TOKENS / len(run.accepted))
 
 
-def test_drafting_alone_equals_the_core(served, expected):
-    engine, _ = served
+def test_drafting_alone_equals_the_core(served):
+    _, engine, _, expected = served
     for (n, seed), (prompt, run) in list(expected.items())[::2]:  # one prompt of each length
         _check(T.generate(engine, [prompt], NEW_TOKENS)[0], run, f"prompt length {n} (seed {seed})")
 
 
-def test_drafting_concurrent_equals_the_core(served, expected):
-    engine, _ = served
+def test_drafting_concurrent_equals_the_core(served):
+    _, engine, _, expected = served
     prompts = [prompt for prompt, _ in expected.values()]
     for ((n, seed), (_, run)), result in zip(expected.items(), T.generate(engine, prompts, NEW_TOKENS)):
         _check(result, run, f"concurrent, prompt length {n} (seed {seed})")
@@ -93,9 +113,6 @@ def test_drafting_concurrent_equals_the_core(served, expected):
     ("flash-0731", dict(speculative_algorithm="DSPARK", speculative_num_draft_tokens=7), "SpeculativeConfigError",
      r"--speculative-num-draft-tokens 7\): .*num_speculative_tokens = 6 exceeds dspark_block_size = 5"),
     ("flash", dict(SPEC_ARGS, speculative_eagle_topk=2), "SpeculativeConfigError", r"chains only"),
-    # One the checkpoint can serve: SGLang runs DSPARK only in its own worker on CUDA/NPU/XPU.
-    ("flash-0731", dict(speculative_algorithm="DSPARK", speculative_num_draft_tokens=3), "SpeculativeConfigError",
-     r"flash-0731/config.json: DSpark drafting is not served by the deepseek-v4-plugin's SGLang backend"),
 ])
 def test_requests_the_checkpoint_cannot_serve(checkpoints, preset, args, error, match):
     """Refused while SGLang resolves its arguments, before any process starts."""

@@ -28,7 +28,7 @@ from . import __version__
 from .capacity import (BLOCK, VLLM_CACHE_DTYPES, VLLM_FP8_CACHE_DTYPES, sglang_planned_capacity,
                        vllm_planned_capacity)
 from .config import PRESETS, ConfigError, V4Config, load_config, preset_config
-from .drafting import Method, plan_speculation
+from .drafting import Method, draft_layer_types, plan_speculation
 from .layout import IndexerCache, KVPlan, checkpoint_bytes, main_entry_bytes, plan, plan_v32
 
 GIB = 1 << 30
@@ -205,10 +205,8 @@ def _sglang_plan(args: argparse.Namespace, cfg: V4Config, name: str) -> tuple[di
     ratio = None if args.swa_tokens is not None else (args.swa_full_tokens_ratio or SGLANG_SWA_RATIO)
     draft_layers = 0
     if args.speculative_algorithm is not None:
-        if plan_speculation(cfg, args.speculative_algorithm).method is not Method.MTP:
-            raise ValueError("SGLang with this plugin drafts with the MTP block only (--speculative-algorithm NEXTN "
-                             "or EAGLE); DSPARK needs SGLang's native DeepSeek-V4 model")
-        draft_layers = 1  # the MTP block (depth 0, reused for every draft): its window on each SWA slot
+        plan_speculation(cfg, args.speculative_algorithm)  # the checkpoint carries this drafter
+        draft_layers = len(draft_layer_types(cfg))  # the drafter's windows on each SWA slot
     cap = sglang_planned_capacity(cfg, args.kv_cache_memory, page_size=page, swa_full_tokens_ratio=ratio,
                                   swa_tokens=args.swa_tokens, max_full_tokens=args.max_total_tokens, fp8=fp8,
                                   indexer=indexer, dtype_bytes=_DTYPE_BYTES[dtype], draft_layers=draft_layers)
@@ -229,9 +227,15 @@ def _sglang_plan(args: argparse.Namespace, cfg: V4Config, name: str) -> tuple[di
         ("SWA sizing", mode),
         ("full slot", f"{cap.full_bytes_per_token:,.4f} B (compressed entries + indexer keys)"),
         ("SWA slot", f"{cap.swa_bytes_per_token:,} B (window entries + compressor rows"
-                     f"{' + the MTP draft window' if draft_layers else ''})"),
+                     f"{_drafter_windows(cfg, draft_layers)})"),
     ]
     return fields, rows, line
+
+
+def _drafter_windows(cfg: V4Config, n: int) -> str:
+    if not n:
+        return ""
+    return " + the MTP draft window" if cfg.dspark is None else f" + {n} DSpark stage windows"
 
 
 FRAMEWORKS: dict[str, FrameworkPlan] = {"vllm": _vllm_plan, "sglang": _sglang_plan}
@@ -347,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     sglang.add_argument("--swa-tokens", type=parse_tokens, help="a fixed SWA pool instead of the ratio")
     sglang.add_argument("--max-total-tokens", type=parse_tokens, help="SGLang's cap on the full pool")
     sglang.add_argument("--speculative-algorithm", metavar="NAME",
-                        help="SGLang's flag (NEXTN or EAGLE): the MTP draft window is charged per SWA slot")
+                        help="SGLang's flag (NEXTN/EAGLE: MTP, DSPARK): the drafter's windows are charged per SWA slot")
     kv.set_defaults(func=_kv_plan)
 
     tiny = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the official on-disk format")

@@ -14,7 +14,8 @@ from .deepseek_v4_plugin import DeepseekV4PluginForCausalLM, device_type
 
 class DeepseekV4PluginForCausalLMNextN(DeepseekV4PluginForCausalLM):
     """The 04-24 MTP block (depth 0, reused for every draft) as SGLang's EAGLE draft model: the core's
-    `mtp_streams_paged` over its window cache in the draft worker's pool (`pools.draft_layer_types`).
+    `mtp_streams_paged` over its window cache in the draft worker's pool
+    (`v4_plugin.drafting.draft_layer_types`).
 
     Row i of a step reads the target's (or, in later draft steps, its own) streams at the row's
     position, `spec_info.hidden_states` [T, hc*D], and `input_ids[i]`, the token one position later
@@ -37,11 +38,12 @@ class DeepseekV4PluginForCausalLMNextN(DeepseekV4PluginForCausalLM):
         self.tensors.update({"embed.weight": embed, "head.weight": head})
         self.ref = ReferenceModel(self.cfg, self.tensors, dtype=self.dtype, quant=self.ref.quant)
 
-    def _step_streams(self, ref, input_ids: torch.Tensor, forward_batch, meta, fmt) -> torch.Tensor:
+    def _step(self, ref, input_ids: torch.Tensor, forward_batch, meta, fmt) -> tuple[torch.Tensor, torch.Tensor]:
         from v4_plugin.paged import mtp_streams_paged
 
         streams = forward_batch.spec_info.hidden_states.unflatten(-1, (self.cfg.hc_mult, self.cfg.hidden_size))
-        return mtp_streams_paged(ref, streams.to(ref.dtype), input_ids, meta.plan, meta.caches[0], fmt)
+        out = mtp_streams_paged(ref, streams.to(ref.dtype), input_ids, meta.plan, meta.caches[0], fmt)
+        return out, out.flatten(1)
 
 
 EntryClass = [DeepseekV4PluginForCausalLMNextN]

@@ -8,9 +8,11 @@ Two names, one implementation: `DeepseekV4PluginForCausalLM` (what SGLang sees o
 renames the architecture) and `DeepseekV4ForCausalLM` (the checkpoint's own name: as part of the
 external model package it wins the registry over SGLang's native class).
 
-For SGLang's EAGLE worker (`deepseek_v4_mtp`, `sglang_backend.speculative`) the model hands the draft
-the flat pre-hc_head streams [T, hc*D] (`LogitsProcessorOutput.hidden_states`, as SGLang's native V4
-NEXTN reads them) and shares its embedding and head (`get_embed_and_head`).
+For SGLang's EAGLE worker (`sglang_backend.speculative`) the model hands the draft what it reads
+(`LogitsProcessorOutput.hidden_states`): the flat pre-hc_head streams [T, hc*D] for the MTP block
+(`deepseek_v4_mtp`, as SGLang's native V4 NEXTN reads them), or the `dspark_features` [T, S*D] of a
+DSpark checkpoint's target layers (`deepseek_v4_dspark`); it shares its embedding and head
+(`get_embed_and_head`).
 """
 
 from __future__ import annotations
@@ -172,14 +174,22 @@ class DeepseekV4PluginForCausalLM(nn.Module):
             return idle_output(self.cfg.vocab_size, input_ids.device)
         fmt = backend.token_to_kv_pool.st.cache_format()
         ref = self._reference_for(fmt)
-        streams = self._step_streams(ref, input_ids.to(torch.long), forward_batch, meta, fmt)
-        return step_output(lambda rows: ref.logits(rows, self.HEAD_PREFIX), streams, forward_batch, meta)
+        streams, hidden = self._step(ref, input_ids.to(torch.long), forward_batch, meta, fmt)
+        return step_output(lambda rows: ref.logits(rows, self.HEAD_PREFIX), streams, hidden, forward_batch, meta)
 
-    def _step_streams(self, ref, input_ids: torch.Tensor, forward_batch, meta, fmt) -> torch.Tensor:
-        """This step's pre-hc_head streams [T, hc, D]: the main layers over the paged caches."""
+    def _step(self, ref, input_ids: torch.Tensor, forward_batch, meta, fmt) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's pre-hc_head streams [T, hc, D] (the main layers over the paged caches) and what a
+        draft model reads of them [T, W]: the flat streams (MTP) or, when a DSpark checkpoint drafts,
+        the `dspark_features` of its target layers."""
+        from v4_plugin.drafting import dspark_features
         from v4_plugin.paged import streams_paged
 
-        return streams_paged(ref, input_ids, meta.plan, meta.caches, fmt)[0]
+        drafting = forward_batch.spec_algorithm is not None and not forward_batch.spec_algorithm.is_none()
+        if self.cfg.dspark is not None and drafting:
+            streams, captured = streams_paged(ref, input_ids, meta.plan, meta.caches, fmt, self.cfg.dspark.target_layer_ids)
+            return streams, dspark_features(self.cfg, captured)
+        streams = streams_paged(ref, input_ids, meta.plan, meta.caches, fmt)[0]
+        return streams, streams.flatten(1)
 
 
 def idle_output(vocab_size: int, device: torch.device):
@@ -189,21 +199,26 @@ def idle_output(vocab_size: int, device: torch.device):
     return LogitsProcessorOutput(next_token_logits=torch.zeros(0, vocab_size, device=device))
 
 
-def step_output(head: Callable[[torch.Tensor], torch.Tensor], streams: torch.Tensor, forward_batch, meta):
+def step_output(head: Callable[[torch.Tensor], torch.Tensor], streams: torch.Tensor, hidden: torch.Tensor,
+                forward_batch, meta):
     """SGLang's `LogitsProcessorOutput` of one step from its pre-hc_head streams [T, hc, D]; `head` maps
     streams to fp32 logits. A prefill chunk (extend) yields the logits of each sequence's last token
     (only those rows go through the head); speculative steps (verify, draft extend, draft decode) those
-    of every token. Hidden states, as the step's capture mode asks: the flat streams [T or num_seqs,
-    hc*D] (the MTP block's input)."""
+    of every token. Hidden states, the rows of `hidden` [T, W] the step's capture mode asks for."""
     from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 
-    mode, capture = forward_batch.forward_mode, forward_batch.capture_hidden_mode
+    mode = forward_batch.forward_mode
     last_only = mode.is_extend() and not mode.is_target_verify()
-    hidden = None
-    if capture is not None and capture.need_capture():
-        hidden = (streams if capture.is_full() else streams[meta.last_index]).flatten(1)
     return LogitsProcessorOutput(next_token_logits=head(streams[meta.last_index] if last_only else streams),
-                                 hidden_states=hidden)
+                                 hidden_states=captured_rows(hidden, forward_batch, meta))
+
+
+def captured_rows(hidden: torch.Tensor, forward_batch, meta) -> torch.Tensor | None:
+    """The rows of `hidden` [T, W] that the step's capture mode asks for: all, each sequence's last, or none."""
+    capture = forward_batch.capture_hidden_mode
+    if capture is None or not capture.need_capture():
+        return None
+    return hidden if capture.is_full() else hidden[meta.last_index]
 
 
 class DeepseekV4ForCausalLM(DeepseekV4PluginForCausalLM):

@@ -1,0 +1,93 @@
+"""The refreshes' DSpark drafter as the draft model of SGLang's EAGLE worker (`sglang_backend.speculative`).
+
+SGLang names a DeepSeek-V4 draft config of a DSpark checkpoint `DeepseekV4PluginForCausalLMDSpark` (the
+plugin's `configure_model_config`). The worker drives it in two kinds of step:
+
+* extend (after a prefill chunk) and draft extend (after a verify step): row t carries the target's
+  `dspark_features` of position t (`spec_info.hidden_states` [T, S*D]) and, shifted by SGLang, the token
+  at t+1. Every row's context KV goes into the stages' window caches in the draft worker's pool (rows
+  of rejected drafts are overwritten later, like the main windows); then each sequence's anchor row, the
+  one whose next token the target chose last (prefill: its last row; draft extend: its last accepted
+  row), drafts one block after that token (`v4_plugin.paged.dspark_blocks_paged`). The output is the
+  first draft's logits (block row 0 + the Markov bias of the anchor) and, as hidden states, the block's
+  rows [block_size*D] (other rows of a draft extend get zeros: the worker reads the anchor rows only);
+* draft step i (decode): the input id is draft i, the hidden states the rows the previous step handed
+  on; row 0 gives draft i+1's logits (`DSparkHead.markov_logits`) and the rest move up one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .deepseek_v4_mtp import DeepseekV4PluginForCausalLMNextN
+from .deepseek_v4_plugin import captured_rows, idle_output
+
+
+class DeepseekV4PluginForCausalLMDSpark(DeepseekV4PluginForCausalLMNextN):
+    """The DSpark stages (mtp.0 ... mtp.{S-1}) over their context windows in the draft worker's pool
+    (`v4_plugin.drafting.draft_layer_types`), sharing the target's embedding and head."""
+
+    def _head(self, ref):
+        """The `DSparkHead` of the reference model in use (rebuilt when that is)."""
+        from v4_plugin.drafting import DSparkHead
+
+        if getattr(self, "_dspark", (None, None))[0] is not ref:
+            self._dspark = (ref, DSparkHead(ref))
+        return self._dspark[1]
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch, input_embeds=None,
+                **kwargs):
+        from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+        from sglang.srt.model_executor.forward_context import get_attn_backend
+
+        backend = get_attn_backend()
+        meta = getattr(backend, "forward_metadata", None)
+        if meta is None:  # idle batch
+            return idle_output(self.cfg.vocab_size, input_ids.device)
+        fmt = backend.token_to_kv_pool.st.cache_format()
+        head = self._head(self._reference_for(fmt))
+        ids = input_ids.to(torch.long)
+        if forward_batch.forward_mode.is_decode():  # a draft step
+            rows = forward_batch.spec_info.hidden_states.unflatten(-1, (self.cfg.dspark.block_size, self.cfg.hidden_size))
+            logits = head.markov_logits(rows[:, 0].to(head.model.dtype), ids)
+            return LogitsProcessorOutput(next_token_logits=logits, hidden_states=_move_up(rows, 1).flatten(1))
+        logits, hidden = self._context_and_blocks(head, ids, forward_batch, meta, fmt)
+        if forward_batch.forward_mode.is_draft_extend_v2():
+            return LogitsProcessorOutput(next_token_logits=logits, hidden_states=hidden)
+        return LogitsProcessorOutput(next_token_logits=logits[meta.last_index],
+                                     hidden_states=captured_rows(hidden, forward_batch, meta))
+
+    def _context_and_blocks(self, head, ids: torch.Tensor, forward_batch, meta,
+                            fmt) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the step's context, then draft a block at each sequence's anchor row: the first draft's
+        logits fp32 [T, V] and the block rows [T, block_size*D], zero on other rows."""
+        from sglang.srt.runtime_context import get_spec
+
+        from v4_plugin.paged import dspark_blocks_paged, dspark_context_paged
+
+        features = forward_batch.spec_info.hidden_states.to(head.model.dtype)
+        dspark_context_paged(head, features, meta.plan, meta.caches, fmt)
+        anchor_rows = meta.last_index
+        if forward_batch.forward_mode.is_draft_extend_v2():  # rows of a verify step: up to the last accepted
+            lens = forward_batch.extend_seq_lens.to(torch.long)
+            starts = torch.cumsum(lens, 0) - lens
+            anchor_rows = starts + forward_batch.spec_info.num_accept_tokens.to(starts.device) - 1
+        seqs = meta.plan.seq_ids[anchor_rows]
+        anchors, k = ids[anchor_rows], int(get_spec().speculative_num_steps)
+        blocks = dspark_blocks_paged(head, anchors.tolist(), (meta.plan.positions[anchor_rows] + 1).tolist(),
+                                     seqs.tolist(), meta.caches, fmt, k)  # [num_seqs, k, D]
+        n, block = ids.shape[0], self.cfg.dspark.block_size
+        logits = torch.zeros(n, self.cfg.vocab_size, dtype=torch.float32, device=ids.device)
+        logits[anchor_rows] = head.markov_logits(blocks[:, 0], anchors)
+        hidden = blocks.new_zeros(n, block, self.cfg.hidden_size)
+        hidden[anchor_rows, : k - 1] = blocks[:, 1:]
+        return logits, hidden.flatten(1)
+
+
+def _move_up(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """rows [B, R, D] without their first n rows, zero-padded at the end to R rows."""
+    return torch.cat((rows[:, n:], rows.new_zeros(rows.shape[0], n, rows.shape[2])), dim=1)
+
+
+EntryClass = [DeepseekV4PluginForCausalLMDSpark]
