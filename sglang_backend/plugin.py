@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import os
 
-from . import BACKEND_NAME, MODELS_PACKAGE, NATIVE_ARCH, PLUGIN_ARCH
+from . import BACKEND_NAME, MODELS_PACKAGE, NATIVE_ARCH, PLUGIN_ARCH, REPLAY_ARCH
 from .chat import install_chat_encoding
 from .parsers import register_parsers
 from .settings import DISABLE_ENV, disabled
@@ -176,10 +176,12 @@ def _speculative(name: str):
 
 def rename_architecture(config, *args, **kwargs):
     """AFTER `get_config`: DeepseekV4ForCausalLM -> DeepseekV4PluginForCausalLM, with hybrid-SWA
-    memory (in place; the result is cached)."""
+    memory (in place; the result is cached). A config naming the test draft `REPLAY_ARCH` keeps its name
+    and is served the same way."""
     archs = getattr(config, "architectures", None)
-    if archs and archs[0] == NATIVE_ARCH and not disabled():
-        config.architectures = [PLUGIN_ARCH, *archs[1:]]
+    if archs and archs[0] in (NATIVE_ARCH, REPLAY_ARCH) and not disabled():
+        if archs[0] == NATIVE_ARCH:
+            config.architectures = [PLUGIN_ARCH, *archs[1:]]
         # SGLang's generic opt-in (configs/model_config.py `is_hybrid_swa_model`): a full pool plus an
         # SWA pool whose slots are recycled once they leave the window (`sglang_backend.pools`).
         config.is_hybrid_swa = True
