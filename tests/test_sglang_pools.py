@@ -63,7 +63,8 @@ def _configurator(model_dir, kv_cache_dtype: str, speculative_algorithm: str | N
     return create_memory_pool_configurator(kvc)
 
 
-@pytest.mark.parametrize("model,flag,windows", [("flash", "NEXTN", 1), ("flash", "EAGLE", 1), ("flash-0731", "DSPARK", 3)])
+@pytest.mark.parametrize("model,flag,windows",
+                         [("flash", "NEXTN", 1), ("flash", "EAGLE", 1), ("flash-0731", "DSPARK", 3)])
 def test_drafter_windows_are_charged_per_swa_slot(model, flag, windows, tmp_path, sglang_args):
     """With drafting the draft worker's pool keeps the drafter's windows on the target's SWA slots (the MTP
     block's; DSpark's three stages', served as EAGLE, which is what the configurator sees): SGLang's

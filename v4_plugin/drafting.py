@@ -207,7 +207,7 @@ class DSparkHead:
         """Block queries u [k, D] over the context entries [n, d] and the whole block -> [k, D]."""
         _, q = stage._query(u, positions)
         kv = torch.cat((context, stage._window_kv(u, positions)))
-        indices = torch.arange(kv.shape[0]).expand(u.shape[0], -1)  # every entry for every query
+        indices = torch.arange(kv.shape[0], device=kv.device).expand(u.shape[0], -1)  # every entry, every query
         return stage._attend(q, kv, indices, positions)
 
     @torch.no_grad()
@@ -218,9 +218,9 @@ class DSparkHead:
         if not 1 <= k <= self.dspark.block_size:
             raise SpeculativeConfigError(f"DSpark drafts 1 ... dspark_block_size = {self.dspark.block_size} tokens, "
                                          f"not {k}")
-        model = self.model
-        ids = torch.tensor([anchor] + [self.dspark.noise_token_id] * (k - 1))
-        positions = torch.arange(position, position + k)
+        model, device = self.model, contexts[0].device
+        ids = torch.tensor([anchor] + [self.dspark.noise_token_id] * (k - 1), device=device)
+        positions = torch.arange(position, position + k, device=device)
         x = model._streams(ids)
         for stage, context in zip(self.stages, contexts):
             x = stage.forward(x, ids, lambda u, s=stage, c=context: self._block_attention(s, c, u, positions))
@@ -241,12 +241,12 @@ class DSparkHead:
         hidden = self.block_hidden(anchor, position, contexts, k)
         prev, tokens, logits = anchor, [], []
         for i in range(k):
-            row = self.markov_logits(hidden[i:i + 1], torch.tensor([prev]))[0]
+            row = self.markov_logits(hidden[i:i + 1], torch.tensor([prev], device=hidden.device))[0]
             prev = int(row.argmax())
             tokens.append(prev)
             logits.append(row)
         w1 = self.model.w(f"{self.last}markov_head.markov_w1.weight").float()
-        features = torch.cat((hidden.float(), w1[torch.tensor([anchor] + tokens[:-1])]), dim=-1)
+        features = torch.cat((hidden.float(), w1[torch.tensor([anchor] + tokens[:-1], device=hidden.device)]), dim=-1)
         confidence = self.model.w(f"{self.last}confidence_head.proj.weight").float()
         return DSparkDraft(tokens, torch.stack(logits), torch.sigmoid(features @ confidence.T).squeeze(-1))
 

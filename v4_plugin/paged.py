@@ -284,7 +284,7 @@ def dspark_context_paged(head: DSparkHead, features: torch.Tensor, plan: BatchPl
 def _dspark_contexts(head: DSparkHead, row: int, position: int, caches: list[LayerCaches],
                      codec: _Codec) -> list[torch.Tensor]:
     """Per stage, the context entries [n, d] of the window before `position` of block-table row `row`."""
-    window = torch.arange(max(0, position - head.cfg.sliding_window), position)
+    window = torch.arange(max(0, position - head.cfg.sliding_window), position, device=caches[0].window.data.device)
     return [codec.get_main(c.window.read(torch.full_like(window, row), window)) for c in caches]
 
 

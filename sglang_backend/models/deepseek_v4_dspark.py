@@ -49,7 +49,8 @@ class DeepseekV4PluginForCausalLMDSpark(DeepseekV4PluginForCausalLMNextN):
         head = self._head(self._reference_for(fmt))
         ids = input_ids.to(torch.long)
         if forward_batch.forward_mode.is_decode():  # a draft step
-            rows = forward_batch.spec_info.hidden_states.unflatten(-1, (self.cfg.dspark.block_size, self.cfg.hidden_size))
+            block = (self.cfg.dspark.block_size, self.cfg.hidden_size)
+            rows = forward_batch.spec_info.hidden_states.unflatten(-1, block)
             logits = head.markov_logits(rows[:, 0].to(head.model.dtype), ids)
             return LogitsProcessorOutput(next_token_logits=logits, hidden_states=_move_up(rows, 1).flatten(1))
         logits, hidden = self._context_and_blocks(head, ids, forward_batch, meta, fmt)

@@ -186,7 +186,8 @@ class DeepseekV4PluginForCausalLM(nn.Module):
 
         drafting = forward_batch.spec_algorithm is not None and not forward_batch.spec_algorithm.is_none()
         if self.cfg.dspark is not None and drafting:
-            streams, captured = streams_paged(ref, input_ids, meta.plan, meta.caches, fmt, self.cfg.dspark.target_layer_ids)
+            capture = self.cfg.dspark.target_layer_ids
+            streams, captured = streams_paged(ref, input_ids, meta.plan, meta.caches, fmt, capture)
             return streams, dspark_features(self.cfg, captured)
         streams = streams_paged(ref, input_ids, meta.plan, meta.caches, fmt)[0]
         return streams, streams.flatten(1)
