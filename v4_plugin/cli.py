@@ -291,11 +291,9 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import torch
     from tokenizers import Tokenizer
 
     from .chat import BOS, encode_messages
-    from .checkpoint import load_checkpoint
     from .model import ReferenceModel
 
     model_dir = Path(args.model)
@@ -303,7 +301,7 @@ def _generate(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     text = BOS + args.prompt if args.raw else encode_messages([{"role": "user", "content": args.prompt}])
     prompt_ids = tokenizer.encode(text, add_special_tokens=False).ids
-    model = ReferenceModel(cfg, load_checkpoint(model_dir, cfg, include_mtp=False), dtype=torch.float32)
+    model = ReferenceModel.from_checkpoint(model_dir)
     new_ids = model.generate(prompt_ids, args.max_tokens, stop_ids=(cfg.eos_token_id,))
     print(f"reference model: {len(prompt_ids)} prompt tokens -> {len(new_ids)} new tokens {new_ids}", file=sys.stderr)
     print(tokenizer.decode(new_ids, skip_special_tokens=False))

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .checkpoint import dequantize_linear
-from .config import LayerType, V4Config
+from .checkpoint import dequantize_linear, load_checkpoint
+from .config import LayerType, V4Config, load_config
 from . import dispatch
 from .ops import attention as attn_ops
 from .ops import compressor as comp_ops
@@ -406,6 +407,15 @@ class ReferenceModel:
         self.blocks = [Block(cfg, self.w, f"layers.{i}", i, quant) for i in range(cfg.num_hidden_layers)]
         n_mtp = cfg.num_nextn_predict_layers if cfg.has_mtp else 0
         self.mtp_blocks = [Block(cfg, self.w, f"mtp.{k}", cfg.num_hidden_layers + k, quant) for k in range(n_mtp)]
+
+    @classmethod
+    def from_checkpoint(cls, model_dir: str | Path, *, dtype: torch.dtype = torch.float32,
+                        quant: QuantSim = QuantSim(), include_mtp: bool = False) -> "ReferenceModel":
+        """The model of a checkpoint directory (config.json, safetensors) through the core loader; its drafter
+        blocks (mtp.*) with `include_mtp`."""
+        cfg = load_config(model_dir)
+        tensors = load_checkpoint(model_dir, cfg, dtype=dtype, include_mtp=include_mtp)
+        return cls(cfg, tensors, dtype=dtype, quant=quant)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """int64 [T] -> embeddings [T, D] in the model dtype."""
