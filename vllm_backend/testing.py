@@ -28,7 +28,9 @@ STARTUP_MARK = "serving DeepseekV4ForCausalLM with the"
 
 class LogCapture(logging.Filter):
     """Collects the plugin's log records. A filter, not a handler: vLLM re-applies its logging
-    dictConfig while an engine starts, which strips handlers (not filters) from `vllm.*` loggers."""
+    dictConfig while an engine starts, which strips handlers (not filters) from `vllm.*` loggers.
+    Entering forgets what vLLM's `*_once` loggers printed before, so an engine started inside logs
+    its lines even after an earlier engine of this process logged the same ones."""
 
     def __init__(self, *loggers: str):
         super().__init__()
@@ -40,6 +42,11 @@ class LogCapture(logging.Filter):
         return True
 
     def __enter__(self) -> "LogCapture":
+        from vllm import logger as vllm_logger
+
+        for once in (vllm_logger._print_debug_once, vllm_logger._print_info_once,
+                     vllm_logger._print_warning_once, vllm_logger._print_error_once):
+            once.cache_clear()
         for name in self.loggers:
             logging.getLogger(name).addFilter(self)
         return self
@@ -176,13 +183,9 @@ def random_prompt(length: int, seed: int, vocab: int = 384) -> list[int]:
 
 def reference_model(model_dir: str | Path, include_mtp: bool = False):
     """The core's model in exact mode (no quantization simulation), fp32; with its drafter blocks on request."""
-    from v4_plugin.checkpoint import load_checkpoint
-    from v4_plugin.config import load_config
     from v4_plugin.model import QuantSim, ReferenceModel
 
-    cfg = load_config(model_dir)
-    return ReferenceModel(cfg, load_checkpoint(model_dir, cfg, dtype=torch.float32, include_mtp=include_mtp),
-                          dtype=torch.float32, quant=QuantSim.off())
+    return ReferenceModel.from_checkpoint(model_dir, quant=QuantSim.off(), include_mtp=include_mtp)
 
 
 @dataclass
