@@ -10,7 +10,8 @@ plugin's `configure_model_config`). The worker drives it in two kinds of step:
   one whose next token the target chose last (prefill: its last row; draft extend: its last accepted
   row), drafts one block after that token (`v4_plugin.paged.dspark_blocks_paged`). The output is the
   first draft's logits (block row 0 + the Markov bias of the anchor) and, as hidden states, the block's
-  rows [block_size*D] (other rows of a draft extend get zeros: the worker reads the anchor rows only);
+  rows for the later drafts (1 ... k-1, zero-padded to [block_size*D]; a draft extend returns every row,
+  zeros off the anchors, and the worker picks the anchor rows);
 * draft step i (decode): the input id is draft i, the hidden states the rows the previous step handed
   on; row 0 gives draft i+1's logits (`DSparkHead.markov_logits`) and the rest move up one.
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .deepseek_v4_mtp import DeepseekV4PluginForCausalLMNextN
-from .deepseek_v4_plugin import captured_rows, idle_output
+from .deepseek_v4_plugin import idle_output
 
 
 class DeepseekV4PluginForCausalLMDSpark(DeepseekV4PluginForCausalLMNextN):
@@ -48,21 +49,26 @@ class DeepseekV4PluginForCausalLMDSpark(DeepseekV4PluginForCausalLMNextN):
         fmt = backend.token_to_kv_pool.st.cache_format()
         head = self._head(self._reference_for(fmt))
         ids = input_ids.to(torch.long)
+        block = (self.cfg.dspark.block_size, self.cfg.hidden_size)
         if forward_batch.forward_mode.is_decode():  # a draft step
-            block = (self.cfg.dspark.block_size, self.cfg.hidden_size)
             rows = forward_batch.spec_info.hidden_states.unflatten(-1, block)
             logits = head.markov_logits(rows[:, 0].to(head.model.dtype), ids)
-            return LogitsProcessorOutput(next_token_logits=logits, hidden_states=_move_up(rows, 1).flatten(1))
-        logits, hidden = self._context_and_blocks(head, ids, forward_batch, meta, fmt)
-        if forward_batch.forward_mode.is_draft_extend_v2():
-            return LogitsProcessorOutput(next_token_logits=logits, hidden_states=hidden)
-        return LogitsProcessorOutput(next_token_logits=logits[meta.last_index],
-                                     hidden_states=captured_rows(hidden, forward_batch, meta))
+            return LogitsProcessorOutput(next_token_logits=logits, hidden_states=_next_rows(rows).flatten(1))
+        anchor_rows, logits, rows = self._context_and_blocks(head, ids, forward_batch, meta, fmt)
+        if forward_batch.forward_mode.is_draft_extend_v2():  # the worker picks the anchor rows of every row
+            all_logits = logits.new_zeros(ids.shape[0], logits.shape[1])
+            all_rows = rows.new_zeros(ids.shape[0], *block)
+            all_logits[anchor_rows], all_rows[anchor_rows] = logits, rows
+            return LogitsProcessorOutput(next_token_logits=all_logits, hidden_states=all_rows.flatten(1))
+        capture = forward_batch.capture_hidden_mode  # extend: the anchors are the sequences' last rows
+        return LogitsProcessorOutput(next_token_logits=logits,
+                                     hidden_states=rows.flatten(1) if capture and capture.need_capture() else None)
 
     def _context_and_blocks(self, head, ids: torch.Tensor, forward_batch, meta,
-                            fmt) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the step's context, then draft a block at each sequence's anchor row: the first draft's
-        logits fp32 [T, V] and the block rows [T, block_size*D], zero on other rows."""
+                            fmt) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write the step's context, then draft a block at each sequence's anchor row: the anchor rows
+        (int64 [num_seqs]), the first draft's logits fp32 [num_seqs, V] and the block's rows for the later
+        drafts [num_seqs, block_size, D] (zero-padded)."""
         from sglang.srt.runtime_context import get_spec
 
         from v4_plugin.paged import dspark_blocks_paged, dspark_context_paged
@@ -74,21 +80,17 @@ class DeepseekV4PluginForCausalLMDSpark(DeepseekV4PluginForCausalLMNextN):
             lens = forward_batch.extend_seq_lens.to(torch.long)
             starts = torch.cumsum(lens, 0) - lens
             anchor_rows = starts + forward_batch.spec_info.num_accept_tokens.to(starts.device) - 1
-        seqs = meta.plan.seq_ids[anchor_rows]
         anchors, k = ids[anchor_rows], int(get_spec().speculative_num_steps)
         blocks = dspark_blocks_paged(head, anchors.tolist(), (meta.plan.positions[anchor_rows] + 1).tolist(),
-                                     seqs.tolist(), meta.caches, fmt, k)  # [num_seqs, k, D]
-        n, block = ids.shape[0], self.cfg.dspark.block_size
-        logits = torch.zeros(n, self.cfg.vocab_size, dtype=torch.float32, device=ids.device)
-        logits[anchor_rows] = head.markov_logits(blocks[:, 0], anchors)
-        hidden = blocks.new_zeros(n, block, self.cfg.hidden_size)
-        hidden[anchor_rows, : k - 1] = blocks[:, 1:]
-        return logits, hidden.flatten(1)
+                                     meta.plan.seq_ids[anchor_rows].tolist(), meta.caches, fmt, k)  # [num_seqs, k, D]
+        rows = blocks.new_zeros(len(anchors), self.cfg.dspark.block_size, self.cfg.hidden_size)
+        rows[:, : k - 1] = blocks[:, 1:]
+        return anchor_rows, head.markov_logits(blocks[:, 0], anchors), rows
 
 
-def _move_up(rows: torch.Tensor, n: int) -> torch.Tensor:
-    """rows [B, R, D] without their first n rows, zero-padded at the end to R rows."""
-    return torch.cat((rows[:, n:], rows.new_zeros(rows.shape[0], n, rows.shape[2])), dim=1)
+def _next_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Block rows [B, R, D] for the next draft step: without the first, zero-padded at the end."""
+    return torch.cat((rows[:, 1:], rows.new_zeros(rows.shape[0], 1, rows.shape[2])), dim=1)
 
 
 EntryClass = [DeepseekV4PluginForCausalLMDSpark]

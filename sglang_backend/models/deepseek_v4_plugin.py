@@ -208,18 +208,13 @@ def step_output(head: Callable[[torch.Tensor], torch.Tensor], streams: torch.Ten
     of every token. Hidden states, the rows of `hidden` [T, W] the step's capture mode asks for."""
     from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 
-    mode = forward_batch.forward_mode
+    mode, capture = forward_batch.forward_mode, forward_batch.capture_hidden_mode
     last_only = mode.is_extend() and not mode.is_target_verify()
+    captured = None
+    if capture is not None and capture.need_capture():
+        captured = hidden if capture.is_full() else hidden[meta.last_index]
     return LogitsProcessorOutput(next_token_logits=head(streams[meta.last_index] if last_only else streams),
-                                 hidden_states=captured_rows(hidden, forward_batch, meta))
-
-
-def captured_rows(hidden: torch.Tensor, forward_batch, meta) -> torch.Tensor | None:
-    """The rows of `hidden` [T, W] that the step's capture mode asks for: all, each sequence's last, or none."""
-    capture = forward_batch.capture_hidden_mode
-    if capture is None or not capture.need_capture():
-        return None
-    return hidden if capture.is_full() else hidden[meta.last_index]
+                                 hidden_states=captured)
 
 
 class DeepseekV4ForCausalLM(DeepseekV4PluginForCausalLM):
