@@ -181,6 +181,17 @@ def test_load_options(tiny):
     assert all(torch.equal(t, everything[k]) for k, t in drafter.items())
 
 
+@pytest.mark.parametrize("keep_quantized", [False, True])
+def test_tensors_land_on_the_requested_device(tiny, keep_quantized):
+    """The adapters load straight onto their device (a GPU's there; "meta" here: the same code path, and
+    a tensor left behind on the CPU shows)."""
+    _, cfg, path = tiny
+    tensors = load_checkpoint(path, cfg, keep_quantized=keep_quantized, device="meta")
+    on_cpu = load_checkpoint(path, cfg, keep_quantized=keep_quantized)
+    assert {k: (t.shape, t.dtype) for k, t in tensors.items()} == {k: (t.shape, t.dtype) for k, t in on_cpu.items()}
+    assert {t.device.type for t in tensors.values()} == {"meta"}
+
+
 def test_single_file_checkpoint(flash_copy):
     path, cfg = flash_copy
     merged = dict(iter_checkpoint_files(path))

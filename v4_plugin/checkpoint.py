@@ -263,24 +263,25 @@ def _read_config(root: Path) -> dict | None:
 
 def _decode_all(
     cfg: V4Config, include_mtp: bool, read: Callable[[str], torch.Tensor], dtype: torch.dtype, keep_quantized: bool,
-    only_mtp: bool = False,
+    only_mtp: bool, device: torch.device | str,
 ) -> dict[str, torch.Tensor]:
     """Decode every logical tensor, or only the `mtp.*` ones (FP8 / FP4 linears kept as their file entries if
-    `keep_quantized`); `read(file_name) -> Tensor` supplies the raw file entries."""
+    `keep_quantized`), each moved to `device` as it is done; `read(file_name) -> Tensor` supplies the raw
+    file entries."""
     out: dict[str, torch.Tensor] = {}
     for spec in checkpoint_tensors(cfg, include_mtp=include_mtp):
         if only_mtp and not _is_mtp(spec.key):
             continue
         names = [name for name, _, _ in file_entries(spec)]
         if keep_quantized and spec.format in (Format.FP8, Format.FP4):
-            out.update((name, read(name)) for name in names)
+            out.update((name, read(name).to(device)) for name in names)
         else:
-            out[spec.key] = decode_tensor(spec, [read(name) for name in names], dtype)
+            out[spec.key] = decode_tensor(spec, [read(name) for name in names], dtype).to(device)
     return out
 
 
 def _load_official(root: Path, cfg: V4Config, include_mtp: bool, dtype: torch.dtype,
-                   keep_quantized: bool, only_mtp: bool) -> dict[str, torch.Tensor]:
+                   keep_quantized: bool, only_mtp: bool, device: torch.device | str) -> dict[str, torch.Tensor]:
     """Validate from the headers, then read tensors in schema order with one shard open at a time."""
     inventory = inspect_checkpoint(root, cfg, include_mtp)
     skipped = sum(_is_mtp(name) for name in inventory) if not include_mtp else 0
@@ -298,11 +299,11 @@ def _load_official(root: Path, cfg: V4Config, include_mtp: bool, dtype: torch.dt
                 current[shard] = stack.enter_context(_open_shard(root, shard, None))
             return current[shard].get_tensor(name)
 
-        return _decode_all(cfg, include_mtp, read, dtype, keep_quantized, only_mtp)
+        return _decode_all(cfg, include_mtp, read, dtype, keep_quantized, only_mtp, device)
 
 
 def _load_transformers(root: Path, raw_config: dict, cfg: V4Config, dtype: torch.dtype,
-                       keep_quantized: bool, only_mtp: bool) -> dict[str, torch.Tensor]:
+                       keep_quantized: bool, only_mtp: bool, device: torch.device | str) -> dict[str, torch.Tensor]:
     """A `save_pretrained` checkpoint: read all tensors, rename to official names, validate, cast."""
     where = f"{root} (transformers dialect, converted to official names)"
     try:
@@ -314,12 +315,12 @@ def _load_transformers(root: Path, raw_config: dict, cfg: V4Config, dtype: torch
         for name, t in tensors.items()
     }
     _raise_if(_inventory_problems(found, cfg, include_mtp=False), where)
-    return _decode_all(cfg, False, tensors.__getitem__, dtype, keep_quantized, only_mtp)
+    return _decode_all(cfg, False, tensors.__getitem__, dtype, keep_quantized, only_mtp, device)
 
 
 def load_checkpoint(
     path: str | Path, cfg: V4Config | None = None, *, dtype: torch.dtype = torch.float32, include_mtp: bool = True,
-    keep_quantized: bool = False, only_mtp: bool = False,
+    keep_quantized: bool = False, only_mtp: bool = False, device: torch.device | str = "cpu",
 ) -> dict[str, torch.Tensor]:
     """Validate and load a checkpoint directory; returns dequantized tensors by official name, in schema order.
 
@@ -327,7 +328,8 @@ def load_checkpoint(
     entries), BF16 tensors cast to `dtype`, FP32 tensors as fp32, `tid2eid` as int64. With
     `keep_quantized`, FP8 and FP4 linears are instead their raw file entries `<name>.weight` (e4m3, or
     packed int8) and `<name>.scale` (E8M0), for the GEMM kernels (`dispatch.keep_quantized`). With
-    `only_mtp` (and `include_mtp`), only the `mtp.*` tensors are read (a draft model's). `cfg` defaults
+    `only_mtp` (and `include_mtp`), only the `mtp.*` tensors are read (a draft model's). Each tensor is
+    moved to `device` as soon as it is decoded (official format: the host holds one at a time). `cfg` defaults
     to the directory's `config.json`. A transformers-dialect checkpoint (no MTP) is converted and
     validated against `checkpoint_tensors(cfg, include_mtp=False)`. Raises `CheckpointError`.
     """
@@ -337,5 +339,5 @@ def load_checkpoint(
     raw_config = _read_config(root)
     cfg = cfg if cfg is not None else load_config(root)
     if raw_config is not None and hf_dialect.is_transformers_dialect(raw_config):
-        return _load_transformers(root, raw_config, cfg, dtype, keep_quantized, only_mtp)
-    return _load_official(root, cfg, include_mtp, dtype, keep_quantized, only_mtp)
+        return _load_transformers(root, raw_config, cfg, dtype, keep_quantized, only_mtp, device)
+    return _load_official(root, cfg, include_mtp, dtype, keep_quantized, only_mtp, device)

@@ -182,6 +182,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         self.cfg = load_config(self.model_dir)
         self.dtype = model_config.dtype
         self.device_type = vllm_config.device_config.device_type
+        self.device = torch.device(self.device_type)  # where the weights go (the core computes there)
         cache_dtype = vllm_config.cache_config.cache_dtype
         self.fmt = cache_format(cache_dtype, indexer_cache_choice(vllm_config))
         self.quant = quant_sim_from_env()
@@ -220,7 +221,7 @@ class DeepseekV4ForCausalLM(nn.Module):
 
         drafting = self.serve_mtp or self.dspark_caches is not None
         tensors = load_checkpoint(self.model_dir, self.cfg, dtype=self.dtype, include_mtp=drafting,
-                                  keep_quantized=dispatch.keep_quantized(self.device_type))
+                                  keep_quantized=dispatch.keep_quantized(self.device_type), device=self.device)
         for name, tensor in tensors.items():
             add_parameter(self, name, tensor)
         params = dict(self.named_parameters())

@@ -30,7 +30,7 @@ class DeepseekV4PluginForCausalLMNextN(DeepseekV4PluginForCausalLM):
         from v4_plugin.checkpoint import load_checkpoint
 
         return load_checkpoint(self._resolved_dir(), self.cfg, dtype=self.dtype, include_mtp=True, only_mtp=True,
-                               keep_quantized=dispatch.keep_quantized(device_type()))
+                               keep_quantized=dispatch.keep_quantized(device_type()), device=device_type())
 
     def set_embed_and_head(self, embed: torch.Tensor, head: torch.Tensor) -> None:
         from v4_plugin.model import ReferenceModel

@@ -135,7 +135,7 @@ class DeepseekV4PluginForCausalLM(nn.Module):
         from v4_plugin.checkpoint import load_checkpoint
 
         return load_checkpoint(self._resolved_dir(), self.cfg, dtype=self.dtype, include_mtp=False,
-                               keep_quantized=dispatch.keep_quantized(device_type()))
+                               keep_quantized=dispatch.keep_quantized(device_type()), device=device_type())
 
     def _reference_for(self, fmt):
         """The reference model whose quantization simulation matches the cache storage: FP8 records hold
