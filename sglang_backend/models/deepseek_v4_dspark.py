@@ -21,34 +21,27 @@ from __future__ import annotations
 import torch
 
 from .deepseek_v4_mtp import DeepseekV4PluginForCausalLMNextN
-from .deepseek_v4_plugin import idle_output
 
 
 class DeepseekV4PluginForCausalLMDSpark(DeepseekV4PluginForCausalLMNextN):
     """The DSpark stages (mtp.0 ... mtp.{S-1}) over their context windows in the draft worker's pool
     (`v4_plugin.drafting.draft_layer_types`), sharing the target's embedding and head."""
 
+    _dspark = (None, None)  # (the reference model in use, its DSparkHead)
+
     def _head(self, ref):
         """The `DSparkHead` of the reference model in use (rebuilt when that is)."""
         from v4_plugin.drafting import DSparkHead
 
-        if getattr(self, "_dspark", (None, None))[0] is not ref:
+        if self._dspark[0] is not ref:
             self._dspark = (ref, DSparkHead(ref))
         return self._dspark[1]
 
-    @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch, input_embeds=None,
-                **kwargs):
+    def _output(self, ref, ids: torch.Tensor, forward_batch, meta, fmt):
+        """A draft step, or an extend / draft extend (see the module docstring)."""
         from sglang.srt.layers.logits_processor import LogitsProcessorOutput
-        from sglang.srt.model_executor.forward_context import get_attn_backend
 
-        backend = get_attn_backend()
-        meta = getattr(backend, "forward_metadata", None)
-        if meta is None:  # idle batch
-            return idle_output(self.cfg.vocab_size, input_ids.device)
-        fmt = backend.token_to_kv_pool.st.cache_format()
-        head = self._head(self._reference_for(fmt))
-        ids = input_ids.to(torch.long)
+        head = self._head(ref)
         block = (self.cfg.dspark.block_size, self.cfg.hidden_size)
         if forward_batch.forward_mode.is_decode():  # a draft step
             rows = forward_batch.spec_info.hidden_states.unflatten(-1, block)

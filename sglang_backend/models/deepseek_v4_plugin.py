@@ -173,8 +173,11 @@ class DeepseekV4PluginForCausalLM(nn.Module):
         if meta is None:  # idle batch
             return idle_output(self.cfg.vocab_size, input_ids.device)
         fmt = backend.token_to_kv_pool.st.cache_format()
-        ref = self._reference_for(fmt)
-        streams, hidden = self._step(ref, input_ids.to(torch.long), forward_batch, meta, fmt)
+        return self._output(self._reference_for(fmt), input_ids.to(torch.long), forward_batch, meta, fmt)
+
+    def _output(self, ref, input_ids: torch.Tensor, forward_batch, meta, fmt):
+        """SGLang's `LogitsProcessorOutput` of a step with tokens (`meta`: the backend's plan and caches)."""
+        streams, hidden = self._step(ref, input_ids, forward_batch, meta, fmt)
         return step_output(lambda rows: ref.logits(rows, self.HEAD_PREFIX), streams, hidden, forward_batch, meta)
 
     def _step(self, ref, input_ids: torch.Tensor, forward_batch, meta, fmt) -> tuple[torch.Tensor, torch.Tensor]:
