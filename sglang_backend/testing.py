@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 
@@ -32,17 +35,33 @@ def prompt_ids(length: int, vocab: int, seed: int) -> list[int]:
 
 def reference_model(model_dir: str, *, quant_off: bool = True, mtp: bool = False):
     """The core's fp32 model of a checkpoint (`mtp`: with the mtp.* tensors, for the drafters)."""
-    from v4_plugin.checkpoint import load_checkpoint
-    from v4_plugin.config import load_config
     from v4_plugin.model import QuantSim, ReferenceModel
 
-    cfg = load_config(model_dir)
-    tensors = load_checkpoint(model_dir, cfg, dtype=torch.float32, include_mtp=mtp)
-    return ReferenceModel(cfg, tensors, dtype=torch.float32, quant=QuantSim.off() if quant_off else QuantSim())
+    return ReferenceModel.from_checkpoint(model_dir, quant=QuantSim.off() if quant_off else QuantSim(), include_mtp=mtp)
 
 
 def reference_greedy(model, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
     return [model.generate(list(p), max_new_tokens) for p in prompts]
+
+
+def replay_checkpoint(model_dir: Path, out: Path, sequences: list[list[int]]) -> Path:
+    """A draft checkpoint dir for `DeepseekV4PluginReplayDraft`: `model_dir`'s files (weights linked), its
+    config.json naming the replay architecture first (the core still finds DeepseekV4ForCausalLM) and
+    carrying `sequences`."""
+    from sglang_backend import REPLAY_ARCH
+    from sglang_backend.models.replay_draft import REPLAY_FIELD
+
+    out.mkdir()
+    for f in model_dir.iterdir():
+        if f.suffix == ".safetensors":
+            (out / f.name).symlink_to(f)
+        else:
+            shutil.copy(f, out / f.name)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["architectures"] = [REPLAY_ARCH, *config["architectures"]]
+    config[REPLAY_FIELD] = sequences
+    (out / "config.json").write_text(json.dumps(config))
+    return out
 
 
 @contextlib.contextmanager

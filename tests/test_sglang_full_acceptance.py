@@ -14,8 +14,6 @@ counts a step before it truncates the output).
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -23,8 +21,7 @@ import pytest
 pytest.importorskip("sglang")
 
 from sglang_backend import testing as T  # noqa: E402
-from sglang_backend.models.replay_draft import REPLAY_FIELD, replay_table  # noqa: E402
-from sglang_backend import REPLAY_ARCH  # noqa: E402
+from sglang_backend.models.replay_draft import replay_table  # noqa: E402
 from v4_plugin.tiny import make_tiny  # noqa: E402
 
 STEPS = 3  # drafts per verify step
@@ -49,28 +46,11 @@ def runs(checkpoint) -> dict[int, tuple[list[int], list[int]]]:
     return {n: (prompt, model.generate(prompt, NEW_TOKENS + STEPS + 1)) for n, prompt in prompts.items()}
 
 
-def replay_checkpoint(model_dir: Path, out: Path, sequences: list[list[int]]) -> Path:
-    """A draft checkpoint dir for `DeepseekV4PluginReplayDraft`: `model_dir`'s files (weights linked), its
-    config.json naming the replay architecture first (the core still finds DeepseekV4ForCausalLM) and
-    carrying `sequences`."""
-    out.mkdir()
-    for f in model_dir.iterdir():
-        if f.suffix == ".safetensors":
-            (out / f.name).symlink_to(f)
-        else:
-            shutil.copy(f, out / f.name)
-    config = json.loads((model_dir / "config.json").read_text())
-    config["architectures"] = [REPLAY_ARCH, *config["architectures"]]
-    config[REPLAY_FIELD] = sequences
-    (out / "config.json").write_text(json.dumps(config))
-    return out
-
-
 @pytest.fixture(scope="module")
 def engine(checkpoint, runs):
     sequences = [prompt + out for prompt, out in runs.values()]
     replay_table(sequences)  # the rows of the two sequences are told apart (else the engine would not start)
-    draft_dir = replay_checkpoint(checkpoint, checkpoint.parent / "replay", sequences)
+    draft_dir = T.replay_checkpoint(checkpoint, checkpoint.parent / "replay", sequences)
     with T.environment(T.EXACT_ENV):
         engine, _ = T.start_engine(str(checkpoint), max_total_tokens=4096, chunked_prefill_size=128,
                                    speculative_draft_model_path=str(draft_dir), **SPEC_ARGS)
