@@ -87,16 +87,12 @@ def serve_dspark_with_eagle(server_args, previous) -> None:
     from sglang.srt.arg_groups.model_override_base import model_config_of
     from sglang.srt.arg_groups.overrides import declare_resolution, resolving_view
 
-    from v4_plugin.drafting import Method
-
     from .pools import v4_config_of
 
     cfg = resolving_view(server_args)
     if (cfg.speculative_algorithm or "").upper() == "DSPARK" and \
             model_config_of(server_args).hf_config.architectures[0] == PLUGIN_ARCH:
-        plan = check_request(server_args, v4_config_of(cfg))
-        assert plan.method is Method.DSPARK
-        k = plan.num_speculative_tokens
+        k = check_request(server_args, v4_config_of(cfg)).num_speculative_tokens
         logger.info("deepseek-v4-plugin: --speculative-algorithm DSPARK -> SGLang's EAGLE worker with the "
                     "plugin's DSpark draft (%s), %d drafts per verify step", DSPARK_ARCH, k)
         declare_resolution(server_args, "deepseek-v4-plugin", speculative_algorithm="EAGLE", speculative_num_steps=k,
@@ -118,7 +114,8 @@ def configure_model_config(result, model_config, *args, **kwargs):
     dspark = getattr(text, "dspark_target_layer_ids", None) is not None
     if model_config.is_draft_model and archs[0] == PLUGIN_ARCH:
         archs[0] = DSPARK_ARCH if dspark else MTP_ARCH
-        model_config.hf_config.num_nextn_predict_layers = 1  # MTP: depth 0, reused for every draft
+        # SGLang's draft bookkeeping: one layer (MTP depth 0 serves every draft; the stages' windows are our pool's)
+        model_config.hf_config.num_nextn_predict_layers = 1
         model_config.num_nextn_predict_layers = 1
     if not dspark:  # the target and the MTP draft hand on pre-hc_head streams
         model_config.spec_hidden_size = hc_mult * width
