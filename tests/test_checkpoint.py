@@ -192,6 +192,23 @@ def test_tensors_land_on_the_requested_device(tiny, keep_quantized):
     assert {t.device.type for t in tensors.values()} == {"meta"}
 
 
+def test_quantized_routed_experts_are_stacked_once(tiny):
+    """With keep_quantized the routed experts' file entries are views of one [E, ...] tensor per layer and
+    entry, which the MoE GEMM gets as it is (no second copy of the experts); values are the file's."""
+    from v4_plugin.model import Weights
+
+    _, cfg, path = tiny
+    tensors = load_checkpoint(path, cfg, keep_quantized=True)
+    raw = dict(iter_checkpoint_files(path))
+    assert all(torch.equal(t, raw[name]) for name, t in tensors.items() if ".experts." in name)
+    prefix, n = "layers.1.ffn", cfg.n_routed_experts
+    routed, _ = Weights(tensors, torch.float32).moe(prefix, n).packed()
+    for stack, part in zip(routed, ("w1.weight", "w1.scale", "w2.weight", "w2.scale", "w3.weight", "w3.scale")):
+        entries = [tensors[f"{prefix}.experts.{e}.{part}"] for e in range(n)]
+        assert stack.data_ptr() == entries[0].data_ptr()  # the loader's stack itself
+        assert torch.equal(stack, torch.stack(entries))
+
+
 def test_single_file_checkpoint(flash_copy):
     path, cfg = flash_copy
     merged = dict(iter_checkpoint_files(path))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,20 +262,46 @@ def _read_config(root: Path) -> dict | None:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
+_ROUTED_EXPERT = re.compile(r"(?P<layer>.+\.ffn\.experts)\.(?P<e>\d+)\.(?P<entry>w[123]\.(weight|scale))")
+
+
+class _ExpertStacks:
+    """Routed experts' file entries, kept quantized, written into one [E, ...] tensor per layer and entry;
+    each expert's entry is a view of it, so the GEMM kernels get the stack without a copy
+    (`model.Weights.moe`)."""
+
+    def __init__(self, num_experts: int, device: torch.device | str):
+        self.num_experts, self.device = num_experts, device
+        self.stacks: dict[str, torch.Tensor] = {}
+
+    def place(self, name: str, entry: torch.Tensor) -> torch.Tensor:
+        """`entry` (file entry `name`) in its stack when it is a routed expert's, else moved to the device."""
+        m = _ROUTED_EXPERT.fullmatch(name)
+        if m is None:
+            return entry.to(self.device)
+        key = f"{m['layer']}.{m['entry']}"
+        if key not in self.stacks:
+            self.stacks[key] = torch.empty((self.num_experts, *entry.shape), dtype=entry.dtype, device=self.device)
+        slot = self.stacks[key][int(m["e"])]
+        slot.copy_(entry)
+        return slot
+
+
 def _decode_all(
     cfg: V4Config, include_mtp: bool, read: Callable[[str], torch.Tensor], dtype: torch.dtype, keep_quantized: bool,
     only_mtp: bool, device: torch.device | str,
 ) -> dict[str, torch.Tensor]:
     """Decode every logical tensor, or only the `mtp.*` ones (FP8 / FP4 linears kept as their file entries if
-    `keep_quantized`), each moved to `device` as it is done; `read(file_name) -> Tensor` supplies the raw
-    file entries."""
+    `keep_quantized`, routed experts' in per-layer stacks), each moved to `device` as it is done;
+    `read(file_name) -> Tensor` supplies the raw file entries."""
     out: dict[str, torch.Tensor] = {}
+    stacks = _ExpertStacks(cfg.n_routed_experts, device)
     for spec in checkpoint_tensors(cfg, include_mtp=include_mtp):
         if only_mtp and not _is_mtp(spec.key):
             continue
         names = [name for name, _, _ in file_entries(spec)]
         if keep_quantized and spec.format in (Format.FP8, Format.FP4):
-            out.update((name, read(name).to(device)) for name in names)
+            out.update((name, stacks.place(name, read(name))) for name in names)
         else:
             out[spec.key] = decode_tensor(spec, [read(name) for name in names], dtype).to(device)
     return out

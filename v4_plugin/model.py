@@ -113,8 +113,19 @@ class Weights:
         """`MoEWeights.packed`: the routed experts' entries stacked over E (built once per layer), the shared one's."""
         if shared not in self._stacks:
             entries = [self._entries(p) for p in routed]
-            self._stacks[shared] = tuple(torch.stack([e[i] for e in entries]) for i in range(6))
+            self._stacks[shared] = tuple(_stacked([e[i] for e in entries]) for i in range(6))
         return self._stacks[shared], self._entries(shared)
+
+
+def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack(parts), without a copy when the parts already lie back to back in one storage (the
+    loader's expert stacks)."""
+    first = parts[0]
+    size, storage = first.numel() * first.element_size(), first.untyped_storage().data_ptr()
+    if size and all(p.is_contiguous() and p.untyped_storage().data_ptr() == storage
+                    and p.data_ptr() == first.data_ptr() + e * size for e, p in enumerate(parts)):
+        return first.as_strided((len(parts), *first.shape), (first.numel(), *first.stride()))
+    return torch.stack(parts)
 
 
 @dataclass
