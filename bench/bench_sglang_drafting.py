@@ -41,6 +41,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # SGLang's tree kernels on CPU; read when they are decorated
 
+if __package__:  # imported as bench.bench_sglang_drafting
+    from . import common
+else:  # run as a script: bench/ is sys.path[0]
+    import common
+
 VOCAB = 384  # the tiny checkpoints'
 
 
@@ -94,7 +99,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each batch; the fastest counts")
     args = ap.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = common.int_list(args.batches)
 
     from sglang_backend.testing import replay_checkpoint, shutdown_engine, start_engine
     from v4_plugin.tiny import make_tiny
@@ -127,18 +132,13 @@ def main() -> int:
                             plain[b] = (seconds, tokens)
                         if any(run[1] != plain[b][1] for run in runs):
                             raise SystemExit(f"{preset} {spec} batch {b}: tokens differ from decoding without drafts")
-                        name = "none" if spec is None else f"{spec[0]} k={spec[1]}"
-                        rows.append((preset, name, b, accept, b * args.new / seconds, plain[b][0] / seconds))
+                        rows.append(common.drafting_row(preset, spec, b, args.new, accept, seconds, plain[b][0]))
                 finally:
                     shutdown_engine(engine)
 
-    print(f"SGLang (sglang.Engine, CPU) serving the tiny checkpoints through deepseek-v4-plugin, {args.dtype}, "
-          f"prompt {args.prompt}, {args.new} new tokens per request, greedy, fastest of {args.repeats}")
-    header = f"{'model':<11} {'drafting':<11} {'batch':>5} {'accept len':>10} {'tok/s':>8} {'speed-up':>8}"
-    print(header)
-    print("-" * len(header))
-    for preset, name, b, accept, tps, speedup in rows:
-        print(f"{preset:<11} {name:<11} {b:>5} {accept:>10.2f} {tps:>8.1f} {speedup:>7.2f}x")
+    common.print_drafting_table(f"SGLang (sglang.Engine, CPU) serving the tiny checkpoints through deepseek-v4-plugin, "
+                                f"{args.dtype}, prompt {args.prompt}, {args.new} new tokens per request, greedy, "
+                                f"fastest of {args.repeats}", rows)
     return 0
 
 

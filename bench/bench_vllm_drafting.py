@@ -26,6 +26,11 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: Repl
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+if __package__:  # imported as bench.bench_vllm_drafting
+    from . import common
+else:  # run as a script: bench/ is sys.path[0]
+    import common
+
 
 def _run(llm, prompts: list[list[int]], new: int) -> tuple[float, list[list[int]], float]:
     """(seconds, tokens per request, acceptance length) of one batch of greedy requests."""
@@ -52,7 +57,7 @@ def main() -> int:
     ap.add_argument("--batches", default="1,8", help="requests at once, comma-separated")
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = common.int_list(args.batches)
 
     from v4_plugin.tiny import make_tiny
     from vllm_backend.testing import ReplayProposer, make_llm, random_prompt
@@ -83,18 +88,12 @@ def main() -> int:
                         plain[b] = (seconds, tokens)
                     elif tokens != plain[b][1]:
                         raise SystemExit(f"{preset} {spec} batch {b}: tokens differ from decoding without drafts")
-                    name = "none" if spec is None else f"{spec[0]} k={spec[1]}"
-                    rows.append((preset, name, b, accept, b * args.new / seconds, plain[b][0] / seconds))
+                    rows.append(common.drafting_row(preset, spec, b, args.new, accept, seconds, plain[b][0]))
                 del llm
                 gc.collect()
 
-    print(f"vLLM (in-process, CPU) serving the tiny checkpoints through deepseek-v4-plugin, {args.dtype}, "
-          f"prompt {args.prompt}, {args.new} new tokens per request, greedy")
-    header = f"{'model':<11} {'drafting':<11} {'batch':>5} {'accept len':>10} {'tok/s':>8} {'speed-up':>8}"
-    print(header)
-    print("-" * len(header))
-    for preset, name, b, accept, tps, speedup in rows:
-        print(f"{preset:<11} {name:<11} {b:>5} {accept:>10.2f} {tps:>8.1f} {speedup:>7.2f}x")
+    common.print_drafting_table(f"vLLM (in-process, CPU) serving the tiny checkpoints through deepseek-v4-plugin, "
+                                f"{args.dtype}, prompt {args.prompt}, {args.new} new tokens per request, greedy", rows)
     return 0
 
 

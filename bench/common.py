@@ -141,6 +141,25 @@ def print_header(header: str) -> None:
     print("-" * len(header))
 
 
+# The drafting tables of the framework scripts (bench_vllm_drafting, bench_sglang_drafting).
+DraftingRow = tuple[str, str, int, float, float, float]  # model, drafting, batch, accept len, tok/s, speed-up
+
+
+def drafting_row(preset: str, spec: tuple[str, int] | None, batch: int, new: int, accept: float, seconds: float,
+                 plain_seconds: float) -> DraftingRow:
+    """One row: `spec` (method, k) or None without drafting; `batch` requests of `new` tokens took `seconds`,
+    `plain_seconds` without drafting."""
+    name = "none" if spec is None else f"{spec[0]} k={spec[1]}"
+    return preset, name, batch, accept, batch * new / seconds, plain_seconds / seconds
+
+
+def print_drafting_table(title: str, rows: list[DraftingRow]) -> None:
+    print(title)
+    print_header(f"{'model':<11} {'drafting':<11} {'batch':>5} {'accept len':>10} {'tok/s':>8} {'speed-up':>8}")
+    for preset, name, b, accept, tps, speedup in rows:
+        print(f"{preset:<11} {name:<11} {b:>5} {accept:>10.2f} {tps:>8.1f} {speedup:>7.2f}x")
+
+
 def sweep_tiles(fn, module, configs: list[dict]) -> None:
     """Time fn with `module.tile_config` returning each of `configs` in turn (restored after each); print the
     configs the compiler rejects and the three fastest."""
