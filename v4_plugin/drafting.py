@@ -190,6 +190,9 @@ class DSparkHead:
         self.stages = [Block(cfg, model.w, f"mtp.{k}", n + k, model.quant) for k in range(stages)]
         self.capture = tuple(cfg.dspark.target_layer_ids)
         self.last = f"mtp.{stages - 1}."  # the stage whose hc_head and norm finish a block
+        # The Markov head in fp32, once (every draft step reads it): embeddings w1 and output w2, [V, R] each.
+        self.markov_w1 = model.w(f"{self.last}markov_head.markov_w1.weight").float()
+        self.markov_w2 = model.w(f"{self.last}markov_head.markov_w2.weight").float()
 
     def main_x(self, features: torch.Tensor) -> torch.Tensor:
         """`dspark_features` [T, S*D] -> context vectors [T, D]: main_norm(main_proj(features))."""
@@ -229,10 +232,7 @@ class DSparkHead:
     def markov_logits(self, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         """The draft logits fp32 [n, V] of block rows `hidden` [n, D] after tokens `prev` (int64 [n]): the
         rows' base logits plus the Markov head's bias markov_w2 . markov_w1[prev]."""
-        w = self.model.w
-        w1 = w(f"{self.last}markov_head.markov_w1.weight").float()  # [V, R]
-        w2 = w(f"{self.last}markov_head.markov_w2.weight").float()  # [V, R]
-        return self.model._head_logits(hidden, self.last) + w1[prev] @ w2.T
+        return self.model._head_logits(hidden, self.last) + self.markov_w1[prev] @ self.markov_w2.T
 
     @torch.no_grad()
     def draft(self, anchor: int, position: int, contexts: Sequence[torch.Tensor], k: int) -> DSparkDraft:
@@ -245,8 +245,8 @@ class DSparkHead:
             prev = int(row.argmax())
             tokens.append(prev)
             logits.append(row)
-        w1 = self.model.w(f"{self.last}markov_head.markov_w1.weight").float()
-        features = torch.cat((hidden.float(), w1[torch.tensor([anchor] + tokens[:-1], device=hidden.device)]), dim=-1)
+        prevs = torch.tensor([anchor] + tokens[:-1], device=hidden.device)
+        features = torch.cat((hidden.float(), self.markov_w1[prevs]), dim=-1)
         confidence = self.model.w(f"{self.last}confidence_head.proj.weight").float()
         return DSparkDraft(tokens, torch.stack(logits), torch.sigmoid(features @ confidence.T).squeeze(-1))
 
