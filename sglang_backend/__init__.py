@@ -20,9 +20,10 @@ PLUGIN_ARCH = "DeepseekV4PluginForCausalLM"  # the name SGLang sees once the plu
 MTP_ARCH = "DeepseekV4PluginForCausalLMNextN"
 DSPARK_ARCH = "DeepseekV4PluginForCausalLMDSpark"
 REPLAY_ARCH = "DeepseekV4PluginReplayDraft"
+ARCHS = (PLUGIN_ARCH, MTP_ARCH, DSPARK_ARCH, REPLAY_ARCH)  # the served model and its draft models
 BACKEND_NAME = "v4_plugin"  # --attention-backend v4_plugin
 MODELS_PACKAGE = "sglang_backend.models"
 PROJECT = "deepseek-v4-plugin"
 
-__all__ = ["__version__", "NATIVE_ARCH", "PLUGIN_ARCH", "MTP_ARCH", "DSPARK_ARCH", "REPLAY_ARCH", "BACKEND_NAME",
-           "MODELS_PACKAGE", "PROJECT"]
+__all__ = ["__version__", "NATIVE_ARCH", "PLUGIN_ARCH", "MTP_ARCH", "DSPARK_ARCH", "REPLAY_ARCH", "ARCHS",
+           "BACKEND_NAME", "MODELS_PACKAGE", "PROJECT"]

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import os
 
-from . import BACKEND_NAME, MODELS_PACKAGE, NATIVE_ARCH, PLUGIN_ARCH, REPLAY_ARCH
+from . import ARCHS, BACKEND_NAME, MODELS_PACKAGE, NATIVE_ARCH, PLUGIN_ARCH
 from .chat import install_chat_encoding
 from .parsers import register_parsers
 from .settings import DISABLE_ENV, disabled
@@ -176,10 +176,10 @@ def _speculative(name: str):
 
 def rename_architecture(config, *args, **kwargs):
     """AFTER `get_config`: DeepseekV4ForCausalLM -> DeepseekV4PluginForCausalLM, with hybrid-SWA
-    memory (in place; the result is cached). A config naming the test draft `REPLAY_ARCH` keeps its name
-    and is served the same way."""
+    memory (in place; the result is cached). A config that already names one of our architectures (a
+    draft checkpoint's, such as the test draft `REPLAY_ARCH`) keeps its name and is served the same way."""
     archs = getattr(config, "architectures", None)
-    if archs and archs[0] in (NATIVE_ARCH, REPLAY_ARCH) and not disabled():
+    if archs and archs[0] in (NATIVE_ARCH, *ARCHS) and not disabled():
         if archs[0] == NATIVE_ARCH:
             config.architectures = [PLUGIN_ARCH, *archs[1:]]
         # SGLang's generic opt-in (configs/model_config.py `is_hybrid_swa_model`): a full pool plus an
@@ -197,9 +197,7 @@ def rename_architecture(config, *args, **kwargs):
 
 
 def is_ours(hf_config) -> bool:
-    """The served model or one of its draft models (`speculative.ARCHS`)."""
-    from .speculative import ARCHS
-
+    """The served model or one of its draft models (`ARCHS`)."""
     archs = getattr(hf_config, "architectures", None) or []
     return bool(archs) and archs[0] in ARCHS
 

@@ -40,10 +40,9 @@ import logging
 
 import torch
 
-from . import BACKEND_NAME, DSPARK_ARCH, MTP_ARCH, PLUGIN_ARCH, REPLAY_ARCH
+from . import BACKEND_NAME, DSPARK_ARCH, MTP_ARCH, PLUGIN_ARCH
 from .backend import V4PluginAttnBackend, step_metadata
-
-ARCHS = (PLUGIN_ARCH, MTP_ARCH, DSPARK_ARCH, REPLAY_ARCH)  # the served model and its draft models
+from .plugin import is_ours
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +103,9 @@ def configure_model_config(result, model_config, *args, **kwargs):
     """AFTER `ModelConfig._derive_hybrid_model`, for our architecture: native-V4 pool semantics, the
     width of the hidden states the EAGLE worker hands on (`spec_hidden_size`) and, for a draft config,
     the draft architecture of the checkpoint's drafter (the request was checked by `check_request`)."""
-    archs = model_config.hf_config.architectures
-    if not archs or archs[0] not in ARCHS:
+    if not is_ours(model_config.hf_config):
         return result
+    archs = model_config.hf_config.architectures
     model_config.is_deepseek_v4_arch = True  # SGLang: no per-layer SWA split of the draft's KV
     text = model_config.hf_text_config
     hc_mult, width = int(getattr(text, "hc_mult", 1)), model_config.hidden_size
@@ -148,8 +147,7 @@ class V4MultiStepDraftBackend:
 
 
 def _ours(factory) -> bool:
-    archs = factory.draft_model_runner.model_config.hf_config.architectures or []
-    return bool(archs) and archs[0] in ARCHS
+    return is_ours(factory.draft_model_runner.model_config.hf_config)
 
 
 def create_decode_backend(original, factory, *args, **kwargs):
