@@ -4,7 +4,7 @@ VENV      := .venv
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 
-.PHONY: demo test
+.PHONY: demo test gpu-check
 
 $(STAMP): pyproject.toml .ci/install .ci/pins.txt .ci/sglang-deps.txt .ci/tv_cpu_shim.py
 	bash .ci/install
@@ -17,3 +17,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Everything a GPU machine should run (no install: torch, triton and CUDA only); OUT_DIR defaults to $$OUT.
+gpu-check:
+	bash bench/gpu_check.sh $(OUT_DIR)

@@ -4,7 +4,12 @@ Importing this module imports no kernel module, compiles nothing and leaves TRIT
 each test file still sets TRITON_INTERPRET itself (when there is no GPU) before it imports its
 kernel, because @triton.jit reads it when it decorates.
 
-* `DEVICE` / `DEVICES`: where the kernels run ("cuda" when there is a GPU, else the interpreter on "cpu").
+* `DEVICE` / `DEVICES`: where the kernels run: "cuda" when there is a GPU (compiled kernels), else the
+  interpreter on "cpu". One device, never both: a compiled kernel launched on CPU tensors fails.
+* `ON_GPU`, `gpu_only`: the cases at real shapes (Flash / Pro heads, 4K-128K contexts) that only a GPU
+  runs in test time; `interpreter_only`: cases about the interpreter's own emulation.
+* `on_device(fn)`: fn with its tensor arguments moved to DEVICE (and written back) and its tensor
+  results moved to the CPU, for tests that build their inputs and references on the CPU.
 * `one_cpu_thread`: an autouse fixture; a test module opts in by importing it.
 * `dtype_id`: pytest ids for torch dtype parameters.
 * `assert_close`: |actual - expected| <= atol + rtol |expected| elementwise, evaluated in fp64
@@ -15,17 +20,56 @@ kernel, because @triton.jit reads it when it decorates.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+DEVICES = [DEVICE]  # as a parametrization, so that the test ids name the device
+
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs CUDA (compiled kernels, real shapes)")
+interpreter_only = pytest.mark.skipif(ON_GPU, reason="checks the Triton interpreter's emulation")
+
+
+def _to(value, device: str):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        moved = [_to(v, device) for v in value]
+        return value if all(m is v for m, v in zip(moved, value)) else type(value)(moved)
+    return value
+
+
+def on_device(fn: Callable) -> Callable:
+    """`fn` run on DEVICE. A call with CPU tensor arguments (also inside tuples / lists) runs on copies of
+    them on DEVICE; the CPU tensors it changed get the new values back (caches written in place) and its
+    tensor results come back to the CPU. A call whose tensors are all on DEVICE, and every call on the
+    CPU (the interpreter), is `fn` itself."""
+    if DEVICE == "cpu":
+        return fn
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        names = list(range(len(args))) + list(kwargs)
+        originals = list(args) + list(kwargs.values())
+        moved = [_to(v, DEVICE) for v in originals]
+        if not any(m is not o for m, o in zip(moved, originals)):
+            return fn(*args, **kwargs)
+        out = fn(*moved[: len(args)], **dict(zip(names[len(args):], moved[len(args):])))
+        for original, copy in zip(originals, moved):
+            if isinstance(original, torch.Tensor) and copy is not original and not torch.equal(original, copy.cpu()):
+                original.copy_(copy.cpu())
+        return _to(out, "cpu")
+
+    return run
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,12 @@
-"""The dispatch layer is what paged execution calls: with the kernels on (in the Triton interpreter,
-`dispatch.use_kernels_on_cpu`), `forward_paged` on a tiny model runs every hot op through its kernel
-and matches the torch path.
+"""The dispatch layer is what paged execution calls: with the kernels on, `forward_paged` runs every hot
+op through its kernel and matches the torch path. Two parts:
+
+* interpreter (TRITON_INTERPRET=1, CPU tensors through `dispatch.use_kernels_on_cpu`): the tests below
+  up to the CUDA section;
+* CUDA (compiled kernels, skipped without a GPU): a tiny checkpoint loaded quantized onto the GPU and a
+  model at real Flash layer shapes (2 layers, 4 experts, random weights), FP8 and exact caches; every
+  dispatched op is counted on its kernel (`dispatch.count_calls`: no torch fallback) and the logits
+  are compared with the torch path on the same GPU (V4_PLUGIN_KERNELS=torch).
 
 Three sequences (1, 5 and 129 tokens: no, one and many complete compressor blocks, one 128-block)
 are prefilled in one batch, then each decodes one token. Tolerances:
@@ -24,8 +30,10 @@ to 2% of their largest magnitude, same greedy tokens.
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,17 +41,19 @@ import torch
 from v4_kernels.testing import one_cpu_thread  # noqa: F401  (autouse fixture)
 from v4_plugin import dispatch
 from v4_plugin.checkpoint import load_checkpoint
-from v4_plugin.config import LayerType, load_config, parse_config
+from v4_plugin.config import PRESET_DIR, LayerType, load_config, parse_config
 from v4_plugin.drafting import DSparkHead, dspark_features
 from v4_plugin.layout import IndexerCache
 from v4_plugin.model import QuantSim, ReferenceModel
-from v4_plugin.paged import EXACT, CacheFormat, KVStorage
-from v4_plugin.tiny import TINY_PRESETS, make_tiny, random_weights
+from v4_plugin.ops import moe as moe_ops
+from v4_plugin.paged import EXACT, BatchPlan, CacheFormat, KVStorage, forward_paged
+from v4_plugin.tiny import TINY_PRESETS, make_tiny, random_weights, write_checkpoint
 
 from paged_engine import TinyEngine
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="runs CPU tensors through the kernels in the Triton interpreter")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not INTERPRET, reason="runs CPU tensors through the kernels in the Triton interpreter")
+on_cuda = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs CUDA (compiled kernels)")
 
 LENGTHS = (1, 5, 129)
 STORES = ("store_main", "store_indexer")
@@ -105,6 +115,7 @@ def _expected_calls(cfg, quantized_kv: bool, fused: bool) -> Counter:
     return calls
 
 
+@interpreted
 def test_every_op_runs_on_its_kernel_exact_mode():
     quant = QuantSim.off()
     expected, _, _ = _run(EXACT, quant, kernels=False)
@@ -113,6 +124,7 @@ def test_every_op_runs_on_its_kernel_exact_mode():
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+@interpreted
 @pytest.mark.parametrize("indexer", [IndexerCache.FP8, IndexerCache.FP4])
 def test_kv_store_kernels_write_the_reference_bytes(indexer):
     """Indexer keys not FP4-simulated, so that they take `store_indexer` (not the fused compressor store);
@@ -129,6 +141,7 @@ def test_kv_store_kernels_write_the_reference_bytes(indexer):
     assert torch.equal(got, expected)
 
 
+@interpreted
 @pytest.mark.parametrize("indexer", [IndexerCache.FP8, IndexerCache.FP4])
 def test_fused_compressor_store_writes_the_reference_records(indexer):
     """Padded pages."""
@@ -145,6 +158,7 @@ def test_fused_compressor_store_writes_the_reference_records(indexer):
         assert (a[written] != b[written]).float().mean() <= 0.01
 
 
+@interpreted
 @pytest.mark.parametrize("indexer", [IndexerCache.FP8, IndexerCache.FP4])
 def test_every_op_runs_on_its_kernel_quantized_caches(indexer):
     """Quantized caches, activations not FP8-simulated. The kernels' fp32 results differ from torch's in
@@ -209,6 +223,7 @@ def test_keep_quantized_only_where_the_gemm_kernels_run():
     assert dispatch.keep_quantized("cpu") is False  # CPU serving never interprets kernels
 
 
+@interpreted
 def test_quantized_checkpoint_runs_the_gemm_kernels_exact_mode(tiny_dir):
     dense, quantized = _dense_and_quantized(tiny_dir, QuantSim.off())
     expected, _ = _gemm_logits(dense, kernels=False)
@@ -218,6 +233,7 @@ def test_quantized_checkpoint_runs_the_gemm_kernels_exact_mode(tiny_dir):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+@interpreted
 def test_quantized_checkpoint_runs_the_gemm_kernels_fp8_activations(tiny_dir):
     dense, quantized = _dense_and_quantized(tiny_dir, QuantSim(activations=True, kv_cache=False, indexer=False))
     expected, _ = _gemm_logits(dense, kernels=False)
@@ -227,6 +243,7 @@ def test_quantized_checkpoint_runs_the_gemm_kernels_fp8_activations(tiny_dir):
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
+@interpreted
 def test_drafter_projections_run_the_fp8_kernel(tiny_dir):
     """MTP's e_proj / h_proj (flash) or DSpark's main_proj (flash-0731), exact mode."""
     dense, quantized = _dense_and_quantized(tiny_dir, QuantSim.off())
@@ -245,3 +262,152 @@ def test_drafter_projections_run_the_fp8_kernel(tiny_dir):
             got = DSparkHead(quantized).main_x(features)
         assert calls == Counter(linear=1)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+# ---- -Base checkpoints: FP8 routed experts ----------------------------------------------------------
+def _base_dir(root: Path) -> Path:
+    """The tiny flash checkpoint with FP8 routed experts (as Flash-Base / Pro-Base)."""
+    cfg = parse_config(dict(TINY_PRESETS["flash"], expert_dtype="fp8"))
+    return write_checkpoint(cfg, random_weights(cfg, seed=3), root)
+
+
+@interpreted
+def test_fp8_experts_run_the_moe_kernel(tmp_path):
+    """dispatch.moe hands FP8 routed-expert stacks (the loader's [E, ...] tensors) to the MoE kernel."""
+    path = _base_dir(tmp_path)
+    cfg = load_config(path)
+    tensors = load_checkpoint(path, cfg, keep_quantized=True)
+    p = f"layers.{cfg.num_hidden_layers - 1}.ffn"
+
+    def entries(prefix: str) -> tuple[torch.Tensor, ...]:
+        return tuple(tensors[f"{prefix}.w{i}.{part}"] for i in (1, 2, 3) for part in ("weight", "scale"))
+
+    routed = [entries(f"{p}.experts.{e}") for e in range(cfg.n_routed_experts)]
+    experts = ReferenceModel(cfg, load_checkpoint(path, cfg), quant=QuantSim.off()).w.moe(p, cfg.n_routed_experts)
+    packed = moe_ops.MoEWeights(experts.dense, lambda: (tuple(torch.stack(t) for t in zip(*routed)),
+                                                        entries(f"{p}.shared_experts")))
+    assert routed[0][0].dtype == torch.float8_e4m3fn
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, cfg.hidden_size, generator=gen)
+    k = cfg.num_experts_per_tok
+    weights = torch.rand(5, k, generator=gen)
+    ids = torch.stack([torch.randperm(cfg.n_routed_experts, generator=gen)[:k] for _ in range(5)])
+    expected = dispatch.moe(x, weights, ids, experts, limit=cfg.swiglu_limit, quantize_input=False)
+    with dispatch.use_kernels_on_cpu(("moe",)) as calls:
+        got = dispatch.moe(x, weights, ids, packed, limit=cfg.swiglu_limit, quantize_input=False)
+    assert calls == Counter(moe=1)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@interpreted
+def test_base_checkpoint_runs_the_moe_kernel(tmp_path):
+    """A -Base checkpoint loaded with keep_quantized: its MoE must reach the kernel, not the torch fallback."""
+    path = _base_dir(tmp_path)
+    model = ReferenceModel(load_config(path), load_checkpoint(path, load_config(path), keep_quantized=True),
+                           quant=QuantSim.off())
+    with dispatch.use_kernels_on_cpu(("moe",)), dispatch.count_calls() as (kernel, fallback):
+        model.forward(torch.tensor([5, 9, 3]))
+    assert kernel["moe"] == model.cfg.num_hidden_layers and not fallback["moe"]
+
+
+@interpreted
+def test_warmup_runs_the_decode_kernels(tmp_path):
+    """dispatch.warmup compiles what decode runs: every distinct FP8 linear shape, the MoE and mHC per batch
+    size, attention over three slot-list lengths, the indexer at three contexts and its top-k."""
+    path = make_tiny(tmp_path, "flash", seed=0)
+    cfg = load_config(path)
+    model = ReferenceModel(cfg, load_checkpoint(path, cfg, keep_quantized=True), quant=QuantSim.off())
+    assert dispatch.warmup(model, CacheFormat()) == 0.0  # CPU serving: nothing to compile
+    with dispatch.use_kernels_on_cpu() as calls:
+        dispatch.warmup(model, CacheFormat(), batch_sizes=(1, 3), contexts=(256, 512, 1024))
+    assert calls["moe"] == 2 and calls["sparse_attention"] == 6 and calls["index_scores"] == 6
+    assert calls["select_topk"] == 2 and calls["linear"] > 0 and calls["linear"] % 2 == 0
+    assert calls["hc_pre"] == calls["hc_post"] == calls["hc_head"] == 2
+
+
+# ---- CUDA: compiled kernels ---------------------------------------------------------------------
+class _CudaEngine(TinyEngine):
+    """`TinyEngine` with its caches, block tables and batch plans on the GPU."""
+
+    def __init__(self, model: ReferenceModel, fmt: CacheFormat, num_seqs: int, max_tokens: int):
+        super().__init__(model, fmt, num_seqs, max_tokens)
+        for layer in self.caches:
+            for name in ("window", "state", "compressed", "index_state", "index_keys"):
+                cache = getattr(layer, name)
+                if cache is not None:
+                    cache.data, cache.block_table = cache.data.cuda(), cache.block_table.cuda()
+
+    def step(self, chunks: list[tuple[int, torch.Tensor, int]]) -> list[torch.Tensor]:
+        plan = self.plan(chunks)
+        ids = torch.cat([c[1] for c in chunks]).cuda()
+        logits = forward_paged(self.model, ids, BatchPlan(plan.positions.cuda(), plan.seq_ids.cuda()), self.caches,
+                               self.fmt).logits
+        return list(logits.float().cpu().split([len(c[1]) for c in chunks]))
+
+
+def _cuda_logits(model: ReferenceModel, fmt: CacheFormat, lengths: tuple[int, ...]) -> tuple[torch.Tensor, tuple]:
+    """Prefill `lengths` in one step, then one decode token each, on the GPU: (logits, (kernel, torch) calls)."""
+    gen = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, model.cfg.vocab_size, (n + 1,), generator=gen) for n in lengths]
+    engine = _CudaEngine(model, fmt, len(seqs), max(lengths) + 1)
+    with dispatch.count_calls() as calls:
+        logits = engine.step([(s, ids[:-1], 0) for s, ids in enumerate(seqs)])
+        logits += engine.step([(s, ids[-1:], len(ids) - 1) for s, ids in enumerate(seqs)])
+    return torch.cat(logits), calls
+
+
+KERNEL_OPS = {"linear", "moe", "sparse_attention", "index_scores", "select_topk", "hc_pre", "hc_post", "hc_head"}
+FORMATS = {"exact": (EXACT, QuantSim.off()),
+           "fp8-caches": (CacheFormat(KVStorage.FP8, IndexerCache.FP8), CacheFormat().quant_sim(activations=False))}
+
+
+def _check_against_torch(model: ReferenceModel, fmt: CacheFormat, lengths: tuple[int, ...], monkeypatch,
+                         rel: float) -> None:
+    got, (kernel, fallback) = _cuda_logits(model, fmt, lengths)
+    assert not fallback, f"ops served by torch on CUDA: {dict(fallback)}"
+    assert KERNEL_OPS <= set(kernel) and kernel["pool_finish" if fmt is EXACT else "pool_finish_store"] > 0
+    monkeypatch.setenv("V4_PLUGIN_KERNELS", "torch")
+    expected, (kernel_ref, _) = _cuda_logits(model, fmt, lengths)
+    assert not kernel_ref
+    diff = (got - expected).abs()
+    assert diff.mean() <= rel * expected.abs().mean() and diff.max() <= 10 * rel * expected.abs().max()
+
+
+@on_cuda
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+def test_cuda_tiny_checkpoint_runs_every_op_on_its_kernel(fmt, tmp_path, monkeypatch):
+    """The tiny flash checkpoint, quantized weights kept (FP8 linears, FP4 experts) on the GPU; fp32. Exact
+    mode: logits within 1e-3 (relative, on average) of the torch path; FP8 caches: 1 % (rounding flips)."""
+    cache_fmt, quant = FORMATS[fmt]
+    path = make_tiny(tmp_path, "flash", seed=0)
+    cfg = load_config(path)
+    model = ReferenceModel(cfg, load_checkpoint(path, cfg, keep_quantized=True, device="cuda"), quant=quant)
+    _check_against_torch(model, cache_fmt, LENGTHS, monkeypatch, rel=1e-3 if cache_fmt is EXACT else 1e-2)
+
+
+def _flash_layers(root: Path) -> Path:
+    """Real Flash layer shapes (hidden 4096, 64 heads of 512, indexer 64 x 128, experts 2048 wide), cut to
+    a CSA and an HCA layer, 4 routed experts (top 2) and a 1024-token vocabulary; random weights."""
+    raw = json.loads((PRESET_DIR / "deepseek-v4-flash.config.json").read_text())
+    raw.update(num_hidden_layers=2, compress_ratios=[4, 128], num_nextn_predict_layers=0, n_routed_experts=4,
+               num_experts_per_tok=2, num_hash_layers=0, vocab_size=1024)
+    cfg = parse_config(raw)
+    return write_checkpoint(cfg, random_weights(cfg, seed=0), root)
+
+
+@pytest.fixture(scope="module")
+def flash_layers_dir(tmp_path_factory):
+    return _flash_layers(tmp_path_factory.mktemp("flash-layers"))
+
+
+@on_cuda
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+def test_cuda_real_flash_layers_run_every_op_on_its_kernel(fmt, flash_layers_dir, monkeypatch):
+    """bf16, the real layer shapes: a 600-token and a 1-token sequence prefilled together (CSA: 150 entries,
+    fewer than the top-k of 512; HCA: 4 blocks of 128), then a decode step each; logits within 2 % (relative,
+    on average) of the torch path."""
+    cache_fmt, quant = FORMATS[fmt]
+    cfg = load_config(flash_layers_dir)
+    model = ReferenceModel(cfg, load_checkpoint(flash_layers_dir, cfg, dtype=torch.bfloat16, keep_quantized=True,
+                                                device="cuda"), dtype=torch.bfloat16, quant=quant)
+    _check_against_torch(model, cache_fmt, (600, 1), monkeypatch, rel=2e-2)

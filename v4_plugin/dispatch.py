@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import logging
 import math
 import os
+import time
 from collections import Counter
-from typing import Callable, Collection, Iterator
+from typing import TYPE_CHECKING, Callable, Collection, Iterator
 
 import torch
 
@@ -33,8 +35,15 @@ from .ops import mhc as mhc_ops
 from .ops import moe as moe_ops
 from .ops.rope import Rope
 
+if TYPE_CHECKING:
+    from .model import ReferenceModel
+    from .paged import CacheFormat
+
+logger = logging.getLogger(__name__)
+
 _cpu_kernel_calls: Counter[str] | None = None  # kernel calls per op inside `use_kernels_on_cpu`
 _cpu_kernel_ops: frozenset[str] | None = None  # the ops it runs on kernels (None: all)
+_counted: tuple[Counter[str], Counter[str]] | None = None  # inside `count_calls`: (kernel, torch) calls per op
 
 
 @functools.cache
@@ -78,21 +87,40 @@ def use_kernels_on_cpu(ops: Collection[str] | None = None) -> Iterator[Counter[s
         _cpu_kernel_calls, _cpu_kernel_ops = previous
 
 
+@contextlib.contextmanager
+def count_calls() -> Iterator[tuple[Counter[str], Counter[str]]]:
+    """Test-only: inside, every op of this module is counted as it runs, on any device: yields (kernel
+    calls, torch reference calls) per op name, so a test sees a silent fallback (an MoE over experts the
+    kernel does not take counts as a torch `moe`)."""
+    global _counted
+    previous, _counted = _counted, (Counter(), Counter())
+    try:
+        yield _counted
+    finally:
+        _counted = previous
+
+
+def _count(op: str, kernel: Callable | None) -> Callable | None:
+    if _counted is not None:
+        _counted[0 if kernel is not None else 1][op] += 1
+    return kernel
+
+
 def _kernel_for(t: torch.Tensor, module: str, name: str, op: str | None = None) -> Callable | None:
     """The kernel `v4_kernels.<module>.kernel.<name>` for tensors like `t`, or None: use the torch reference.
     `op`: the function of this module it serves (`use_kernels_on_cpu` names and counts ops), default `name`."""
-    if os.environ.get("V4_PLUGIN_KERNELS", "auto") == "torch":
-        return None
-    if t.is_cuda:
-        return _kernel(module, name)
     op = op or name
+    if os.environ.get("V4_PLUGIN_KERNELS", "auto") == "torch":
+        return _count(op, None)
+    if t.is_cuda:
+        return _count(op, _kernel(module, name))
     if _cpu_kernel_calls is None or (_cpu_kernel_ops is not None and op not in _cpu_kernel_ops):
-        return None
+        return _count(op, None)
     kernel = _kernel(module, name)
     if kernel is None:
         raise RuntimeError(f"dispatch.use_kernels_on_cpu: v4_kernels.{module} does not import")
     _cpu_kernel_calls[op] += 1
-    return kernel
+    return _count(op, kernel)
 
 
 def _pick(t: torch.Tensor, module: str, name: str, reference: Callable) -> Callable:
@@ -111,13 +139,14 @@ def linear(x: torch.Tensor, weight: linear_ops.LinearWeight, quantize_input: boo
 def moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: moe_ops.MoEWeights, *,
         limit: float, quantize_input: bool) -> torch.Tensor:
     """`ops.moe.moe(x, weights, ids, *experts.dense(), ...)`: x [T, D], routing weights fp32 [T, k] and
-    expert ids [T, k] -> [T, D] in x.dtype; experts kept in FP4 (`experts.packed`) go to the grouped
-    FP4 MoE kernel (the shared expert to the FP8 GEMM)."""
-    kernel = None if experts.packed is None else _kernel_for(x, "fp4_moe", "fp4_moe", op="moe")
+    expert ids [T, k] -> [T, D] in x.dtype; experts kept quantized (`experts.packed`: FP4, or FP8 in the
+    `-Base` checkpoints) go to the grouped MoE kernel (the shared expert to the FP8 GEMM)."""
+    kernel = _count("moe", None) if experts.packed is None else _kernel_for(x, "fp4_moe", "fp4_moe", op="moe")
     if kernel is None:
         return moe_ops.moe(x, weights, ids, *experts.dense(), limit=limit, quantize_input=quantize_input)
     routed, shared = experts.packed()
-    return kernel(x, weights, ids, _kernel("fp4_moe", "FP4Experts")(*routed), _kernel("fp4_moe", "FP8Expert")(*shared),
+    stack = "FP8Experts" if routed[0].dtype == torch.float8_e4m3fn else "FP4Experts"
+    return kernel(x, weights, ids, _kernel("fp4_moe", stack)(*routed), _kernel("fp4_moe", "FP8Expert")(*shared),
                   limit=limit, quantize_input=quantize_input)
 
 
@@ -219,3 +248,96 @@ def pool_finish_store(kv: torch.Tensor, score: torch.Tensor, overlap: bool, befo
         return
     entries = _pool_finish(kv, score, overlap, before_kv, before_score, **finish, simulate_quant=True)
     data[blocks, offsets] = pack_indexer(entries, cfg, fmt) if indexer else pack_main(entries, cfg)
+
+
+# ---- warm-up ------------------------------------------------------------------------------------
+WARMUP_BATCHES = (1, 2, 4, 8, 16, 32, 64)  # decode batch sizes: the GEMMs' M buckets, attention's query buckets
+WARMUP_CONTEXTS = (4096, 32768, 131072)  # the indexer's key-count buckets (context / 4 keys)
+
+
+def warmup(model: "ReferenceModel", fmt: "CacheFormat", batch_sizes: Collection[int] = WARMUP_BATCHES,
+           contexts: Collection[int] = WARMUP_CONTEXTS) -> float:
+    """Compile and autotune the kernels for the decode shapes of `model` (a `ReferenceModel` on its device)
+    with caches in `fmt` (a `paged.CacheFormat`), so that first requests do not stall on compilation:
+    every distinct kept-FP8 linear, the MoE and mHC at each batch size in `batch_sizes`, sparse attention
+    over a window, window + top-k and a long HCA slot list, the indexer scores at each of `contexts`
+    and its top-k. Runs on dummy inputs, writes no model state; logs and returns its time in seconds (0 where
+    the kernels do not serve the model's device, or with V4_PLUGIN_WARMUP=off). Inside `use_kernels_on_cpu`
+    it also runs on the CPU (tests)."""
+    from .layout import main_entry_bytes
+    from .paged import KVStorage
+    from .schema import Format, checkpoint_tensors
+
+    device = model.w("embed.weight").device
+    served = backend_name(device) == "triton" or (device.type == "cpu" and _cpu_kernel_calls is not None)
+    if not served or os.environ.get("V4_PLUGIN_WARMUP", "on") == "off":
+        return 0.0
+    start = time.perf_counter()
+    cfg, dtype = model.cfg, model.dtype
+    act_q = model.quant.activations and cfg.quantized
+    linears = {}
+    for spec in checkpoint_tensors(cfg, include_mtp=False):
+        name = f"{spec.name}.weight"
+        if spec.format is Format.FP8 and ".experts." not in name and name in model.w:
+            weight = model.w.linear(name)
+            if weight.fp8 is not None:
+                linears.setdefault((tuple(weight.fp8[0].shape), weight.fp8[1].dtype), weight)
+    moe_layer = f"layers.{cfg.num_hidden_layers - 1}.ffn"  # a score-routed layer; every MoE layer has its shapes
+    experts = model.w.moe(moe_layer, cfg.n_routed_experts)
+    h, d, window = cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window
+    kv_rows = 4096 + window
+    if fmt.kv is KVStorage.FP8:
+        kv = torch.zeros(kv_rows, main_entry_bytes(cfg), dtype=torch.uint8, device=device)
+    else:
+        kv = torch.zeros(kv_rows, d, dtype=dtype, device=device)
+    sink = torch.zeros(h, device=device)
+    with torch.inference_mode():
+        for m in batch_sizes:
+            x = torch.zeros(m, cfg.hidden_size, dtype=dtype, device=device)
+            for weight in linears.values():
+                linear(torch.zeros(m, weight.fp8[0].shape[1], dtype=dtype, device=device), weight, act_q)
+            ids = torch.arange(m * cfg.num_experts_per_tok, device=device).view(m, -1) % cfg.n_routed_experts
+            routing = torch.full(ids.shape, 1.0 / ids.shape[1], device=device)
+            if experts.packed is not None:  # (dense experts have no kernel; warming would dequantize them all)
+                moe(x, routing, ids, experts, limit=cfg.swiglu_limit, quantize_input=act_q)
+            q = torch.zeros(m, h, d, dtype=dtype, device=device)
+            for s in (window, window + cfg.index_topk, window + 1024):
+                sparse_attention(q, kv, torch.zeros(m, s, dtype=torch.long, device=device), sink, d**-0.5)
+            _warm_indexer(cfg, fmt, m, contexts, dtype, device)
+            _warm_mhc(model, m, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    logger.info(
+        "deepseek-v4-plugin: kernel warm-up for decode batches %s: %d FP8 linear shapes, MoE, attention, "
+        "indexer in %.1f s", list(batch_sizes), len(linears), seconds)
+    return seconds
+
+
+def _warm_mhc(model: "ReferenceModel", m: int, device: torch.device) -> None:
+    """hc_pre, hc_post and hc_head on m tokens' zero streams with layer 0's and the head's parameters."""
+    cfg = model.cfg
+    streams = torch.zeros(m, cfg.hc_mult, cfg.hidden_size, dtype=model.dtype, device=device)
+    params = lambda prefix: [model.w(f"{prefix}_{p}", keep_dtype=True) for p in ("fn", "scale", "base")]  # noqa: E731
+    u, post, comb = hc_pre(streams, *params("layers.0.hc_attn"), norm_eps=cfg.rms_norm_eps, hc_eps=cfg.hc_eps,
+                           sinkhorn_iters=cfg.hc_sinkhorn_iters)
+    hc_post(u, streams, post, comb)
+    hc_head(streams, *params("hc_head"), norm_eps=cfg.rms_norm_eps, hc_eps=cfg.hc_eps)
+
+
+def _warm_indexer(cfg: V4Config, fmt: "CacheFormat", m: int, contexts: Collection[int], dtype: torch.dtype,
+                  device: torch.device) -> None:
+    """The indexer's score kernel at `contexts` (context / 4 keys) and its top-k, m queries."""
+    from .layout import indexer_entry_bytes
+
+    hi, di = cfg.index_n_heads, cfg.index_head_dim
+    q = torch.zeros(m, hi, di, dtype=dtype, device=device)
+    weights = torch.zeros(m, hi, device=device)
+    for context in contexts:
+        n = context // 4
+        if fmt.indexer is None:
+            keys = torch.zeros(n, di, dtype=dtype, device=device)
+        else:
+            keys = torch.zeros(n, indexer_entry_bytes(cfg, fmt.indexer), dtype=torch.uint8, device=device)
+        scores = index_scores(q, weights, keys)
+    select_topk(scores, torch.full((m,), scores.shape[1], device=device), cfg.index_topk)

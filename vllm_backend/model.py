@@ -226,6 +226,7 @@ class DeepseekV4ForCausalLM(nn.Module):
             add_parameter(self, name, tensor)
         params = dict(self.named_parameters())
         self.core = ReferenceModel(self.cfg, {n: params[n].data for n in tensors}, dtype=self.dtype, quant=self.quant)
+        dispatch.warmup(self.core, self.fmt)  # compiles the decode shapes' kernels on GPUs (logged); no-op on CPU
         self.model.embed_tokens = CoreHandle(self.core)
         if self.dspark_caches is not None:
             self.dspark_head = DSparkHead(self.core)

@@ -33,7 +33,7 @@ if not torch.cuda.is_available():  # read when @triton.jit decorates, so before 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from v4_kernels.compressor.kernel import pool_finish, pool_finish_store  # noqa: E402
-from v4_kernels.testing import DEVICES, assert_close, run_compile_check, sm90_compile_check  # noqa: E402
+from v4_kernels.testing import DEVICES, assert_close, on_device, run_compile_check, sm90_compile_check  # noqa: E402
 from v4_plugin import kvcache  # noqa: E402
 from v4_plugin.config import LayerType, V4Config, parse_config, preset_config  # noqa: E402
 from v4_plugin.layout import IndexerCache, indexer_entry_bytes, main_entry_bytes  # noqa: E402
@@ -42,6 +42,7 @@ from v4_plugin.ops.rope import Rope  # noqa: E402
 from v4_plugin.quant import e8m0_to_float  # noqa: E402
 from v4_plugin.tiny import TINY_PRESETS  # noqa: E402
 
+pool_finish, pool_finish_store = on_device(pool_finish), on_device(pool_finish_store)  # CPU-built inputs
 CFGS = {"tiny": parse_config(TINY_PRESETS["flash"]), "flash": preset_config("flash")}
 
 

@@ -1,18 +1,23 @@
-"""Grouped MoE over packed FP4 (MXFP4) experts for SM80+ (spec §7, §9.1).
+"""Grouped MoE over quantized experts for SM80+ (spec §7, §9.1): packed FP4 (MXFP4) routed experts,
+or FP8 ones (the `-Base` checkpoints).
 
 Reference: `fp4_moe(x, weights, ids, experts, shared, limit=..., quantize_input=...)` ->
 `v4_plugin.ops.moe.moe(x, weights, ids, experts_dequantized, shared_dequantized, limit=..., quantize_input=...)`,
-with the routed experts in their checkpoint format (int8 [out, in/2] e2m1 pairs, low nibble = even k,
-E8M0 per 32 along k; stacked over experts in `FP4Experts`) and the shared expert in FP8 128x128 blocks
-(`FP8Expert`). Returns x.dtype like the core.
+with the routed experts in their checkpoint format, stacked over experts: `FP4Experts` (int8 [out, in/2]
+e2m1 pairs, low nibble = even k, E8M0 per 32 along k) or `FP8Experts` (e4m3 [out, in], E8M0 or fp32
+scales per 128x128 block); the shared expert in FP8 128x128 blocks (`FP8Expert`). Returns x.dtype like the core.
+
+Per arch: both formats are decoded from their bits in registers (no FP4 / FP8 hardware convert), so the
+same W4A16 / W8A16 GEMMs run on SM80, SM89 and SM90 (bf16 tensor-core dots, fp32 accumulation); the
+shared expert's `fp8_linear` takes W8A8 where FP8 tensor cores exist (SM89+) with quantize_input, else W8A16.
 
 Flow:
 
 1. `_align` (torch, no host sync): the T*k (token, slot) pairs are sorted by expert and each expert's
    run is padded to a multiple of BLOCK_M; `block_expert[b]` names the expert of M-block b (-1: idle
    block). The grid has an upper bound of blocks, so experts without tokens cost nothing.
-2. `_moe_gate_up_kernel`: per (M-block, I-block): g = x w1^T and u = x w3^T with the FP4 weight
-   tiles decoded to exact fp32 values in registers (W4A16: bf16 tensor-core dot on GPU), then the
+2. `_moe_gate_up_kernel`: per (M-block, I-block): g = x w1^T and u = x w3^T with the FP4 / FP8 weight
+   tiles decoded to fp32 values in registers (W4A16 / W8A16: bf16 tensor-core dot on GPU), then the
    clamped SwiGLU h = silu(min(g, L)) * clamp(u, -L, L) times the routing weight, rounded to x.dtype
    (and, with quantize_input, rounded through FP8 per 128 channels as the core's w2 linear does).
    h goes to a [T*k, I] buffer.
@@ -33,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from v4_kernels.fp8_linear.kernel import fake_quant_act, fp8_linear, quant_rows_e4m3, round_to
+from v4_kernels.formats import e8m0_value
+from v4_kernels.fp8_linear.kernel import e4m3_bits_to_f16, fake_quant_act, fp8_linear, quant_rows_e4m3, round_to
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FP4_BLOCK = 32  # E8M0 scale group along K
@@ -59,6 +65,25 @@ class FP4Experts:
 
 
 @dataclass
+class FP8Experts:
+    """Routed FP8 experts stacked over E (the `-Base` checkpoints), checkpoint format: w1/w3 e4m3 [E, I, D]
+    with scales [E, ceil(I/128), ceil(D/128)]; w2 e4m3 [E, D, I] with scales [E, ceil(D/128), ceil(I/128)];
+    scales E8M0 (float8_e8m0fnu or uint8) or fp32."""
+
+    w1: torch.Tensor
+    w1_scale: torch.Tensor
+    w2: torch.Tensor
+    w2_scale: torch.Tensor
+    w3: torch.Tensor
+    w3_scale: torch.Tensor
+
+    @classmethod
+    def stack(cls, experts: list[tuple[torch.Tensor, ...]]) -> "FP8Experts":
+        """From per-expert (w1, w1_scale, w2, w2_scale, w3, w3_scale) tuples."""
+        return cls(*(torch.stack([e[i] for e in experts]).contiguous() for i in range(6)))
+
+
+@dataclass
 class FP8Expert:
     """The shared expert, FP8 e4m3 weights with E8M0 128x128 block scales: w1/w3 [I, D], w2 [D, I]."""
 
@@ -71,18 +96,21 @@ class FP8Expert:
 
 
 # ---- tile sizes: the one place that picks them ------------------------------------------------
-def _tiles(n_slots: int, n_experts: int, d: int, i: int, quant_h: bool, gpu: bool | None = None) -> dict:
+def _tiles(n_slots: int, n_experts: int, d: int, i: int, quant_h: bool, gpu: bool | None = None,
+           w_fp8: bool = False) -> dict:
     """BLOCK_M (tokens per expert block) and the N/K tiles of both GEMMs.
 
-    K tiles are multiples of 32 (one E8M0 scale per 32). With quantize_input the gate/up I-tile is
-    exactly 128 wide, so the FP8 rounding of h per 128 channels happens in registers.
+    K tiles are multiples of 32 (one E8M0 scale per 32 for FP4) and, for FP8 experts, divide 128 (one
+    block scale per tile row). With quantize_input the gate/up I-tile is exactly 128 wide, so the FP8
+    rounding of h per 128 channels happens in registers.
     """
     if gpu is None:
         gpu = not _INTERPRET and torch.cuda.is_available()
     if not gpu:
-        return dict(BLOCK_M=16, BLOCK_N1=128, BLOCK_K1=min(max(triton.next_power_of_2(d), 32), 512),
+        k_cap = 128 if w_fp8 else 512
+        return dict(BLOCK_M=16, BLOCK_N1=128, BLOCK_K1=min(max(triton.next_power_of_2(d), 32), k_cap),
                     BLOCK_N2=min(max(triton.next_power_of_2(d), 16), 512),
-                    BLOCK_K2=min(max(triton.next_power_of_2(i), 32), 512), num_warps=4, num_stages=1)
+                    BLOCK_K2=min(max(triton.next_power_of_2(i), 32), k_cap), num_warps=4, num_stages=1)
     per_expert = n_slots / max(1, min(n_experts, n_slots))
     block_m = 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
     return dict(BLOCK_M=block_m, BLOCK_N1=128 if quant_h else 64, BLOCK_K1=128, BLOCK_N2=128, BLOCK_K2=128,
@@ -123,9 +151,40 @@ def _fp4_tile(w_ptr, s_ptr, offs_n, k0, K, mask_n, BLOCK_N: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _expert_fp4(w_ptr, s_ptr, expert, N, K):
-    """Expert `expert`'s FP4 matrix in a stack over E: (bytes [N, K/2], E8M0 scales [N, K/32]) pointers."""
-    return w_ptr + expert.to(tl.int64) * N * (K // 2), s_ptr + expert.to(tl.int64) * N * (K // 32)
+def _fp8_tile(w_ptr, s_ptr, offs_n, k0, K, mask_n, SCALE_E8M0: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """W[offs_n, k0 : k0 + BLOCK_K] of one FP8 matrix (e4m3 bytes [N, K], block scales [ceil(N/128),
+    ceil(K/128)], E8M0 bytes or fp32) as fp32: e4m3 decoded from its bits (exact; SM80 has no FP8
+    convert) times the scale. BLOCK_K divides 128, so the tile lies in one K block."""
+    tl.static_assert(128 % BLOCK_K == 0, "an FP8 K tile must not straddle a 128-wide scale block")
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    b = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :],
+                mask=mask_n[:, None] & (offs_k < K)[None, :], other=0)
+    s = tl.load(s_ptr + (offs_n // 128) * tl.cdiv(K, 128) + k0 // 128, mask=mask_n, other=0)
+    if SCALE_E8M0:
+        s = e8m0_value(s)
+    return e4m3_bits_to_f16(b).to(tl.float32) * (s * 256.0)[:, None]  # the decode holds value * 2^-8
+
+
+@triton.jit
+def _weight_tile(w_ptr, s_ptr, offs_n, k0, K, mask_n, W_FP8: tl.constexpr, SCALE_E8M0: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """An expert's weight tile [BLOCK_N, BLOCK_K] as fp32, FP8 or FP4 (`_fp8_tile`, `_fp4_tile`)."""
+    if W_FP8:
+        return _fp8_tile(w_ptr, s_ptr, offs_n, k0, K, mask_n, SCALE_E8M0, BLOCK_N, BLOCK_K)
+    else:
+        return _fp4_tile(w_ptr, s_ptr, offs_n, k0, K, mask_n, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _expert_weights(w_ptr, s_ptr, expert, N, K, W_FP8: tl.constexpr):
+    """Expert `expert`'s matrix in a stack over E: pointers to its bytes and scales (FP4: [N, K/2] and
+    [N, K/32]; FP8: [N, K] and [ceil(N/128), ceil(K/128)])."""
+    e = expert.to(tl.int64)
+    if W_FP8:
+        return w_ptr + e * N * K, s_ptr + e * tl.cdiv(N, 128) * tl.cdiv(K, 128)
+    else:
+        return w_ptr + e * N * (K // 2), s_ptr + e * N * (K // 32)
 
 
 @triton.jit
@@ -143,7 +202,8 @@ def _block_slots(slot_ptr, pid_m, n_slots, top_k, N, BLOCK_M: tl.constexpr, BLOC
 def _moe_gate_up_kernel(
     x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, slot_ptr, block_expert_ptr, route_w_ptr, h_ptr,
     n_slots, D, I, top_k, stride_xt, limit,
-    QUANT_H: tl.constexpr, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+    QUANT_H: tl.constexpr, W_FP8: tl.constexpr, SCALE_E8M0: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """h[slot, n] = w_slot * silu(min(g, L)) * clamp(u, -L, L) for the slots of one expert block."""
@@ -153,8 +213,8 @@ def _moe_gate_up_kernel(
     if expert < 0:
         return
     slots, m_mask, tokens, offs_n, n_mask = _block_slots(slot_ptr, pid_m, n_slots, top_k, I, BLOCK_M, BLOCK_N)
-    w1_e, s1_e = _expert_fp4(w1_ptr, s1_ptr, expert, I, D)
-    w3_e, s3_e = _expert_fp4(w3_ptr, s3_ptr, expert, I, D)
+    w1_e, s1_e = _expert_weights(w1_ptr, s1_ptr, expert, I, D, W_FP8)
+    w3_e, s3_e = _expert_weights(w3_ptr, s3_ptr, expert, I, D, W_FP8)
 
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -163,10 +223,10 @@ def _moe_gate_up_kernel(
         k_mask = offs_k < D
         a = tl.load(x_ptr + tokens[:, None] * stride_xt + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0).to(DOT_DTYPE)
-        w1 = _fp4_tile(w1_e, s1_e, offs_n, k0, D, n_mask, BLOCK_N, BLOCK_K)
-        acc_g = tl.dot(a, tl.trans(w1.to(DOT_DTYPE)), acc_g)
-        w3 = _fp4_tile(w3_e, s3_e, offs_n, k0, D, n_mask, BLOCK_N, BLOCK_K)
-        acc_u = tl.dot(a, tl.trans(w3.to(DOT_DTYPE)), acc_u)
+        w1 = _weight_tile(w1_e, s1_e, offs_n, k0, D, n_mask, W_FP8, SCALE_E8M0, BLOCK_N, BLOCK_K)
+        acc_g = tl.dot(a, tl.trans(w1.to(DOT_DTYPE)), acc_g, input_precision=DOT_PRECISION)
+        w3 = _weight_tile(w3_e, s3_e, offs_n, k0, D, n_mask, W_FP8, SCALE_E8M0, BLOCK_N, BLOCK_K)
+        acc_u = tl.dot(a, tl.trans(w3.to(DOT_DTYPE)), acc_u, input_precision=DOT_PRECISION)
 
     out_ty = h_ptr.dtype.element_ty
     gate = round_to(acc_g, out_ty, INTERPRET)  # the core's linear returns x.dtype
@@ -188,7 +248,8 @@ def _moe_gate_up_kernel(
 def _moe_down_kernel(
     h_ptr, w2_ptr, s2_ptr, slot_ptr, block_expert_ptr, y_ptr,
     n_slots, D, I, top_k,
-    OUT_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+    OUT_DTYPE: tl.constexpr, W_FP8: tl.constexpr, SCALE_E8M0: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y[token, n] += round_{x.dtype}(h[slot] . w2[n]) for the slots of one expert block (fp32 atomics)."""
@@ -197,7 +258,7 @@ def _moe_down_kernel(
     if expert < 0:
         return
     slots, m_mask, tokens, offs_n, n_mask = _block_slots(slot_ptr, pid_m, n_slots, top_k, D, BLOCK_M, BLOCK_N)
-    w2_e, s2_e = _expert_fp4(w2_ptr, s2_ptr, expert, D, I)
+    w2_e, s2_e = _expert_weights(w2_ptr, s2_ptr, expert, D, I, W_FP8)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
@@ -205,8 +266,8 @@ def _moe_down_kernel(
         k_mask = offs_k < I
         a = tl.load(h_ptr + slots[:, None].to(tl.int64) * I + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0)
-        w2 = _fp4_tile(w2_e, s2_e, offs_n, k0, I, n_mask, BLOCK_N, BLOCK_K)
-        acc = tl.dot(a.to(DOT_DTYPE), tl.trans(w2.to(DOT_DTYPE)), acc)
+        w2 = _weight_tile(w2_e, s2_e, offs_n, k0, I, n_mask, W_FP8, SCALE_E8M0, BLOCK_N, BLOCK_K)
+        acc = tl.dot(a.to(DOT_DTYPE), tl.trans(w2.to(DOT_DTYPE)), acc, input_precision=DOT_PRECISION)
     out = round_to(acc, OUT_DTYPE, INTERPRET)
     tl.atomic_add(y_ptr + tokens[:, None].to(tl.int64) * D + offs_n[None, :], out,
                   mask=m_mask[:, None] & n_mask[None, :])
@@ -241,13 +302,29 @@ def _align(ids: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.Tenso
 
 
 # ---- wrapper ----------------------------------------------------------------------------------
-def _check(experts: FP4Experts, d: int) -> tuple[int, int]:
-    e, i, half_d = experts.w1.shape
-    if half_d * 2 != d or experts.w3.shape != experts.w1.shape or tuple(experts.w2.shape) != (e, d, i // 2):
-        raise ValueError(f"expert shapes {tuple(experts.w1.shape)} / {tuple(experts.w2.shape)} do not fit D = {d}")
-    if d % FP4_BLOCK or i % FP4_BLOCK:
+def _check(experts: FP4Experts | FP8Experts, d: int) -> tuple[int, int]:
+    """(E, I) of the routed experts; raises ValueError naming the mismatch."""
+    fp8 = isinstance(experts, FP8Experts)
+    e, i, k = experts.w1.shape
+    if fp8:
+        scale = (e, triton.cdiv(i, 128), triton.cdiv(d, 128))
+        ok = (k == d and tuple(experts.w2.shape) == (e, d, i) and tuple(experts.w1_scale.shape) == scale
+              and tuple(experts.w2_scale.shape) == (e, scale[2], scale[1]))
+    else:
+        ok = k * 2 == d and tuple(experts.w2.shape) == (e, d, i // 2)
+    if not ok or experts.w3.shape != experts.w1.shape or experts.w3_scale.shape != experts.w1_scale.shape:
+        raise ValueError(f"{type(experts).__name__}: w1 {tuple(experts.w1.shape)}, w2 {tuple(experts.w2.shape)}, "
+                         f"w1_scale {tuple(experts.w1_scale.shape)} do not fit D = {d}")
+    if not fp8 and (d % FP4_BLOCK or i % FP4_BLOCK):
         raise ValueError(f"D ({d}) and I ({i}) must be multiples of {FP4_BLOCK}")
     return e, i
+
+
+def _scales(scale: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A scale tensor as the kernels read it: (E8M0 bytes as uint8, True) or (fp32, False)."""
+    if scale.dtype in (torch.float8_e8m0fnu, torch.uint8):
+        return scale.view(torch.uint8), True
+    return scale.float().contiguous(), False
 
 
 def _shared(x: torch.Tensor, shared: FP8Expert, limit: float, quantize_input: bool) -> torch.Tensor:
@@ -262,13 +339,14 @@ def _shared(x: torch.Tensor, shared: FP8Expert, limit: float, quantize_input: bo
 
 
 def fp4_moe(
-    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: FP4Experts, shared: FP8Expert | None, *,
-    limit: float, quantize_input: bool = False,
+    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: FP4Experts | FP8Experts,
+    shared: FP8Expert | None, *, limit: float, quantize_input: bool = False,
 ) -> torch.Tensor:
     """Triton `v4_plugin.ops.moe.moe`: x [T, D] (bf16/fp32), weights fp32 [T, k], ids [T, k] -> [T, D] x.dtype.
 
-    Routed experts: packed FP4 (`FP4Experts`), W4A16. `quantize_input=True` gives the reference's FP8
-    activation rounding (x per 128 of D, h per 128 of I). `shared=None` skips the shared expert.
+    Routed experts: packed FP4 (`FP4Experts`, W4A16) or FP8 (`FP8Experts`, W8A16). `quantize_input=True`
+    gives the reference's FP8 activation rounding (x per 128 of D, h per 128 of I). `shared=None` skips
+    the shared expert.
     """
     if x.dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"x must be bf16 or fp32, got {x.dtype}")
@@ -278,7 +356,10 @@ def fp4_moe(
     top_k = ids.shape[1] if ids.dim() == 2 else 1
     n_slots = ids.numel()
     if n_slots:
-        cfg = _tiles(n_slots, n_experts, d, inter, quantize_input)
+        w_fp8 = isinstance(experts, FP8Experts)
+        if not w_fp8 and experts.w1_scale.dtype not in (torch.float8_e8m0fnu, torch.uint8):
+            raise ValueError(f"FP4Experts scales must be E8M0, got {experts.w1_scale.dtype}")
+        cfg = _tiles(n_slots, n_experts, d, inter, quantize_input, w_fp8=w_fp8)
         slots, block_expert = _align(ids, n_experts, cfg["BLOCK_M"])
         xa = fake_quant_act(x) if quantize_input else x
         if xa.stride(-1) != 1:
@@ -286,17 +367,20 @@ def fp4_moe(
         route_w = weights.reshape(-1).float().contiguous()
         h = torch.empty((n_slots, inter), dtype=x.dtype, device=x.device)
         dot_dtype = tl.float32 if _INTERPRET else _TL_DTYPE[x.dtype]  # bf16 tl.dot is garbage in the interpreter
+        precision = "ieee" if dot_dtype == tl.float32 else "tf32"  # fp32 x: true fp32 products (no TF32)
         n_blocks = block_expert.numel()
+        (s1, e8m0), (s2, _), (s3, _) = _scales(experts.w1_scale), _scales(experts.w2_scale), _scales(experts.w3_scale)
+        w1, w2, w3 = (w.view(torch.uint8) for w in (experts.w1, experts.w2, experts.w3))
+        fmt = dict(W_FP8=w_fp8, SCALE_E8M0=e8m0)
         _moe_gate_up_kernel[(n_blocks, triton.cdiv(inter, cfg["BLOCK_N1"]))](
-            xa, experts.w1, experts.w1_scale.view(torch.uint8), experts.w3, experts.w3_scale.view(torch.uint8),
-            slots, block_expert, route_w, h, n_slots, d, inter, top_k, xa.stride(0), float(limit),
-            QUANT_H=quantize_input, DOT_DTYPE=dot_dtype, INTERPRET=_INTERPRET,
+            xa, w1, s1, w3, s3, slots, block_expert, route_w, h, n_slots, d, inter, top_k, xa.stride(0), float(limit),
+            QUANT_H=quantize_input, **fmt, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, INTERPRET=_INTERPRET,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         _moe_down_kernel[(n_blocks, triton.cdiv(d, cfg["BLOCK_N2"]))](
-            h, experts.w2, experts.w2_scale.view(torch.uint8), slots, block_expert, y, n_slots, d, inter, top_k,
-            OUT_DTYPE=_TL_DTYPE[x.dtype], DOT_DTYPE=dot_dtype, INTERPRET=_INTERPRET,
+            h, w2, s2, slots, block_expert, y, n_slots, d, inter, top_k,
+            OUT_DTYPE=_TL_DTYPE[x.dtype], **fmt, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, INTERPRET=_INTERPRET,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )

@@ -7,7 +7,11 @@ the only differences are summation order:
 * bf16 x: within one bf16 step (rtol 2^-7, same atol) and at least 97 % bit-identical (an fp32
   difference in the last bit can flip a bf16 rounding of gate, up or h, and that spreads).
 quantize_input=False is the W4A16 semantics the kernel is for; quantize_input=True (the reference's
-FP8 activations, rounded in registers) is checked with the same tolerances.
+FP8 activations, rounded in registers) is checked with the same tolerances, except that on sm_90 the
+shared expert then runs W8A8 with fast accumulation (atol 2^-9 * max |reference|, as
+kernels/fp8_linear/test_fp8_linear.py states). FP8 routed experts (`-Base` checkpoints, W8A16) decode
+exactly too (E8M0 scales; fp32 scales are rounded to x.dtype with the value, as the core's dequantize
+does): same tolerances.
 """
 
 import os
@@ -22,7 +26,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from v4_kernels.fp4_moe import kernel as K  # noqa: E402
-from v4_kernels.testing import DEVICE, assert_close, dtype_id  # noqa: E402
+from v4_kernels.testing import DEVICE, ON_GPU, assert_close, dtype_id, gpu_only  # noqa: E402
 from v4_kernels.testing import one_cpu_thread  # noqa: E402, F401  # autouse: importing it applies it here
 from v4_plugin import quant  # noqa: E402
 from v4_plugin.ops.moe import ExpertWeights, moe, route  # noqa: E402
@@ -51,11 +55,28 @@ def _model(d: int, inter: int, n_experts: int, gen: torch.Generator):
     return experts, shared, deq, shared_deq
 
 
-def _check(actual: torch.Tensor, expected: torch.Tensor) -> None:
+def _model_fp8(d: int, inter: int, n_experts: int, gen: torch.Generator, fp32_scales: bool = False):
+    """As `_model` with FP8 routed experts (`-Base`): (FP8Experts, FP8Expert, dequantized, dequantized shared)."""
+    std1, std2 = 3.0 / d**0.5, 1.0 / inter**0.5
+    raw = [(*_fp8(inter, d, gen, std1), *_fp8(d, inter, gen, std2), *_fp8(inter, d, gen, std1))
+           for _ in range(n_experts)]
+    if fp32_scales:
+        raw = [tuple(quant.e8m0_to_float(t) * 1.25 if i % 2 else t for i, t in enumerate(e)) for e in raw]
+    deq = [ExpertWeights(*(quant.dequantize_weight_fp8(e[i], e[i + 1]) for i in (0, 2, 4))) for e in raw]
+    _, shared, _, shared_deq = _model(d, inter, 1, gen)
+    return K.FP8Experts.stack([tuple(t.to(DEVICE) for t in e) for e in raw]), shared, deq, shared_deq
+
+
+FAST_ACCUM_HW = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
+
+
+def _check(actual: torch.Tensor, expected: torch.Tensor, w8a8_shared: bool = False) -> None:
+    """w8a8_shared: quantize_input=True, whose shared expert runs W8A8 (fast accumulation on sm_90)."""
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
     rtol = 2**-7 if expected.dtype == torch.bfloat16 else 1e-5
-    assert_close(actual, expected, rtol=rtol, atol=1e-5 * expected.double().abs().max().item())
-    if expected.dtype == torch.bfloat16:
+    accum = 2**-9 if w8a8_shared and FAST_ACCUM_HW else 1e-5
+    assert_close(actual, expected, rtol=rtol, atol=accum * expected.double().abs().max().item())
+    if expected.dtype == torch.bfloat16 and accum <= 1e-5:
         assert (actual != expected).float().mean() <= 0.03
 
 
@@ -93,7 +114,32 @@ def test_fp4_moe_fp8_activations(t, dtype):
     x = torch.randn(t, 128, generator=gen).to(dtype)
     weights, ids = route(x, torch.randn(8, 128, generator=gen), top_k=2, scaling=1.5, bias=torch.zeros(8))
     y = K.fp4_moe(x.to(DEVICE), weights.to(DEVICE), ids.to(DEVICE), experts, shared, limit=10.0, quantize_input=True)
-    _check(y.cpu(), moe(x, weights, ids, deq, shared_deq, limit=10.0, quantize_input=True))
+    _check(y.cpu(), moe(x, weights, ids, deq, shared_deq, limit=10.0, quantize_input=True), w8a8_shared=True)
+
+
+@pytest.mark.parametrize("t,dtype,quantize_input,fp32_scales", [
+    (3, torch.float32, False, False), (17, torch.bfloat16, False, False), (5, torch.float32, True, False),
+    (4, torch.float32, False, True)], ids=lambda v: dtype_id(v) if isinstance(v, torch.dtype) else None)
+def test_fp8_experts(t, dtype, quantize_input, fp32_scales):
+    """FP8 routed experts (`-Base`), W8A16; a partial 128 block along I; E8M0 or fp32 block scales."""
+    gen = torch.Generator().manual_seed(31 + t)
+    experts, shared, deq, shared_deq = _model_fp8(128, 96, 8, gen, fp32_scales)
+    x = torch.randn(t, 128, generator=gen).to(dtype)
+    weights, ids = route(x, torch.randn(8, 128, generator=gen), top_k=2, scaling=1.5, bias=torch.zeros(8))
+    y = K.fp4_moe(x.to(DEVICE), weights.to(DEVICE), ids.to(DEVICE), experts, shared, limit=10.0,
+                  quantize_input=quantize_input)
+    _check(y.cpu(), moe(x, weights, ids, deq, shared_deq, limit=10.0, quantize_input=quantize_input),
+           w8a8_shared=quantize_input)
+
+
+def test_rejects_mismatched_experts():
+    gen = torch.Generator().manual_seed(3)
+    experts, shared, _, _ = _model_fp8(128, 96, 2, gen)
+    bad = K.FP8Experts(experts.w1, experts.w1_scale[:, :, :0], experts.w2, experts.w2_scale, experts.w3,
+                       experts.w3_scale)
+    x, weights, ids = torch.zeros(1, 128), torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="FP8Experts"):
+        K.fp4_moe(x.to(DEVICE), weights.to(DEVICE), ids.to(DEVICE), bad, shared, limit=10.0)
 
 
 def test_no_clamp_and_no_shared():
@@ -110,7 +156,7 @@ def test_no_clamp_and_no_shared():
 def test_gpu_tiles_in_interpreter(monkeypatch):
     """GPU tiles on bigger dims: several I tiles (64), two K steps per GEMM, a partial last I block."""
     real_tiles = K._tiles
-    monkeypatch.setattr(K, "_tiles", lambda *a, gpu=None: real_tiles(*a, gpu=True))
+    monkeypatch.setattr(K, "_tiles", lambda *a, gpu=None, **kw: real_tiles(*a, gpu=True, **kw))
     gen = torch.Generator().manual_seed(8)
     experts, shared, deq, shared_deq = _model(256, 160, 4, gen)
     x = torch.randn(9, 256, generator=gen)
@@ -150,14 +196,15 @@ def test_align_layout():
     assert (block_expert[block_expert >= 0].diff() >= 0).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled kernels, real shapes)")
+@gpu_only
 @pytest.mark.parametrize("t", [1, 16, 128])
-@pytest.mark.parametrize("preset", ["flash", "pro"])
-def test_gpu_real_shapes_bf16(t, preset):
-    """Real expert dims (Flash 4096/2048, Pro 7168/3072), 16 experts so the CPU reference stays small."""
+@pytest.mark.parametrize("preset,experts_fmt", [("flash", "fp4"), ("pro", "fp4"), ("flash", "fp8")])
+def test_gpu_real_shapes_bf16(t, preset, experts_fmt):
+    """Real expert dims (Flash 4096/2048, Pro 7168/3072), 16 experts so the CPU reference stays small; FP8
+    experts (Flash-Base) at Flash dims."""
     d, inter = (4096, 2048) if preset == "flash" else (7168, 3072)
     gen = torch.Generator().manual_seed(t)
-    experts, shared, deq, shared_deq = _model(d, inter, 16, gen)
+    experts, shared, deq, shared_deq = (_model if experts_fmt == "fp4" else _model_fp8)(d, inter, 16, gen)
     x = torch.randn(t, d, generator=gen).to(torch.bfloat16)
     weights, ids = route(x, torch.randn(16, d, generator=gen), top_k=6, scaling=1.5, bias=torch.zeros(16))
     y = K.fp4_moe(x.to(DEVICE), weights.to(DEVICE), ids.to(DEVICE), experts, shared, limit=10.0)

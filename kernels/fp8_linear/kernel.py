@@ -13,13 +13,22 @@ References (the core functions these wrappers replace):
 Two GEMMs:
 
 * W8A8 (`_w8a8_kernel`, GPUs with FP8 tensor cores, SM89+): the activation is quantized by
-  `_act_quant_kernel`, then each 128-wide K step is one FP8 `tl.dot` (fp32 accumulator) scaled by
-  the activation scale of the row and the weight block scale of the column.
+  `_act_quant_kernel`, then each 128-wide K step is one FP8 `tl.dot` scaled by the activation scale
+  of the row and the weight block scale of the column, and added to an fp32 accumulator.
+  Accumulation mode (`FP8_FAST_ACCUM`, on by default): Hopper's FP8 MMA may accumulate with fewer
+  than fp32's bits ("fast accumulation", Triton's default on sm_90). Each K step is its own dot of
+  128 products whose result is promoted to the fp32 accumulator, so the reduced precision spans at
+  most 128 products (the DeepSeek-V3 / DeepGEMM recipe); `fast_accum=False` asks for full fp32
+  accumulation inside the MMA (max_num_imprecise_acc = 0). SM89 and the interpreter accumulate in
+  fp32 either way. Tolerances: kernels/fp8_linear/test_fp8_linear.py.
 * W8A16 (`_w8a16_kernel`, any GPU, SM80 included): the weight tile is loaded as bytes and decoded
   to 16-bit floats in registers (e4m3 bits shifted into an fp16, exact), multiplied in bf16/fp16
   (fp32 activations: fp32) with fp32 accumulation, and the block scale is applied to the partial
   product. `quantize_input=True` without FP8 tensor cores runs the same activation rounding first
   (`fake_quant_act`, exact in bf16) and then W8A16, which is the W8A8 result up to summation order.
+
+Per arch: `act_quant` writes its e4m3 codes from their bits into bytes (SM80 cannot compile an FP8
+store); W8A8 needs FP8 tensor cores (SM89+, `fp8_dot_supported`); SM80 takes W8A16 throughout.
 
 Exactness: every product of the reference GEMM is exact in fp32 here as well, so results differ
 only by summation order. The activation quantization is bit-exact (scales and codes): the scale is
@@ -36,11 +45,12 @@ import torch
 import triton
 import triton.language as tl
 
-from v4_kernels.formats import e8m0_value, round_bf16
+from v4_kernels.formats import e4m3_code, e8m0_value, round_bf16
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ACT_BLOCK = 128  # activation quantization block along K; also the weight scale block
 WEIGHT_BLOCK = 128
+FP8_FAST_ACCUM = True  # W8A8 default: fast accumulation within each 128-wide K step (see above)
 
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -149,9 +159,10 @@ def _gpu_configs(kind: str) -> list[triton.Config]:
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Skip M tiles far larger than the batch (decode tunes only the 16/32-row tiles)."""
-    m = named_args["M_BUCKET"]
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, m)] or configs
+    """Only the M tile that fits the batch bucket and the next smaller one: 4 (W8A8) / 8 (W8A16) configs
+    for decode (M <= 16), 8 / 16 above, instead of all 16 / 32 (each new shape benchmarks them all)."""
+    fit = min(max(named_args["M_BUCKET"], 16), 128)
+    return [c for c in configs if c.kwargs["BLOCK_M"] in (fit, max(16, fit // 2))] or configs
 
 
 def _m_bucket(m: int) -> int:
@@ -190,17 +201,20 @@ def _act_quant_kernel(
     if DEQUANT:  # exact for bf16/fp32
         store_rounded(out_ptr + offs_m[:, None] * K + offs_k[None, :], q * scale[:, None], mask, INTERPRET)
     else:
-        tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], q.to(out_ptr.dtype.element_ty), mask=mask)
+        # codes built from the bits into a uint8 view: no fp8 store, which SM80 cannot compile
+        tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], e4m3_code(q).to(tl.uint8), mask=mask)
         tl.store(scale_ptr + offs_m * n_kb + kb, scale, mask=offs_m < M)
 
 
 @triton.jit
 def _w8a8_kernel(
     xq_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, n_kb, stride_ym, M_BUCKET,
-    SCALE_E8M0: tl.constexpr, INTERPRET: tl.constexpr,
+    SCALE_E8M0: tl.constexpr, FAST_ACCUM: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y = sum over K steps of (xq . wq^T) * xs[:, kb] * ws[n // 128, kb], kb = k // 128.
+
+    FAST_ACCUM: the MMA may accumulate a K step's BLOCK_K products imprecisely (sm_90); else in fp32.
 
     xq [M, K] e4m3 with xs [M, n_kb] fp32; wq [N, K] e4m3 with ws E8M0 (or fp32) [ceil(N/128), n_kb].
     """
@@ -215,7 +229,11 @@ def _w8a8_kernel(
         b = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         a_scale = tl.load(xs_ptr + offs_m * n_kb + kb, mask=m_mask, other=0.0)
         w_scale = _weight_scales(ws_ptr, offs_n, n_mask, kb, n_kb, SCALE_E8M0)
-        acc += tl.dot(a, tl.trans(b)) * a_scale[:, None] * w_scale[None, :]
+        if FAST_ACCUM:
+            part = tl.dot(a, tl.trans(b), input_precision="tf32", max_num_imprecise_acc=BLOCK_K)
+        else:
+            part = tl.dot(a, tl.trans(b), input_precision="tf32", max_num_imprecise_acc=0)
+        acc += part * a_scale[:, None] * w_scale[None, :]  # (input_precision: no effect on FP8 operands)
     store_rounded(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc, m_mask[:, None] & n_mask[None, :],
                   INTERPRET)
 
@@ -274,16 +292,17 @@ def _act_quant(x2: torch.Tensor, dequant: bool) -> tuple[torch.Tensor, torch.Ten
     if dequant:
         out, scale = torch.empty_like(x2), None
     else:
-        out = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x2.device)
+        out = torch.empty((m, k), dtype=torch.uint8, device=x2.device)
         scale = torch.empty((m, n_kb), dtype=torch.float32, device=x2.device)
+    codes = out if dequant else out.view(torch.float8_e4m3fn)
     if m == 0 or k == 0:
-        return out, scale
+        return codes, scale
     cfg = _tiles("act_quant", m, 0, k)
     _act_quant_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), n_kb)](
         x2, out, out if scale is None else scale, m, k, x2.stride(0), n_kb,
         DEQUANT=dequant, BLOCK_M=cfg["BLOCK_M"], BLOCK=ACT_BLOCK, INTERPRET=_INTERPRET, num_warps=cfg["num_warps"],
     )
-    return out, scale
+    return codes, scale
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -319,13 +338,13 @@ def _weight_views(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tens
 
 def fp8_linear(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, quantize_input: bool, *,
-    fp8_dot: bool | None = None,
+    fp8_dot: bool | None = None, fast_accum: bool = FP8_FAST_ACCUM,
 ) -> torch.Tensor:
     """Triton `v4_plugin.ops.linear.linear(x, dequantize_weight_fp8(weight, scale), quantize_input)`.
 
     x [..., in] (bf16, fp16 or fp32); weight e4m3 [out, in]; scale E8M0 (or fp32) [ceil(out/128), ceil(in/128)].
     Returns [..., out] in x.dtype. `fp8_dot` picks W8A8 (True) or W8A16 (False); default: W8A8 when
-    `quantize_input` and the GPU has FP8 tensor cores.
+    `quantize_input` and the GPU has FP8 tensor cores. `fast_accum`: W8A8's accumulation mode (module docstring).
     """
     out_f, in_f = weight.shape
     if x.shape[-1] != in_f:
@@ -344,7 +363,7 @@ def fp8_linear(
         xq, xs = _act_quant(x2, dequant=False)
         w = w.view(torch.float8_e4m3fn)
         args = (xq, xs, w, ws, y, m, out_f, in_f, n_kb, y.stride(0), _m_bucket(m))
-        meta = dict(SCALE_E8M0=e8m0, INTERPRET=_INTERPRET)
+        meta = dict(SCALE_E8M0=e8m0, FAST_ACCUM=bool(fast_accum), INTERPRET=_INTERPRET)
         kind = "w8a8"
     else:
         if quantize_input:

@@ -92,7 +92,7 @@ def _load_keys(keys_ptr, slot, valid, stride_keys, DI: tl.constexpr, KEY_FMT: tl
 @triton.jit
 def _index_scores_kernel(
     q_ptr, w_ptr, keys_ptr, slots_ptr, visible_ptr, qstart_ptr, out_ptr,
-    N, H, stride_qt, stride_qh, stride_wt, stride_keys, stride_sb, stride_ot,
+    N, H, stride_qt, stride_qh, stride_wt, stride_keys, stride_sb, stride_ot, N_BUCKET,
     DI: tl.constexpr, HP: tl.constexpr, KEY_FMT: tl.constexpr, HAS_SLOTS: tl.constexpr,
     FP8_HW: tl.constexpr, DOT_F32: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -129,7 +129,7 @@ def _index_scores_kernel(
             if DOT_F32:
                 dots = tl.dot(q.to(tl.float32), tl.trans(k), input_precision="ieee")
             else:
-                dots = tl.dot(q, tl.trans(k.to(q.dtype)))
+                dots = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="tf32")  # 16-bit: no effect
             part = tl.maximum(dots, 0.0) * w[:, None]  # [BLOCK_T * HP, BLOCK_N]
             score = tl.sum(tl.reshape(part, [BLOCK_T, HP, BLOCK_N]), 1)
             ok = kvalid[None, :] & (j[None, :] < vis[:, None])
@@ -143,7 +143,9 @@ def _score_configs() -> list[triton.Config]:
 
 @functools.lru_cache(maxsize=None)
 def _tuned_scores():
-    return triton.autotune(_score_configs(), key=["H", "DI", "KEY_FMT", "BLOCK_T", "DOT_F32"])(_index_scores_kernel)
+    """Tuned per heads, key format, query tile and key-count bucket (N_BUCKET: a 4K and a 128K context differ)."""
+    key = ["H", "DI", "KEY_FMT", "BLOCK_T", "DOT_F32", "N_BUCKET"]
+    return triton.autotune(_score_configs(), key=key)(_index_scores_kernel)
 
 
 def _row_align(stride: int) -> int:
@@ -216,7 +218,7 @@ def index_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor
     nb = query_start.numel() - 1
     args = (q, head_weights, keys, slots if slots is not None else keys, visible, query_start, out,
             n, H, q.stride(0), q.stride(1), head_weights.stride(0), keys.stride(0),
-            slots.stride(0) if slots is not None else 0, out.stride(0))
+            slots.stride(0) if slots is not None else 0, out.stride(0), min(triton.next_power_of_2(n), 1 << 20))
     consts = dict(DI=di, HP=tiles["HP"], KEY_FMT=fmt, HAS_SLOTS=slots is not None, FP8_HW=bool(fp8_hw),
                   DOT_F32=dot_f32, ROW_ALIGN=_row_align(keys.stride(0)), BLOCK_T=tiles["BLOCK_T"])
     t_blocks = max(1, triton.cdiv(max_queries, tiles["BLOCK_T"]))

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():  # tests/conftest.py does not cover kernels/; 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from v4_kernels.indexer.kernel import index_scores, index_topk, indexer_record_format, select_topk
-from v4_kernels.testing import assert_close
+from v4_kernels.testing import assert_close, gpu_only, on_device
 from v4_plugin.config import parse_config, preset_config
 from v4_plugin.kvcache import pack_indexer, unpack_indexer
 from v4_plugin.layout import IndexerCache, indexer_entry_bytes
@@ -26,6 +26,7 @@ from v4_plugin.ops.indexer import index_scores as core_index_scores
 from v4_plugin.ops.indexer import select_topk as core_select_topk
 from v4_plugin.tiny import TINY_PRESETS
 
+index_scores, index_topk, select_topk = map(on_device, (index_scores, index_topk, select_topk))  # CPU-built inputs
 ATOL = RTOL = 1e-5
 TINY = parse_config(TINY_PRESETS["flash"])
 TINY_PRO = parse_config(TINY_PRESETS["pro"])
@@ -217,3 +218,25 @@ def test_gpu_decode_and_topk(fmt):
     assert torch.equal(out == float("-inf"), inv)
     assert_close(out[~inv], ref[~inv], atol=5e-2, rtol=2e-2)  # q rounded to bf16
     assert torch.equal(select_topk(out.to(dev), visible.to(dev), 512).cpu(), core_select_topk(out, visible, 512))
+
+
+@gpu_only
+@pytest.mark.parametrize("fmt", [IndexerCache.FP8, IndexerCache.FP4], ids=["fp8", "fp4"])
+@pytest.mark.parametrize("context", [4096, 32768, 131072], ids=lambda c: f"{c // 1024}k")
+@pytest.mark.parametrize("cfg", [FLASH, PRO], ids=["flash", "pro"])
+def test_gpu_real_contexts(cfg, context, fmt):
+    """Decode at real contexts: 4 queries of one sequence over its context / 4 compressed entries (per-sequence
+    slot list), scores within bf16 q rounding, then the model's top-k (512 Flash, 1024 Pro) exactly on them."""
+    g = torch.Generator().manual_seed(context)
+    n = context // 4
+    cache, keys_f = _keys(cfg, n + 100, fmt, g)
+    q, w = _qw(cfg, 4, g)
+    slots = torch.randperm(n + 100, generator=g)[:n].reshape(1, -1)
+    visible = torch.tensor([n, n - 1, n // 2, 3])
+    ref = _ref_scores_per_query(q, w, keys_f, slots.expand(4, -1), visible)
+    out = index_scores(q.bfloat16(), w, cache, slots=slots, visible=visible,
+                       query_start=torch.tensor([0, 4], dtype=torch.int32), max_queries=4)
+    inv = ref == float("-inf")
+    assert torch.equal(out == float("-inf"), inv)
+    assert_close(out[~inv], ref[~inv], atol=5e-2, rtol=2e-2)  # q rounded to bf16
+    assert torch.equal(select_topk(out, visible, cfg.index_topk), core_select_topk(out, visible, cfg.index_topk))

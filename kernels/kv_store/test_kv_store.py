@@ -22,13 +22,17 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from v4_kernels.formats import e2m1_value, e4m3_value, e8m0_value  # noqa: E402
-from v4_kernels.testing import DEVICES, run_compile_check, sm90_compile_check  # noqa: E402
+from v4_kernels.testing import DEVICES, on_device, run_compile_check, sm90_compile_check  # noqa: E402
 from v4_plugin import kvcache, quant  # noqa: E402
 from v4_plugin.config import parse_config, preset_config  # noqa: E402
 from v4_plugin.layout import IndexerCache, indexer_entry_bytes, main_entry_bytes  # noqa: E402
 from v4_plugin.ops.compressor import simulate_kv_storage  # noqa: E402
 from v4_plugin.quant import fake_quant_fp4, hadamard  # noqa: E402
 from v4_plugin.tiny import TINY_PRESETS  # noqa: E402
+
+# CPU-built inputs (caches written in place come back)
+store_main, store_indexer, load_main, load_indexer = map(on_device, (store_main, store_indexer, load_main,
+                                                                      load_indexer))
 
 CFGS = {"tiny": parse_config(TINY_PRESETS["flash"]), "flash": preset_config("flash")}
 

@@ -107,7 +107,7 @@ def _load_kv_tile(kv_ptr, slot, valid, stride_kv,
 def _sparse_attn_kernel(
     q_ptr, kv_ptr, slots_ptr, sink_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     S, H, chunk, num_splits, qk_scale,
-    stride_qt, stride_qh, stride_kv, stride_st, stride_ot, stride_oh,
+    stride_qt, stride_qh, stride_kv, stride_st, stride_ot, stride_oh, T_BUCKET, CHUNK_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NOPE: tl.constexpr, SCALE_OFF: tl.constexpr,
     KV_FP8: tl.constexpr, FP8_HW: tl.constexpr, DOT_F32: tl.constexpr, WRITE_FINAL: tl.constexpr,
     ROW_ALIGN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -142,7 +142,7 @@ def _sparse_attn_kernel(
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             k = k.to(q.dtype)
-            s = tl.dot(q, tl.trans(k))
+            s = tl.dot(q, tl.trans(k), input_precision="tf32")  # 16-bit operands: the argument has no effect
         s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -152,7 +152,7 @@ def _sparse_attn_kernel(
         if DOT_F32:
             pv = tl.dot(p, k, input_precision="ieee")
         else:
-            pv = tl.dot(p.to(k.dtype), k)
+            pv = tl.dot(p.to(k.dtype), k, input_precision="tf32")
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
@@ -222,8 +222,16 @@ def _prune(configs, named_args, **kwargs):
 
 @functools.lru_cache(maxsize=None)
 def _tuned_attn():
-    return triton.autotune(_gpu_configs(), key=["H", "HEAD_DIM", "KV_FP8", "DOT_F32", "WRITE_FINAL"],
-                           prune_configs_by={"early_config_prune": _prune})(_sparse_attn_kernel)
+    """Tuned per head count, record format and shape bucket: queries (T_BUCKET) and slots per split
+    (CHUNK_BUCKET), so a decode step and a prefill chunk each get their own config."""
+    key = ["H", "HEAD_DIM", "KV_FP8", "DOT_F32", "WRITE_FINAL", "T_BUCKET", "CHUNK_BUCKET"]
+    return triton.autotune(_gpu_configs(), key=key, prune_configs_by={"early_config_prune": _prune})(
+        _sparse_attn_kernel)
+
+
+def shape_bucket(n: int, cap: int) -> int:
+    """The autotune bucket of a count: the next power of two, at most `cap` (16 buckets or fewer)."""
+    return min(triton.next_power_of_2(max(n, 1)), cap)
 
 
 @functools.lru_cache(maxsize=None)
@@ -320,7 +328,8 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, s
         part_lse = torch.empty((T, splits, H), dtype=torch.float32, device=q.device)
 
     args = (q, kv, indices, sink, out, part_o, part_lse, S, H, chunk, splits, float(scale) * LOG2E,
-            q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1))
+            q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1),
+            shape_bucket(T, 4096), shape_bucket(chunk, 1 << 17))
     consts = dict(HEAD_DIM=d, D_PAD=d_pad, NOPE=nope, SCALE_OFF=scale_off, KV_FP8=kv_fp8, FP8_HW=bool(fp8_hw),
                   DOT_F32=dot_f32, WRITE_FINAL=final, ROW_ALIGN=_row_align(kv.stride(0)))
     if on_gpu:

@@ -17,13 +17,14 @@ if not torch.cuda.is_available():  # tests/conftest.py does not cover kernels/; 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from v4_kernels.sparse_attention.kernel import main_record_layout, sparse_attention
-from v4_kernels.testing import assert_close
+from v4_kernels.testing import assert_close, gpu_only, on_device
 from v4_plugin.config import parse_config, preset_config
 from v4_plugin.kvcache import pack_main, unpack_main
 from v4_plugin.layout import main_entry_bytes
 from v4_plugin.ops.attention import sparse_attention as core_sparse_attention
 from v4_plugin.tiny import TINY_PRESETS
 
+sparse_attention = on_device(sparse_attention)  # CPU-built inputs and references
 ATOL = RTOL = 2e-5
 CFGS = {
     "tiny-flash": parse_config(TINY_PRESETS["flash"]),
@@ -182,3 +183,23 @@ def test_gpu_bf16(name, T, S):
     assert_close(out.float().cpu(), ref, atol=2e-2, rtol=2e-2)
     out32 = sparse_attention(q.float().to(dev), kv.to(dev), idx.to(dev), sink.to(dev), scale)
     assert_close(out32.cpu(), ref, atol=1e-4, rtol=1e-4)
+
+
+CONTEXTS = (4096, 32768, 131072)
+
+
+@gpu_only
+@pytest.mark.parametrize("T", [1, 8])
+@pytest.mark.parametrize("layer", ["csa", "hca"])
+@pytest.mark.parametrize("context", CONTEXTS, ids=lambda c: f"{c // 1024}k")
+@pytest.mark.parametrize("name", ["flash", "pro"])
+def test_gpu_real_contexts(name, context, layer, T):
+    """Real heads (Flash 64, Pro 128) and slot lists of a `context`-token sequence: CSA = top-k compressed
+    entries + the 128-token window, HCA = every context / 128 entry + the window; the cache holds
+    context / 4 compressed entries + the window. bf16 q, FP8 records."""
+    cfg = CFGS[name]
+    S = (cfg.index_topk if layer == "csa" else context // 128) + 128
+    q, records, kv, idx, sink, scale = _inputs(cfg, T=T, S=S, seed=context + T, num_slots=context // 4 + 128,
+                                               q_dtype=torch.bfloat16)
+    ref = core_sparse_attention(q.float(), kv, idx, sink, scale)
+    assert_close(sparse_attention(q, records, idx, sink, scale).float(), ref, atol=2e-2, rtol=2e-2)

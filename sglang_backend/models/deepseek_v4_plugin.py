@@ -127,6 +127,10 @@ class DeepseekV4PluginForCausalLM(nn.Module):
             _register(self, name, t)
         self.tensors = tensors
         self.ref = ReferenceModel(self.cfg, tensors, dtype=self.dtype, quant=self.quant)
+        from v4_plugin import dispatch
+        from v4_plugin.paged import CacheFormat
+
+        dispatch.warmup(self.ref, CacheFormat())  # decode-shape kernels on GPUs (logged; the pool's format comes later)
 
     def _load_tensors(self) -> dict[str, torch.Tensor]:
         """The checkpoint tensors this model holds: the main model's (mtp.* skipped); FP8/FP4 linears in
