@@ -26,7 +26,14 @@ SGLang's native DeepSeek-V4 code serves, untouched), it:
    SGLang's EAGLE worker and refuses drafters the checkpoint does not carry
    (`sglang_backend.speculative`): hooks on SGLang's speculative-argument resolution (DSPARK becomes
    EAGLE with our draft), its model config (the draft architecture) and its draft attention-backend
-   factory.
+   factory;
+7. checks a local checkpoint (config.json, the index against the shards' headers) when SGLang reads
+   its config in the launching process, before any scheduler starts (`validate_checkpoint`), and
+   answers requests whose token ids are outside the vocabulary (or that ask for more top logprobs
+   than it has) with HTTP 400 where SGLang validates requests (`check_request`, `detokenize`): the
+   scheduler would otherwise fail on them and take the server down;
+8. replaces SGLang's startup lines about the tokenizer's chat template (unused for our model) with
+   one saying what renders the chats (`load_chat_template`).
 """
 
 from __future__ import annotations
@@ -144,13 +151,20 @@ MODEL_CONFIG = "sglang.srt.configs.model_config.ModelConfig._derive_hybrid_model
 DRAFT_BACKENDS = "sglang.srt.speculative.draft_utils.DraftBackendFactory"
 EAGLE_UTILS = "sglang.srt.speculative.eagle_utils"  # its tree kernels, bound by name there
 SPECULATIVE_ARGS = "handle_speculative_decoding"  # the server-argument resolution step
+VALIDATE_REQUEST = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
+DETOKENIZE = "sglang.srt.entrypoints.openai.serving_tokenize.OpenAIServingDetokenize._handle_non_streaming_request"
+LOAD_CHAT_TEMPLATE = "sglang.srt.parser.template_manager.TemplateManager.load_chat_template"
 
 
 def _install_hooks() -> None:
     from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+    HookRegistry.register(GET_CONFIG, validate_checkpoint, HookType.BEFORE)
     HookRegistry.register(GET_CONFIG, rename_architecture, HookType.AFTER)
+    HookRegistry.register(VALIDATE_REQUEST, check_request, HookType.BEFORE)
+    HookRegistry.register(DETOKENIZE, detokenize, HookType.AROUND)
+    HookRegistry.register(LOAD_CHAT_TEMPLATE, load_chat_template, HookType.AROUND)
     HookRegistry.register(POOL_CONFIGURATOR, _pool_configurator, HookType.AROUND)
     HookRegistry.register(BUILD_POOL, _build_pool, HookType.AROUND)
     register_resolution_hook(SPECULATIVE_ARGS)(_speculative("serve_dspark_with_eagle"))
@@ -172,6 +186,102 @@ def _speculative(name: str):
         return getattr(speculative, name)(*args, **kwargs)
 
     return hook
+
+
+_validated: set[str] = set()  # checkpoint dirs already validated in this process
+
+
+def validate_checkpoint(model=None, *args, **kwargs) -> None:
+    """BEFORE `get_config(model, ...)`, which SGLang runs in the launching process while it resolves the
+    server arguments (before any scheduler starts): a local DeepSeek-V4 checkpoint is checked by the
+    core (`v4_plugin.checkpoint.validate_checkpoint`: config.json and the index against the shards'
+    headers), so a bad one fails with the plugin's message naming the file and field or tensor instead
+    of a transformers error, or a failure in a scheduler after minutes."""
+    import json
+    from pathlib import Path
+
+    model = kwargs.get("model", model)
+    config_path = Path(str(model)) / "config.json"
+    if disabled() or str(config_path) in _validated or not config_path.is_file():
+        return None
+    try:
+        raw = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        raw = None  # not ours to judge: SGLang reports it
+    raw = raw if isinstance(raw, dict) else {}
+    archs = raw.get("architectures") or []
+    if raw.get("model_type") == "deepseek_v4" or any(a in (NATIVE_ARCH, *ARCHS) for a in archs):
+        from v4_plugin.checkpoint import validate_checkpoint as validate
+
+        validate(config_path.parent)  # ConfigError / CheckpointError (ValueError) ends the launch
+    _validated.add(str(config_path))
+    return None
+
+
+def token_id_error(ids, vocab: int) -> str | None:
+    """Why the token ids `ids` (ints, or lists of ints) cannot be given to a model of `vocab` ids, or None."""
+    for token in ids:
+        if isinstance(token, list):
+            if (error := token_id_error(token, vocab)) is not None:
+                return error
+        elif type(token) is not int:  # bool and float are refused too
+            return f"token ids must be integers, got {token!r}"
+        elif not 0 <= token < vocab:
+            return f"token id {token} is out of range: the vocabulary has {vocab} ids, [0, {vocab})"
+    return None
+
+
+def check_request(manager, obj, input_ids, *args, **kwargs) -> None:
+    """BEFORE `TokenizerManager._validate_one_request(obj, input_ids)` (every generate request, batch
+    items one by one, in the HTTP process), for our models: token ids that are not integers in
+    [0, vocab_size), or more top log-probabilities than the vocabulary has, are the client's error, a
+    ValueError that SGLang answers with HTTP 400 (its scheduler would fail on either, in the embedding
+    or the sampler, and take the whole server down)."""
+    if not is_ours(manager.model_config.hf_config):
+        return None
+    vocab = manager.model_config.vocab_size
+    if input_ids and (error := token_id_error(input_ids, vocab)) is not None:
+        raise ValueError(f"input {error}")
+    top = getattr(obj, "top_logprobs_num", None)
+    if isinstance(top, int) and not 0 <= top <= vocab:
+        raise ValueError(f"top_logprobs_num (logprobs / top_logprobs) {top} is out of range: the vocabulary has "
+                         f"{vocab} ids")
+    return None
+
+
+async def detokenize(original, self, adapted_request, request, *args, **kwargs):
+    """AROUND `OpenAIServingDetokenize._handle_non_streaming_request`: for our models an id outside the
+    vocabulary is a 400 naming it (SGLang answers a negative one with a 500 and decodes the others)."""
+    model_config = self.tokenizer_manager.model_config
+    if is_ours(model_config.hf_config) and isinstance(request.tokens, list):
+        if (error := token_id_error(request.tokens, model_config.vocab_size)) is not None:
+            return self.create_error_response(f"Invalid input: {error}", param="tokens")
+    return await original(self, adapted_request, request, *args, **kwargs)
+
+
+TEMPLATE_LOGGER = "sglang.srt.parser.template_manager"
+TEMPLATE_LINES = ("Loading chat template from argument", "Using default HuggingFace chat template",
+                  "No chat template found", "Auto-detected template features")
+"""What SGLang's template manager says about the chat template it found, which our chat encoding never
+uses (`sglang_backend.chat` renders with `v4_plugin.chat` for our architecture)."""
+
+
+def load_chat_template(original, self, tokenizer_manager, chat_template_arg=None, *args, **kwargs):
+    """AROUND `TemplateManager.load_chat_template`: SGLang still loads it (a `--*-parser auto` is resolved
+    from it, and logs so), but for our architecture its lines about the template are replaced by one
+    saying what renders the chats."""
+    if not is_ours(tokenizer_manager.model_config.hf_config):
+        return original(self, tokenizer_manager, chat_template_arg, *args, **kwargs)
+    from v4_plugin.logs import MutedLines
+
+    with MutedLines(TEMPLATE_LOGGER, *TEMPLATE_LINES):
+        result = original(self, tokenizer_manager, chat_template_arg, *args, **kwargs)
+    if tokenizer_manager.tokenizer is None:  # --skip-tokenizer-init: no chats at all
+        return result
+    unused = f"--chat-template {chat_template_arg}" if chat_template_arg else "the tokenizer's chat template, if any,"
+    logger.info("deepseek-v4-plugin: chats are rendered by v4_plugin.chat (the checkpoint's DeepSeek-V4 encoding); "
+                "%s is not used", unused)
+    return result
 
 
 def rename_architecture(config, *args, **kwargs):

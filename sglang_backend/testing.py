@@ -6,7 +6,13 @@ import contextlib
 import json
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -138,3 +144,60 @@ def generate(engine, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> l
     params = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True}
     out = engine.generate(input_ids=[list(p) for p in prompts], sampling_params=params)
     return out if isinstance(out, list) else [out]
+
+
+# ---- `python -m sglang.launch_server` as a real server (HTTP tests) ---------------------------------
+SERVER_ARGS = ("--device", "cpu", "--dtype", "float32", "--max-total-tokens", "4096", "--disable-overlap-schedule",
+               "--cuda-graph-backend-decode", "disabled", "--disable-prefill-cuda-graph")
+"""The CPU flags every test server gets (the `CPU_ENGINE_ARGS` of `launch_server`)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SglangServer:
+    """`python -m sglang.launch_server --model-path MODEL_DIR ... ARGS...` (exact mode, `SERVER_ARGS`) as a
+    real server, output in `log`, in its own process group. Several can start at once: construct them all,
+    then `wait` for each."""
+
+    def __init__(self, model_dir: str | Path, log: str | Path, *args: str, env: dict[str, str] | None = None):
+        self.log, self.port = Path(log), free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir),
+                    "--host", "127.0.0.1", "--port", str(self.port), *SERVER_ARGS, *args]
+        server_env = {**os.environ, **EXACT_ENV, **(env or {})}
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=server_env,
+                                     start_new_session=True)
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.base}/health", timeout=5) as resp:
+                return resp.status == 200
+        except Exception:
+            return False
+
+    def wait(self, timeout: float = 420) -> None:
+        """Until /health answers; raises RuntimeError with the log's tail if the server exits or times out."""
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"`{' '.join(self.cmd)}` did not come up:\n{self.log.read_text()[-5000:]}")
+            time.sleep(2)
+
+    def stop(self) -> None:
+        """SIGTERM the process group (SIGKILL after 20 s)."""
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            if self.proc.poll() is not None:
+                return
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue

@@ -93,3 +93,59 @@ def test_load_config_errors_name_the_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"config.json: not valid JSON"):
         load_config(tmp_path)
+
+
+# ---- validate_checkpoint: what the adapters check when their framework builds its config ---------------
+@pytest.fixture(scope="module")
+def tiny_flash(tmp_path_factory):
+    from v4_plugin.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny-flash"), "flash", seed=0)
+
+
+@pytest.fixture()
+def broken(tiny_flash, tmp_path):
+    """A writable copy of the tiny flash checkpoint, and its index (a dict) for a test to break."""
+    import shutil
+
+    path = shutil.copytree(tiny_flash, tmp_path / "ckpt")
+    return path, json.loads((path / "model.safetensors.index.json").read_text())
+
+
+def _validation_error(path) -> str:
+    from v4_plugin.checkpoint import validate_checkpoint
+
+    with pytest.raises(ValueError) as info:
+        validate_checkpoint(path)
+    return str(info.value)
+
+
+def test_validate_checkpoint_accepts_the_tiny_checkpoint_and_its_config_alone(tiny_flash, tmp_path):
+    from v4_plugin.checkpoint import validate_checkpoint
+
+    assert validate_checkpoint(tiny_flash) == load_config(tiny_flash)
+    (tmp_path / "config.json").write_text((tiny_flash / "config.json").read_text())  # no weights yet
+    assert validate_checkpoint(tmp_path) == load_config(tiny_flash)
+
+
+def test_validate_checkpoint_names_the_config_file_and_field(broken):
+    path, _ = broken
+    raw = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(raw | {"compress_ratios": raw["compress_ratios"][:3]}))
+    msg = _validation_error(path)
+    assert str(path / "config.json") in msg and "'compress_ratios'" in msg
+
+
+def test_validate_checkpoint_checks_the_index_against_the_shards(broken):
+    path, index = broken
+    index_path = path / "model.safetensors.index.json"
+    name, shard = "norm.weight", index["weight_map"]["norm.weight"]
+    index["weight_map"][name] = "model-00009-of-00009.safetensors"  # a shard that does not exist
+    index_path.write_text(json.dumps(index))
+    msg = _validation_error(path)
+    assert "shard model-00009-of-00009.safetensors is missing" in msg and f"'{name}'" in msg
+    index["weight_map"][name] = shard
+    index["weight_map"]["layers.0.ffn.not_stored.weight"] = shard  # listed, but its shard does not hold it
+    index_path.write_text(json.dumps(index))
+    msg = _validation_error(path)
+    assert f"{shard}: tensor 'layers.0.ffn.not_stored.weight' is missing" in msg

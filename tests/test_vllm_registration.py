@@ -115,6 +115,23 @@ def test_block_size_is_forced_to_256(tiny_flash):
     assert config.cache_config.enable_prefix_caching is False  # a user's explicit choice is kept
 
 
+def test_broken_checkpoint_is_refused_when_vllm_builds_its_config(tiny_flash, tmp_path):
+    """The index names a tensor its shard does not hold: refused while vLLM builds its config (no model
+    is constructed, no weight is read), naming the shard and the tensor (vLLM wraps the plugin's
+    CheckpointError in its config's pydantic ValidationError)."""
+    import shutil
+
+    from v4_plugin.checkpoint import INDEX_FILE
+
+    model_dir = shutil.copytree(tiny_flash, tmp_path / "broken")
+    index = json.loads((model_dir / INDEX_FILE).read_text())
+    shard = index["weight_map"]["norm.weight"]
+    index["weight_map"]["layers.0.not_stored.weight"] = shard
+    (model_dir / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"{shard}: tensor 'layers.0.not_stored.weight' is missing"):
+        _engine_config(model_dir)
+
+
 def test_unsupported_kv_cache_dtype_is_refused(tiny_flash):
     with pytest.raises(Exception, match="kv-cache-dtype"):
         _engine_config(tiny_flash, kv_cache_dtype="fp8_e5m2")

@@ -240,6 +240,27 @@ def inspect_checkpoint(path: str | Path, cfg: V4Config, include_mtp: bool = True
     return found
 
 
+def validate_checkpoint(path: str | Path) -> V4Config:
+    """Everything about a checkpoint directory that can be checked before a weight is read, for the
+    adapters to run when their framework builds its config (before any worker starts).
+
+    Parses `config.json` (`ConfigError` naming the file and field). When the weights are present (an
+    index or `model.safetensors`): every shard the index names exists, the shards' headers agree with
+    the index, and (official format) the tensor inventory matches the config, `mtp.*` not required
+    (`CheckpointError` naming the file, shard and tensor). Header reads only. Returns the config."""
+    root = _checkpoint_dir(path)
+    cfg = load_config(root)
+    if not (root / INDEX_FILE).exists() and not (root / SINGLE_FILE).exists():
+        return cfg  # weights not here yet: checked when they are loaded
+    if not hf_dialect.is_transformers_dialect(_read_config(root) or {}):
+        inspect_checkpoint(root, cfg, include_mtp=False)
+        return cfg
+    weight_map = _weight_map(root)  # transformers dialect: its names are checked once converted, at load
+    found = _read_headers(root, _shards(root, weight_map), weight_map)
+    _raise_if(_index_problems(found, weight_map), str(root))
+    return cfg
+
+
 # ---- loading ------------------------------------------------------------------------------------
 def iter_checkpoint_files(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (file name, tensor) for every tensor of every shard, raw as stored, one shard at a time."""

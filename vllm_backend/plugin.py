@@ -14,8 +14,13 @@ What it does, unless `V4_PLUGIN_DISABLE=1` (then vLLM's native `DeepseekV4ForCau
 * replaces vLLM's per-architecture config hook for those names (`MODELS_CONFIG_MAP`): the native
   hook rewrites `quant_method` fp8 -> deepseek_v4_fp8 for its own FP8 layers; ours tells vLLM the
   checkpoint is loaded by the plugin (no vLLM quantization method), and fixes the block size to 256;
+* validates the checkpoint (config.json; a local directory's index against the shards' headers) in
+  that hook, when vLLM builds its model config, before any engine or worker starts;
 * keeps chunked prefill and prefix caching on for our architectures on CPUs without AMX, where
-  vLLM's CPU platform turns both off for every MLA model (`model_type` deepseek_v4 sets `use_mla`);
+  vLLM's CPU platform turns both off for every MLA model (`model_type` deepseek_v4 sets `use_mla`),
+  and mutes that platform's lines that would say otherwise (or name a block size the user never gave);
+* makes vLLM's "Loading weights took N seconds" true for our models (`_time_weight_loading`), and
+  answers `/detokenize` ids outside the vocabulary with HTTP 400 (`_check_detokenize_ids`);
 * renders chats with `v4_plugin.chat` and the checkpoint's effort profile: the `deepseek_v4`
   tokenizer mode (vLLM's default for the architecture) loads `chat.DeepseekV4PluginTokenizer`.
 
@@ -27,6 +32,8 @@ from __future__ import annotations
 
 import logging
 import os
+
+from v4_plugin.logs import MutedLines
 
 from .chat import install_chat_encoding
 from .parsers import register_parsers
@@ -81,6 +88,8 @@ def register() -> None:
         _install_config_class()
         install_chat_encoding()
     _keep_chunked_prefill_and_prefix_caching_on_cpu()
+    _time_weight_loading()
+    _check_detokenize_ids()
     _state["registered"] = True
 
 
@@ -144,6 +153,26 @@ def check_speculation(vllm_config) -> None:
                     plan.num_speculative_tokens, PROPOSER)
 
 
+# ---- checkpoint ----------------------------------------------------------------------------------
+def validate_checkpoint_of(model_config) -> None:
+    """Check the served checkpoint while vLLM builds its model config, in the API process before any
+    engine or worker starts: `config.json` and, for a local directory, its index against the shards'
+    headers (`v4_plugin.checkpoint.validate_checkpoint`: errors name the file, field or tensor). A hub
+    id's config.json is checked here; its weights are checked when the worker has downloaded them."""
+    from pathlib import Path
+
+    from v4_plugin.checkpoint import validate_checkpoint
+    from v4_plugin.config import load_config
+
+    path = Path(model_config.model)
+    if path.is_dir():
+        validate_checkpoint(path)
+        return
+    from huggingface_hub import hf_hub_download
+
+    load_config(hf_hub_download(model_config.model, "config.json", revision=model_config.revision))
+
+
 # ---- per-architecture config hook ------------------------------------------------------------------
 def _install_config_hook(arch: str) -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
@@ -163,6 +192,7 @@ def _config_hook_class():
     class DeepseekV4PluginConfig(VerifyAndUpdateConfig):
         @staticmethod
         def verify_and_update_model_config(model_config) -> None:
+            validate_checkpoint_of(model_config)
             # The core's loader dequantizes the FP8/FP4 checkpoint itself; vLLM must not build its own
             # quantized layers (native rewrites fp8 -> deepseek_v4_fp8 for those). Runs before
             # ModelConfig._verify_quantization, which reads model_arch_config.quantization_config.
@@ -193,12 +223,22 @@ def _config_hook_class():
 
 
 # ---- CPU platform: keep chunked prefill and prefix caching -----------------------------------------
-def _ours(vllm_config) -> bool:
-    model_config = vllm_config.model_config
-    if model_config is None:
-        return False
+def _serves(model_config) -> bool:
+    """True when `model_config` (vLLM's ModelConfig, or None) is a model this plugin serves."""
     archs = getattr(model_config, "architectures", None) or []
     return any(a in served_architectures() for a in archs)
+
+
+def _ours(vllm_config) -> bool:
+    return _serves(vllm_config.model_config)
+
+
+CPU_PLATFORM_LOGGER = "vllm.platforms.cpu"
+MISLEADING_CPU_LINES = ("MLA is enabled on a non-GPU platform", "DeepSeek-V4 CPU backend requires block_size")
+"""What `CpuPlatform.check_and_update_config` says for deepseek_v4 that is not what happens to our model:
+chunked prefill and prefix caching stay on (below), and the block size is the plugin's (set by its config
+hook, which reports a user's --block-size it replaces; vLLM's warning would also name the engine's
+internal smallest group block size, after the KV cache is built, as if the user had given it)."""
 
 
 def _keep_chunked_prefill_and_prefix_caching_on_cpu() -> None:
@@ -220,12 +260,63 @@ def _keep_chunked_prefill_and_prefix_caching_on_cpu() -> None:
             return inner(cls, vllm_config)
         sched, cache = vllm_config.scheduler_config, vllm_config.cache_config
         before = (sched.enable_chunked_prefill, cache.enable_prefix_caching, sched.max_num_batched_tokens)
-        inner(cls, vllm_config)
+        with MutedLines(CPU_PLATFORM_LOGGER, *MISLEADING_CPU_LINES):
+            inner(cls, vllm_config)
         after = (sched.enable_chunked_prefill, cache.enable_prefix_caching, sched.max_num_batched_tokens)
         if after != before:
             sched.enable_chunked_prefill, cache.enable_prefix_caching, sched.max_num_batched_tokens = before
-            logger.info("deepseek-v4-plugin: keeping chunked prefill=%s and prefix caching=%s on CPU "
-                        "(vLLM turns both off for MLA models on CPUs without AMX)", before[0], before[1])
+            logger.info("deepseek-v4-plugin: chunked prefill=%s and prefix caching=%s on CPU (the plugin's "
+                        "paged caches support both; vLLM's CPU platform would turn them off for MLA models "
+                        "without AMX)", before[0], before[1])
 
     check_and_update_config._v4_plugin_wrapped = True
     CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
+
+
+# ---- weight loading: vLLM's timer ------------------------------------------------------------------
+def _time_weight_loading() -> None:
+    """Wrap `DefaultModelLoader.load_weights` so that "Loading weights took N seconds" is true for our
+    models. vLLM starts that timer when its weight iterator first runs; our models load through the core
+    and never run it, so the timer stayed at 0 and the line printed the process's clock. For our models
+    the timer starts here, when their `load_weights` is about to run."""
+    import time
+
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    original = DefaultModelLoader.load_weights
+    if getattr(original, "_v4_plugin_wrapped", False):
+        return
+
+    def load_weights(self, model, model_config) -> None:
+        if type(model).__module__.startswith(__package__ + "."):  # the model or its MTP / DSpark drafter
+            self.counter_before_loading_weights = time.perf_counter()
+        return original(self, model, model_config)
+
+    load_weights._v4_plugin_wrapped = True
+    DefaultModelLoader.load_weights = load_weights
+
+
+# ---- /detokenize: ids outside the model's vocabulary -----------------------------------------------
+def _check_detokenize_ids() -> None:
+    """Wrap `ServingTokenization.create_detokenize` so that for our models an id outside [0, vocab_size)
+    is a 400 naming it, as in vLLM's completions (its /detokenize decodes whatever the tokenizer maps,
+    including special tokens the model's vocabulary does not have)."""
+    from vllm.entrypoints.serve.tokenize.serving import ServingTokenization
+
+    original = ServingTokenization.create_detokenize
+    if getattr(original, "_v4_plugin_wrapped", False):
+        return
+
+    async def create_detokenize(self, request, raw_request):
+        if _serves(self.model_config):
+            from vllm.exceptions import VLLMValidationError
+
+            vocab = self.model_config.get_vocab_size()
+            bad = next((t for t in request.tokens if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise VLLMValidationError(f"Token id {bad} is out of vocabulary: the model has {vocab} token ids, "
+                                          f"[0, {vocab})", parameter="tokens", value=bad)
+        return await original(self, request, raw_request)
+
+    create_detokenize._v4_plugin_wrapped = True
+    ServingTokenization.create_detokenize = create_detokenize
