@@ -1,8 +1,8 @@
 """Speculative decoding in the core: exact rollback, drafting == the drafters' reference, greedy output unchanged.
 
-Everything runs on the tiny checkpoints in fp32 with the quantization simulation off (see
-test_reference_model.py: with it on, a last-ulp difference between chunkings can flip an FP8
-rounding). Positions are chosen around the 4- and 128-token block edges (the window is 128 too).
+Everything runs on the tiny checkpoints in fp32 with the quantization simulation off, so tolerances
+can compare against the whole-sequence forward (whose summation order differs); that a verify step's
+rows are bit-identical to plain steps' with it on is test_row_invariance.py's. Positions are chosen around the 4- and 128-token block edges (the window is 128 too).
 """
 
 from __future__ import annotations

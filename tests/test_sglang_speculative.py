@@ -1,7 +1,8 @@
 """Issue 10 (SGLang): speculative decoding through SGLang's own EAGLE worker, on CPU.
 
-One engine per drafter serves a tiny checkpoint in exact mode, chains of drafts
-(`--speculative-eagle-topk 1`):
+One engine per drafter and quantization mode (exact, and the default `V4_PLUGIN_QUANT_SIM` on, where
+one ulp of difference between a verify step and a plain step would flip an FP8 rounding) serves a
+tiny checkpoint, chains of drafts (`--speculative-eagle-topk 1`):
 
 * MTP: the 04-24 checkpoint, `--speculative-algorithm NEXTN` with `STEPS` drafts, the MTP block as
   the draft model (`DeepseekV4PluginForCausalLMNextN` over the draft worker's pool);
@@ -57,15 +58,17 @@ def checkpoints(tmp_path_factory):
     return {preset: str(make_tiny(root / preset, preset, seed=0)) for preset in ("flash", "flash-0731")}
 
 
-@pytest.fixture(scope="module", params=list(DRAFTING))
+@pytest.fixture(scope="module", params=[(name, mode) for name in DRAFTING for mode in ("exact", "default")],
+                ids="-".join)
 def served(request, checkpoints):
     """(drafting, engine, log, expected): expected maps (length, seed) to (prompt, the core's speculative
-    run: tokens == plain greedy, accepted drafts per step)."""
+    run in the same quantization mode: tokens == plain greedy, accepted drafts per step)."""
     from v4_plugin.drafting import DSparkDrafter, MTPDrafter, speculative_generate
 
-    drafting = DRAFTING[request.param]
-    model = T.reference_model(checkpoints[drafting.preset], mtp=True)
-    drafter = MTPDrafter if request.param == "mtp" else DSparkDrafter
+    name, mode = request.param
+    drafting = DRAFTING[name]
+    model = T.reference_model(checkpoints[drafting.preset], quant_off=mode == "exact", mtp=True)
+    drafter = MTPDrafter if name == "mtp" else DSparkDrafter
     expected = {}
     for n, seed in drafting.prompts:
         prompt = T.prompt_ids(n, VOCAB, seed)
@@ -73,7 +76,7 @@ def served(request, checkpoints):
         assert run.tokens == model.generate(prompt, NEW_TOKENS)
         expected[n, seed] = prompt, run
     assert sum(sum(run.accepted) for _, run in expected.values()) >= 4  # the drafter is checked, not only the verifier
-    with T.environment(T.EXACT_ENV):
+    with T.environment(T.EXACT_ENV if mode == "exact" else {"V4_PLUGIN_QUANT_SIM": "on"}):
         engine, log = T.start_engine(checkpoints[drafting.preset], max_total_tokens=4096, chunked_prefill_size=128,
                                      **drafting.args)
     try:

@@ -2,8 +2,10 @@
 checkpoint, DSpark on the tiny Flash-0731 one (served through vLLM's `custom_class` proposer hook, see
 `vllm_backend/dspark.py`).
 
-In-process engines, exact mode (fp32, `auto` KV, no quantization simulation), so the reference model
-is the oracle token for token. Random tiny weights reject almost every draft: that exercises the
+In-process engines (fp32, `auto` KV) in exact mode (no quantization simulation) and in the default mode
+(`V4_PLUGIN_QUANT_SIM` on: FP8 activations, FP4 indexer), the reference model of the same mode being the
+oracle token for token: a verify step's rows must be bit-identical to plain decoding's (`ops.matmul`),
+or one FP8 rounding changes a greedy token. Random tiny weights reject almost every draft: that exercises the
 position-indexed overwrite of rejected rows (our caches need no rollback). Full acceptance is forced
 with a `custom_class` proposer that replays the target's greedy continuation.
 """
@@ -36,11 +38,13 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def references(checkpoints):
-    return {preset: reference_model(d, include_mtp=True) for preset, d in checkpoints.items()}
+    """(preset, mode) -> the reference model of that quantization mode ("exact" or "default")."""
+    return {(preset, mode): reference_model(d, include_mtp=True, quant_off=mode == "exact")
+            for preset, d in checkpoints.items() for mode in ("exact", "default")}
 
 
-def _engine(model_dir, spec: dict):
-    with EnvPatch(V4_PLUGIN_QUANT_SIM="off"):
+def _engine(model_dir, spec: dict, mode: str = "exact"):
+    with EnvPatch(V4_PLUGIN_QUANT_SIM="off" if mode == "exact" else "on"):
         return make_llm(model_dir, speculative_config=spec)
 
 
@@ -55,13 +59,14 @@ def _greedy(llm, prompts: list[list[int]]) -> list[list[int]]:
 DRAFTERS = {"mtp": MTPDrafter, "dspark": DSparkDrafter}
 
 
-@pytest.fixture(scope="module", params=[("flash", "mtp", 1), ("flash", "mtp", 3), ("flash-0731", "dspark", 5)],
-                ids=lambda p: f"{p[1]}-k{p[2]}")
+@pytest.fixture(scope="module", params=[("flash", "mtp", 1, "exact"), ("flash", "mtp", 3, "default"),
+                                        ("flash-0731", "dspark", 5, "exact"), ("flash-0731", "dspark", 5, "default")],
+                ids=lambda p: f"{p[1]}-k{p[2]}-{p[3]}")
 def drafting(request, checkpoints, references):
-    """(engine, preset, method, k, reference model) for one `--speculative-config`."""
-    preset, method, k = request.param
-    llm = _engine(checkpoints[preset], {"method": method, "num_speculative_tokens": k})
-    yield llm, preset, method, k, references[preset]
+    """(engine, preset, method, k, reference model) for one `--speculative-config` and quantization mode."""
+    preset, method, k, mode = request.param
+    llm = _engine(checkpoints[preset], {"method": method, "num_speculative_tokens": k}, mode)
+    yield llm, preset, method, k, references[preset, mode]
     del llm
     gc.collect()
 
@@ -128,7 +133,7 @@ def test_kv_capacity_with_the_drafter_windows_matches_the_plan(drafting, checkpo
 
 # ---- forced full acceptance ----------------------------------------------------------------------
 def test_full_acceptance_emits_k_plus_one_tokens_per_step(checkpoints, references):
-    k, reference = 3, references["flash"]
+    k, reference = 3, references["flash", "exact"]
     prompts = [random_prompt(n, seed=7 + n) for n in (5, 127)]
     greedy = [reference.generate(p, NEW_TOKENS + k + 1) for p in prompts]
     ReplayProposer.continuations = {tuple(p): g for p, g in zip(prompts, greedy)}

@@ -38,6 +38,7 @@ import torch
 from .config import LayerType, V4Config
 from .model import Block, ModelOutput, ReferenceModel
 from . import dispatch
+from .ops.invariant import rows_times_transposed, sigmoid
 from .ops.norm import rms_norm
 
 
@@ -232,7 +233,7 @@ class DSparkHead:
     def markov_logits(self, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         """The draft logits fp32 [n, V] of block rows `hidden` [n, D] after tokens `prev` (int64 [n]): the
         rows' base logits plus the Markov head's bias markov_w2 . markov_w1[prev]."""
-        return self.model._head_logits(hidden, self.last) + self.markov_w1[prev] @ self.markov_w2.T
+        return self.model._head_logits(hidden, self.last) + rows_times_transposed(self.markov_w1[prev], self.markov_w2)
 
     @torch.no_grad()
     def draft(self, anchor: int, position: int, contexts: Sequence[torch.Tensor], k: int) -> DSparkDraft:
@@ -248,7 +249,7 @@ class DSparkHead:
         prevs = torch.tensor([anchor] + tokens[:-1], device=hidden.device)
         features = torch.cat((hidden.float(), self.markov_w1[prevs]), dim=-1)
         confidence = self.model.w(f"{self.last}confidence_head.proj.weight").float()
-        return DSparkDraft(tokens, torch.stack(logits), torch.sigmoid(features @ confidence.T).squeeze(-1))
+        return DSparkDraft(tokens, torch.stack(logits), sigmoid(rows_times_transposed(features, confidence)).squeeze(-1))
 
 
 class DSparkDrafter:

@@ -33,6 +33,7 @@ from .ops import attention as attn_ops
 from .ops import compressor as comp_ops
 from .ops import indexer as index_ops
 from .ops.linear import LinearWeight, linear
+from .ops.invariant import rows_times_transposed
 from .ops.moe import ExpertWeights, MoEWeights, route
 from .ops.norm import rms_norm
 from .ops.rope import Rope
@@ -94,10 +95,10 @@ class Weights:
 
     def moe(self, prefix: str, n_routed: int) -> MoEWeights:
         """The experts `{prefix}.experts.{0 ... n_routed-1}` and `{prefix}.shared_experts` for `dispatch.moe`:
-        packed when the routed experts are kept in FP4 and the shared one in FP8."""
+        packed when the routed experts are kept in FP4 (or FP8, `-Base`) and the shared one in FP8."""
         routed, shared = [f"{prefix}.experts.{e}" for e in range(n_routed)], f"{prefix}.shared_experts"
         w1 = self._get(f"{routed[0]}.w1.weight")
-        packed = w1.dtype == torch.int8 and self._scale(f"{shared}.w1.weight") is not None
+        packed = w1.dtype in (torch.int8, torch.float8_e4m3fn) and self._scale(f"{shared}.w1.weight") is not None
         return MoEWeights(lambda: ([self._expert(p) for p in routed], self._expert(shared)),
                           (lambda: self._packed_experts(routed, shared)) if packed else None)
 
@@ -443,7 +444,7 @@ class ReferenceModel:
     def _head_logits(self, hidden: torch.Tensor, prefix: str) -> torch.Tensor:
         """hc_head output [T, D] -> fp32 logits [T, vocab] through `{prefix}norm` and the shared head."""
         h = rms_norm(hidden, self.w(f"{prefix}norm.weight"), self.cfg.rms_norm_eps)
-        return h.float() @ self.w("head.weight").float().T
+        return rows_times_transposed(h.float(), self.w("head.weight").float())
 
     def logits(self, streams: torch.Tensor, prefix: str = "") -> torch.Tensor:
         """Pre-hc_head streams [T, hc, D] -> fp32 logits [T, vocab]: the main head (`prefix` "") or a

@@ -181,11 +181,13 @@ def random_prompt(length: int, seed: int, vocab: int = 384) -> list[int]:
     return torch.randint(2, vocab, (length,), generator=g).tolist()
 
 
-def reference_model(model_dir: str | Path, include_mtp: bool = False):
-    """The core's model in exact mode (no quantization simulation), fp32; with its drafter blocks on request."""
+def reference_model(model_dir: str | Path, include_mtp: bool = False, quant_off: bool = True):
+    """The core's fp32 model, in exact mode (no quantization simulation) or, with `quant_off=False`, in the
+    served default; with its drafter blocks on request."""
     from v4_plugin.model import QuantSim, ReferenceModel
 
-    return ReferenceModel.from_checkpoint(model_dir, quant=QuantSim.off(), include_mtp=include_mtp)
+    return ReferenceModel.from_checkpoint(model_dir, quant=QuantSim.off() if quant_off else QuantSim(),
+                                          include_mtp=include_mtp)
 
 
 @dataclass

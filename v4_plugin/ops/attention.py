@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .invariant import matmul
+
 
 def window_positions(positions: torch.Tensor, window: int) -> torch.Tensor:
     """Raw positions each query attends to: t - window + 1 ... t, -1 where negative. int64 [T, window]."""
@@ -50,6 +52,6 @@ def grouped_output_projection(o: torch.Tensor, wo_a: torch.Tensor, groups: int) 
     g*R ... (g+1)*R - 1 belonging to group g. Returns [T, G*R] in o.dtype (fp32 math).
     """
     t = o.shape[0]
-    grouped = o.reshape(t, groups, -1).float()  # [T, G, H*d/G]
-    z = torch.einsum("tgi,gri->tgr", grouped, wo_a.float().unflatten(0, (groups, -1)))
-    return z.flatten(1).to(o.dtype)
+    grouped = o.reshape(t, groups, -1).float().transpose(0, 1)  # [G, T, H*d/G]
+    z = matmul(grouped, wo_a.float().unflatten(0, (groups, -1)).transpose(1, 2))  # [G, T, R]
+    return z.transpose(0, 1).flatten(1).to(o.dtype)

@@ -14,6 +14,7 @@ import torch
 
 from ..config import FP4_BLOCK, FP8_KV_BLOCK
 from ..quant import fake_quant_fp4, fake_quant_fp8, hadamard
+from .invariant import rows_times_transposed
 from .norm import rms_norm
 from .rope import Rope
 
@@ -21,7 +22,7 @@ from .rope import Rope
 def project(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token values and raw gate logits in fp32: x [T, D] -> (kv, gate) each [T, c*e]."""
     xf = x.float()
-    return xf @ wkv.float().T, xf @ wgate.float().T
+    return rows_times_transposed(xf, wkv.float()), rows_times_transposed(xf, wgate.float())
 
 
 def pool(kv: torch.Tensor, score: torch.Tensor, overlap: bool,

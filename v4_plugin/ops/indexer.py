@@ -6,6 +6,7 @@ import torch
 
 from ..config import FP4_BLOCK
 from ..quant import fake_quant_fp4, hadamard
+from .invariant import rows_times_transposed
 from .rope import Rope
 
 
@@ -21,7 +22,7 @@ def index_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor
     q [T, Hi, di]; head_weights [T, Hi] (already scaled by di^-1/2 * Hi^-1/2); keys [N, di].
     Returns fp32 [T, N].
     """
-    dots = torch.einsum("thd,nd->thn", q.float(), keys.float()).relu()
+    dots = rows_times_transposed(q.float(), keys.float()).relu()
     return torch.einsum("thn,th->tn", dots, head_weights.float())
 
 

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from ..quant import fake_quant_fp8
+from .invariant import rows_times_transposed
 
 ACT_BLOCK = 128  # activations are FP8-quantized per token per 128 input channels
 
@@ -21,7 +22,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, quantize_input: bool) -> torch
     operands in fp32 equals those GEMMs up to accumulation order.
     """
     xq = fake_quant_fp8(x.float(), ACT_BLOCK) if quantize_input else x.float()
-    return (xq @ weight.float().T).to(x.dtype)
+    return rows_times_transposed(xq, weight.float()).to(x.dtype)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .invariant import rows_times_transposed, sigmoid
+
 
 def _mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, hc, D] -> (flat x fp32 [T, hc*D], mixes fp32 [T, rows of fn]).
@@ -16,7 +18,7 @@ def _mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> tuple[torch.Tensor,
     """
     flat = x.flatten(1).float()
     rsqrt = torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
-    return flat, (flat @ fn.float().T) * rsqrt
+    return flat, rows_times_transposed(flat, fn.float()) * rsqrt
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -44,8 +46,8 @@ def hc_pre(
     hc = x.shape[1]
     _, mix = _mixes(x, fn, norm_eps)
     scale, base = scale.float(), base.float()
-    pre = torch.sigmoid(mix[:, :hc] * scale[0] + base[:hc]) + hc_eps
-    post = 2 * torch.sigmoid(mix[:, hc : 2 * hc] * scale[1] + base[hc : 2 * hc])
+    pre = sigmoid(mix[:, :hc] * scale[0] + base[:hc]) + hc_eps
+    post = 2 * sigmoid(mix[:, hc : 2 * hc] * scale[1] + base[hc : 2 * hc])
     comb_logits = (mix[:, 2 * hc :] * scale[2] + base[2 * hc :]).unflatten(-1, (hc, hc))
     comb = sinkhorn(comb_logits, sinkhorn_iters, hc_eps)
     u = (pre.unsqueeze(-1) * x.float()).sum(1)
@@ -68,5 +70,5 @@ def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.
     x [T, hc, D]; fn [hc, hc*D]; scale [1]; base [hc]. Returns [T, D] in x.dtype.
     """
     _, mix = _mixes(x, fn, norm_eps)
-    pre = torch.sigmoid(mix * scale.float() + base.float()) + hc_eps
+    pre = sigmoid(mix * scale.float() + base.float()) + hc_eps
     return (pre.unsqueeze(-1) * x.float()).sum(1).to(x.dtype)

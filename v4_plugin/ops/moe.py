@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
+from .invariant import rows_times_transposed, silu, softplus
 from .linear import linear
 
 
@@ -22,7 +22,7 @@ def route(
     [T, k]. Weights are the unbiased scores of the chosen experts, normalized to sum 1, times
     `scaling`. Returns (weights fp32 [T, k], expert ids int64 [T, k]).
     """
-    scores = F.softplus(x.float() @ gate_weight.float().T).sqrt()
+    scores = softplus(rows_times_transposed(x.float(), gate_weight.float())).sqrt()
     if tid2eid is not None:
         ids = tid2eid[token_ids].long()
     else:
@@ -45,10 +45,11 @@ class MoEWeights:
     """One MoE layer's experts, as `dispatch.moe` takes them.
 
     `dense()` gives (routed experts [E], shared expert) as dequantized values in the compute dtype.
-    `packed()` (None unless the checkpoint was loaded with `keep_quantized` and has FP4 routed experts)
-    gives them in checkpoint format, each as (w1, w1_scale, w2, w2_scale, w3, w3_scale): the routed
-    ones stacked over E (packed int8 [E, out, in/2], E8M0 [E, out, in/32]), the shared one FP8
-    (e4m3 [out, in], E8M0 [ceil(out/128), ceil(in/128)]).
+    `packed()` (None unless the checkpoint was loaded with `keep_quantized`) gives them in checkpoint
+    format, each as (w1, w1_scale, w2, w2_scale, w3, w3_scale): the routed ones stacked over E, FP4
+    (packed int8 [E, out, in/2], E8M0 [E, out, in/32]) or FP8 (`-Base` checkpoints: e4m3 [E, out, in],
+    E8M0 or fp32 [E, ceil(out/128), ceil(in/128)]), the shared one FP8 (e4m3 [out, in], E8M0
+    [ceil(out/128), ceil(in/128)]).
     """
 
     dense: Callable[[], tuple[list[ExpertWeights], ExpertWeights]]
@@ -66,7 +67,7 @@ def expert(x: torch.Tensor, w: ExpertWeights, *, limit: float, quantize_input: b
     if limit > 0:
         up = up.clamp(-limit, limit)
         gate = gate.clamp(max=limit)
-    h = F.silu(gate) * up
+    h = silu(gate) * up
     if weight is not None:
         h = h * weight
     return linear(h.to(x.dtype), w.w2, quantize_input)
