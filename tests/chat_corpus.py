@@ -166,82 +166,48 @@ CONVERSATIONS: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]] | None
     ),
 }
 
-# Hand-written completions and what they must parse to:
-# (text, thinking, reasoning, content, [(name, arguments dict)], truncated)
-COMPLETIONS: dict[str, tuple[str, bool, str, str, list[tuple[str, dict[str, Any]]], bool]] = {
+# Hand-written completions and what they must parse to (issue 21's cases, the official grammar):
+# (text, thinking, reasoning, content, [(name, arguments JSON text)], malformed)
+_BLOCK = (f'\n\n<{D}tool_calls>\n<{D}invoke name="get_weather">\n'
+          f'<{D}parameter name="city" string="true">Oslo</{D}parameter>\n</{D}invoke>\n</{D}tool_calls>')
+COMPLETIONS: dict[str, tuple[str, bool, str, str, list[tuple[str, str]], bool]] = {
     "plain_chat": ("Hello there! 1 < 2 and 3 > 2.", False, "", "Hello there! 1 < 2 and 3 > 2.", [], False),
+    "ends_with_eos": ("Done.<｜end▁of▁sentence｜>", False, "", "Done.", [], False),
     "think_then_answer": ("Let me see.\n</think>\n\nAnswer: 4.", True, "Let me see.\n", "\n\nAnswer: 4.", [], False),
     "reasoning_cut_off": ("Still thinking about </thi", True, "Still thinking about </thi", "", [], False),
-    "no_underscore_block": (
-        f'</think>Calling.\n\n<{D}toolcalls>\n<{D}invoke name="get_weather">\n'
-        f'<{D}parameter name="city" string="true">Oslo</{D}parameter>\n</{D}invoke>\n</{D}toolcalls>',
-        True,
-        "",
-        "Calling.",
-        [("get_weather", {"city": "Oslo"})],
-        False,
-    ),
-    "lenient_params": (
-        f'<{D}tool_calls>\n<{D}invoke name="search">\n'
-        f'<{D}parameter name="query">plain text</{D}parameter>\n'
-        f'<{D}parameter name="filters">{{"a": 1}}</{D}parameter>\n'
-        f'<{D}parameter name="tags" string="false">not json</{D}parameter>\n'
-        f"</{D}invoke>\n</{D}tool_calls>",
-        False,
-        "",
-        "",
-        [("search", {"query": "plain text", "filters": {"a": 1}, "tags": "not json"})],
-        False,
-    ),
-    "json_body_invoke_without_block": (
-        f'Ok <{D}invoke name="search">\n{{"query": "x", "tags": [1]}}\n</{D}invoke>',
-        False,
-        "",
-        "Ok",
-        [("search", {"query": "x", "tags": [1]})],
-        False,
-    ),
-    "block_inside_reasoning": (
-        f'I will call it.\n<{D}tool_calls>\n<{D}invoke name="noop">\n</{D}invoke>\n</{D}tool_calls>',
-        True,
-        "I will call it.\n",
-        "",
-        [("noop", {})],
-        False,
-    ),
-    "stray_markup_and_text_after": (
-        f"</think>A</{D}parameter>B\n\n<{D}tool_calls>\n<{D}invoke name=\"noop\">\n</{D}invoke>\n"
-        f"</{D}tool_calls>\n\nDone.<｜end▁of▁sentence｜>",
-        False,
-        "",
-        "ABDone.",
-        [("noop", {})],
-        False,
-    ),
-    "truncated_in_value": (
-        f'Checking.\n\n<{D}tool_calls>\n<{D}invoke name="get_weather">\n'
-        f'<{D}parameter name="city" string="true">Par',
-        False,
-        "",
-        'Checking.\n\n<tool_calls>\n<invoke name="get_weather">\n<parameter name="city" string="true">Par',
-        [],
-        True,
-    ),
-    "truncated_second_call": (
-        f'<{D}tool_calls>\n<{D}invoke name="noop">\n</{D}invoke>\n<{D}invoke name="search">\n'
-        f'<{D}parameter name="query" string="true">abc</{D}parameter>\n</{D}inv',
-        False,
-        "",
-        '<invoke name="search">\n<parameter name="query" string="true">abc</parameter>\n</inv',
-        [("noop", {})],
-        True,
-    ),
-    "truncated_in_opening_tag": ("Let me call\n\n<｜DSML｜tool_ca", False, "", "Let me call\n\n<tool_ca", [], True),
-    "block_close_cut_short": (
-        f'<{D}tool_calls>\n<{D}invoke name="noop">\n</{D}invoke>\n</{D}tool_c', False, "", "", [("noop", {})], False
-    ),
+    "block_after_content": ("</think>Calling." + _BLOCK, True, "", "Calling.", [("get_weather", '{"city": "Oslo"}')],
+                            False),
+    "trailing_newline_before_block": ("Calling.\n" + _BLOCK, False, "", "Calling.\n",
+                                      [("get_weather", '{"city": "Oslo"}')], False),
+    "dsml_tags_inside_a_string_value": (
+        _BLOCK.replace(">Oslo<", f'>see <{D}invoke name="x">\n and <{D}parameter name="y" string="true"><'),
+        False, "", "", [("get_weather", json.dumps({"city": f'see <{D}invoke name="x">\n and <{D}parameter name="y" '
+                                                            'string="true">'}, ensure_ascii=False))], False),
+    "extra_invoke_attribute": (_BLOCK.replace('name="get_weather"', 'name="get_weather" id="7"'), False, "", "",
+                               [('get_weather" id="7', '{"city": "Oslo"}')], False),
+    "quoted_and_non_ascii_names": (_BLOCK.replace('name="city"', 'name="ci\"ty ключ"'), False, "", "",
+                                   [("get_weather", '{"ci\\"ty ключ": "Oslo"}')], False),
+    "string_false_not_json": (_BLOCK.replace('string="true">Oslo', 'string="false">Oslo, [1'), False, "", "",
+                              [("get_weather", '{"city": Oslo, [1}')], False),
+    "xgrammar_layout_without_newlines": (_BLOCK.replace(f"</{D}parameter>\n", f"</{D}parameter>"), False, "", "",
+                                         [("get_weather", '{"city": "Oslo"}')], False),
+    "leak_reasoning_with_dsml": (f'I could call <{D}invoke name="x">\n now.</think>Answer.', True,
+                                 'I could call <invoke name="x">\n now.', "Answer.", [], True),
+    "block_inside_reasoning": ("Plan." + _BLOCK + "</think>Ok.", True,
+                               'Plan.\n\n<tool_calls>\n<invoke name="get_weather">\n<parameter name="city" '
+                               'string="true">Oslo</parameter>\n</invoke>\n</tool_calls>', "Ok.", [], True),
+    "block_cut_short": (_BLOCK.split(f"</{D}invoke>")[0], False, "",
+                        '\n\n<tool_calls>\n<invoke name="get_weather">\n<parameter name="city" string="true">Oslo'
+                        '</parameter>\n', [], True),
+    "block_without_blank_line": ("Calling." + _BLOCK[2:], False, "",
+                                 'Calling.<tool_calls>\n<invoke name="get_weather">\n<parameter name="city" '
+                                 'string="true">Oslo</parameter>\n</invoke>\n</tool_calls>', [], True),
+    "text_after_block": (_BLOCK + "\n\nDone.", False, "",
+                         '\n\n<tool_calls>\n<invoke name="get_weather">\n<parameter name="city" string="true">Oslo'
+                         '</parameter>\n</invoke>\n</tool_calls>\n\nDone.', [], True),
+    "control_tokens_in_content": ("A<｜User｜>B<｜title｜>C<｜Assistant｜>", False, "", "ABC", [], False),
+    "bos_in_reasoning": ("r<｜begin▁of▁sentence｜>s</think>x<｜latest_reminder｜>", True, "rs", "x", [], True),
 }
-
 
 def official_encoder() -> ModuleType:
     """vLLM's copy of DeepSeek's ``encoding_dsv4.py`` (the independent oracle), loaded
@@ -322,9 +288,15 @@ def expected_calls(message: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+SPECIAL_STRINGS = (D, "<think>", "</think>", "<｜end▁of▁sentence｜>", "<｜begin▁of▁sentence｜>", "<｜▁pad▁｜>",
+                   "<｜User｜>", "<｜Assistant｜>", "<｜latest_reminder｜>", "<｜action｜>", "<｜query｜>",
+                   "<｜authority｜>", "<｜domain｜>", "<｜title｜>", "<｜read_url｜>")
+"""The V4 control-token strings (architecture.md §11): none may reach a client's content or reasoning."""
+
+
 def has_markup(text: str) -> bool:
-    """Whether ``text`` holds DSML, think or EOS markup."""
-    return any(m in text for m in (D, "<think>", "</think>", "<｜end▁of▁sentence｜>"))
+    """Whether ``text`` holds DSML, think or any other control-token markup."""
+    return any(m in text for m in SPECIAL_STRINGS)
 
 
 
@@ -398,3 +370,81 @@ def check_forced_tool_call_answer(whole: dict[str, Any], sse_text: str) -> None:
     check_openai_chat_answer(whole, chunks, {"get_weather"})
     assert calls([tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls") or []]) \
         == expected
+
+
+# ---- forced tool calls (tool_choice "required" / a named function), both servers (issue 16) ----------
+UNITS_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "units",
+        "description": "Set the units.",
+        "parameters": {"type": "object", "properties": {"u": {"type": "string", "enum": ["c", "f"]}},
+                       "required": ["u"], "additionalProperties": False},
+    },
+}
+DAYS_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "days",
+        "description": "Set the days.",
+        "parameters": {"type": "object", "properties": {"d": {"type": "integer", "minimum": 1, "maximum": 7}},
+                       "required": ["d"], "additionalProperties": False},
+    },
+}
+FORCED_TOOLS = [UNITS_TOOL, DAYS_TOOL]
+"""Tools whose every valid call is short (~110 tokens of the tiny tokenizer: an enum, a one-digit
+integer, short names), so that the tiny random models, constrained to a valid call, finish it soon."""
+
+FORCED_CASES = [("required", thinking, {"units", "days"}) for thinking in (False, True)] + \
+    [({"type": "function", "function": {"name": "days"}}, thinking, {"days"}) for thinking in (False, True)]
+"""(``tool_choice``, thinking, the tool names a call may have) of each forced-call case."""
+
+
+def forced_tool_choice_request(tool_choice: Any, thinking: bool, think_end_id: int) -> dict[str, Any]:
+    """A chat request (no model, no stream) forcing one call of :data:`FORCED_TOOLS`. Thinking on, a
+    logit bias on ``</think>`` (id ``think_end_id``) ends the tiny model's random reasoning at once (a
+    real model ends it itself); the constraint then holds the rest."""
+    request = {"messages": [{"role": "user", "content": "Set it."}], "tools": FORCED_TOOLS,
+               "tool_choice": tool_choice, "parallel_tool_calls": False, "max_tokens": 300, "temperature": 0,
+               "chat_template_kwargs": {"thinking": thinking}}
+    return request | ({"logit_bias": {str(think_end_id): 100}} if thinking else {})
+
+
+def check_forced_tool_choice_answer(whole: dict[str, Any], sse_text: str, names: set[str]) -> None:
+    """The served answers (``whole`` non-streamed, ``sse_text`` streamed) to a
+    :func:`forced_tool_choice_request`: each holds exactly one call, to one of ``names``, whose arguments
+    are valid against that tool's ``parameters``; the streamed call equals the non-streamed one."""
+    from jsonschema import validate
+
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in FORCED_TOOLS}
+
+    def call_of(tool_calls: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+        assert len(tool_calls) == 1, tool_calls
+        name, arguments = tool_calls[0]["function"]["name"], json.loads(tool_calls[0]["function"]["arguments"])
+        assert name in names, tool_calls
+        validate(arguments, schemas[name])
+        return name, arguments
+
+    choice = whole["choices"][0]
+    assert choice["finish_reason"] in ("tool_calls", "stop"), whole  # vLLM says "stop" for forced calls
+    call = call_of(choice["message"]["tool_calls"])
+    deltas = [tc for c in stream_chunks(sse_text) if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls")
+              or []]
+    assert call_of(deltas) == call
+
+
+MARKUP_COMPLETION = f'Fine <{D}invoke name="x">\n</think> done <｜User｜>x<｜title｜>.'
+"""A completion (chat mode) holding stray DSML, a think tag and control tokens (issues 16 and 21)."""
+MARKUP_COMPLETION_CONTENT = 'Fine <invoke name="x">\n done x.'
+"""What a client must get for it: the text with every special token removed, no tool call."""
+
+
+def check_markup_free_answer(whole: dict[str, Any], sse_text: str) -> None:
+    """The served answers (``whole`` non-streamed, ``sse_text`` streamed) to a request forced to write
+    ``MARKUP_COMPLETION``: content ``MARKUP_COMPLETION_CONTENT`` both ways, no reasoning, no call."""
+    message = whole["choices"][0]["message"]
+    assert message["content"] == MARKUP_COMPLETION_CONTENT, whole
+    assert not message.get("tool_calls") and not message.get("reasoning_content") and not message.get("reasoning")
+    deltas = [c["choices"][0]["delta"] for c in stream_chunks(sse_text) if c.get("choices")]
+    assert "".join(d.get("content") or "" for d in deltas) == MARKUP_COMPLETION_CONTENT, deltas
+    assert not any(d.get("tool_calls") or d.get("reasoning_content") or d.get("reasoning") for d in deltas), deltas

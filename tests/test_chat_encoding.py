@@ -98,7 +98,13 @@ def test_dsml_rendering_by_hand() -> None:
         "</｜DSML｜invoke>\n"
         "</｜DSML｜tool_calls>"
     )
-    assert render_tool_calls([{"function": {"name": "g", "arguments": {}}}]).count("\n\n") == 1
+    assert render_tool_calls([{"function": {"name": "g", "arguments": "{}"}}]).count("\n\n") == 1
+    # DeepSeek's encoder: arguments that are not JSON text of an object are one `arguments` parameter
+    assert render_tool_calls([{"function": {"name": "g", "arguments": {"x": 1}}}]) == (
+        '<｜DSML｜tool_calls>\n<｜DSML｜invoke name="g">\n'
+        '<｜DSML｜parameter name="arguments" string="false">{"x": 1}</｜DSML｜parameter>\n'
+        "</｜DSML｜invoke>\n</｜DSML｜tool_calls>"
+    )
 
 
 def test_tool_results_join_one_user_turn_in_call_order() -> None:
@@ -131,7 +137,7 @@ def test_round_trip(name: str, thinking: bool) -> None:
     assert parsed.reasoning == ((final.get("reasoning") or "") if thinking else "")
     assert parsed.content == (final.get("content") or "")
     assert [(c.name, json.loads(c.arguments)) for c in parsed.tool_calls] == expected_calls(final)
-    assert not parsed.truncated
+    assert not parsed.malformed
     # and the parsed message encodes back to the same prompt
     again = [*messages[:-1], parsed.to_message()]
     original = encode_messages(messages, thinking=thinking, tools=tools)

@@ -2,7 +2,10 @@
 
 DeepSeek ships no Jinja template for V4; the prompt contract is the checkpoint's
 ``encoding/encoding_dsv4.py`` (architecture.md §11). This module is our own
-implementation of that contract (tests compare it with the official file):
+implementation of that contract. :func:`encode_dsv4` is the official ``encode_messages``
+exactly (arguments, message fields, errors; tests/test_chat_gold.py compares it with the
+official file on a generated corpus). :func:`encode_messages` / :func:`encode_request` are the
+serving path: that encoder with OpenAI extensions on top (below; README "Tool calls and reasoning"):
 
 * the prompt starts with BOS; in thinking mode the effort profile's preamble
   (if any) comes right after it, once;
@@ -48,9 +51,11 @@ is :mod:`v4_plugin.dsml`.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import pathlib
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -286,19 +291,12 @@ def tool_call_arguments(tool_call: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def render_tool_calls(tool_calls: Sequence[Mapping[str, Any]]) -> str:
-    """The DSML ``tool_calls`` block for OpenAI-format ``tool_calls``."""
-    invokes = []
-    for call in tool_calls:
-        name = call.get("function", call).get("name")
-        params = "\n".join(render_parameter(k, v) for k, v in tool_call_arguments(call).items())
-        invokes.append(f'<{DSML}invoke name="{name}">\n{params}\n</{DSML}invoke>')
-    body = "\n".join(invokes)
-    return f"<{DSML}{TOOL_CALLS_BLOCK}>\n{body}\n</{DSML}{TOOL_CALLS_BLOCK}>"
-
-
-def render_tool_result(content: Any) -> str:
-    """A tool result as it sits in a user turn."""
-    return f"<tool_result>{_tool_text(content)}</tool_result>"
+    """The DSML ``tool_calls`` block of OpenAI-format ``tool_calls`` as DeepSeek's encoder writes it:
+    ``function.arguments`` that is JSON text of an object gives one parameter per key; any other
+    value (not JSON, not an object, not text) one ``arguments`` parameter holding it."""
+    invokes = "\n".join(f'<{DSML}invoke name="{c["function"]["name"]}">\n{_exact_arguments(c["function"]["arguments"])}'
+                        f"\n</{DSML}invoke>" for c in tool_calls)
+    return f"<{DSML}{TOOL_CALLS_BLOCK}>\n{invokes}\n</{DSML}{TOOL_CALLS_BLOCK}>"
 
 
 def _function_schema(tool: Mapping[str, Any]) -> Any:
@@ -347,113 +345,101 @@ def _reasoning(message: Message) -> str:
 
 
 # ----------------------------------------------------------------------------
-# Role render functions
+# The serving encoder: OpenAI requests on top of the exact encoder
 # ----------------------------------------------------------------------------
 
-
-def render_system(message: Message) -> str:
-    """A system message: its text, then its tools block and response format."""
-    return _text(message.get("content")) + _extras(message)
+_SERVING_ROLES = ("system", "developer", "user", "tool", "assistant", "latest_reminder")
 
 
-def render_developer(message: Message) -> str:
-    """A developer message: a user turn with the system message's extras."""
-    text = _text(message.get("content"))
-    if not text:
-        raise ValueError("a developer message needs content")
-    return USER + text + _extras(message)
+def encode_messages(
+    messages: Sequence[Message],
+    *,
+    thinking: bool = False,
+    add_generation_prompt: bool = True,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    reasoning_effort: str | None = None,
+    profile: EffortProfile = PREVIEW_PROFILE,
+    drop_thinking: bool = True,
+    continue_final_message: bool = False,
+) -> str:
+    """Encode an OpenAI-style conversation into the DeepSeek-V4 prompt string.
 
+    :func:`encode_dsv4` renders it after :func:`_official_messages` (the OpenAI extensions: content
+    parts and images, ``reasoning`` for ``reasoning_content``, tool-call arguments as JSON text or a
+    mapping, ``None`` texts as empty); on top of it, as vLLM's copy of the encoder does, a system
+    message that ends the conversation or precedes an assistant turn opens that turn.
 
-def render_user(parts: Sequence[str]) -> str:
-    """A user turn from its rendered parts (texts and tool results)."""
-    return USER + "\n\n".join(parts)
+    Args:
+        messages: OpenAI-style dicts. Roles ``system``, ``developer``, ``user``, ``tool``
+            (``content``, ``tool_call_id``), ``assistant`` (``content``, ``reasoning`` or
+            ``reasoning_content``, ``tool_calls``) and ``latest_reminder``. System and developer
+            messages may carry ``tools`` and ``response_format``.
+        thinking: thinking mode (the model reasons inside ``<think>…</think>``).
+        add_generation_prompt: open an assistant turn after a trailing user, developer or system
+            message.
+        tools: request tools (OpenAI format); attached to the first system message (made if missing).
+        reasoning_effort: effort name of ``profile``, aliases included (thinking mode only; ``None``
+            = the profile's default).
+        profile: the :class:`EffortProfile` mapping efforts to preambles.
+        drop_thinking: drop earlier turns' reasoning (only without tools).
+        continue_final_message: leave a final assistant message open (no EOS).
 
+    Returns:
+        The prompt text, starting with BOS; tokenize it without adding specials.
 
-def render_assistant(message: Message, *, keep_reasoning: bool, eos: bool = True) -> str:
-    """An assistant turn's body (its opener is written by :func:`assistant_opener`).
-
-    ``keep_reasoning`` writes ``reasoning + </think>`` in front of the text.
+    Raises:
+        ValueError: an unknown role or effort, a developer message without content, tool-call
+            arguments that are not a JSON object.
     """
-    body = (_reasoning(message) + THINK_END) if keep_reasoning else ""
-    body += _text(message.get("content"))
-    if message.get("tool_calls"):
-        body += "\n\n" + render_tool_calls(message["tool_calls"])
-    return body + (EOS if eos else "")
+    effort = profile.resolve(reasoning_effort) if thinking else None
+    official = _official_messages(_attach_tools(messages, tools), continue_final_message)
+    start, pieces, full, drop = _exact_pieces(official, "thinking" if thinking else "chat", [], drop_thinking,
+                                              True, effort, profile)
+    last_user = _last_user(full)
+    parts = [start]
+    for index, piece in pieces:
+        role = full[index].get("role")
+        is_last = index == len(full) - 1
+        opener = ASSISTANT + (THINK_START if thinking and (not drop or index >= last_user) else THINK_END)
+        if role == "system" and (is_last or full[index + 1].get("role") == "assistant"):
+            piece += opener
+        if is_last and not add_generation_prompt and role in ("system", "developer", "user"):
+            piece = piece.removesuffix(opener)
+        parts.append(piece)
+    return "".join(parts)
 
 
-def assistant_opener(*, thinking: bool) -> str:
-    """Open an assistant turn: ``<｜Assistant｜>`` + ``<think>`` or ``</think>``."""
-    return ASSISTANT + (THINK_START if thinking else THINK_END)
-
-
-def _extras(message: Message) -> str:
-    out = ""
-    if message.get("tools"):
-        out += "\n\n" + render_tools_block(message["tools"])
-    if message.get("response_format"):
-        out += "\n\n" + render_response_format(message["response_format"])
+def _official_messages(messages: Sequence[Message], continue_final_message: bool) -> list[dict[str, Any]]:
+    """OpenAI-style messages as :func:`encode_dsv4` reads them (only the fields a request may set)."""
+    out: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role not in _SERVING_ROLES:
+            raise ValueError(f"unsupported role {role!r} in DeepSeek-V4 chat encoding")
+        if role == "tool":
+            out.append({"role": role, "content": _tool_text(message.get("content")),
+                        "tool_call_id": message.get("tool_call_id") or ""})
+            continue
+        item: dict[str, Any] = {"role": role, "content": _text(message.get("content"))}
+        for key in ("tools", "response_format"):
+            if message.get(key) and role in ("system", "developer"):
+                item[key] = message[key]
+        if role == "assistant":
+            item["reasoning_content"] = _reasoning(message)
+            if message.get("tool_calls"):
+                item["tool_calls"] = [_official_call(call) for call in message["tool_calls"]]
+            if continue_final_message and i == len(messages) - 1:
+                item["wo_eos"] = True
+        out.append(item)
     return out
 
 
-# ----------------------------------------------------------------------------
-# Conversation preprocessing
-# ----------------------------------------------------------------------------
-
-
-@dataclass
-class _Turn:
-    """A message after preprocessing; user turns carry rendered parts."""
-
-    role: str
-    message: Message
-    parts: list[str] = field(default_factory=list)
-    tool_ids: list[str | None] = field(default_factory=list)  # per part; None = not a tool result
-
-
-def _merge_turns(messages: Sequence[Message]) -> list[_Turn]:
-    """Fold tool messages into user turns, merge consecutive user turns and
-    order each turn's tool results like the calls they answer."""
-    turns: list[_Turn] = []
-    call_order: dict[str, int] = {}
-    for message in messages:
-        role = message.get("role")
-        if role in ("user", "tool"):
-            if role == "tool":
-                part, tool_id = render_tool_result(message.get("content")), message.get("tool_call_id") or ""
-            else:
-                part, tool_id = _text(message.get("content")), None
-            if not (turns and turns[-1].role == "user"):
-                turns.append(_Turn("user", message))
-            turns[-1].parts.append(part)
-            turns[-1].tool_ids.append(tool_id)
-            continue
-        if role not in ("system", "developer", "assistant", "latest_reminder"):
-            raise ValueError(f"unsupported role {role!r} in DeepSeek-V4 chat encoding")
-        _order_tool_results(turns, call_order)
-        if role == "assistant" and message.get("tool_calls"):
-            call_order = {}
-            for i, call in enumerate(message["tool_calls"]):
-                call_id = call.get("id") or call.get("function", {}).get("id")
-                if call_id:
-                    call_order[call_id] = i
-        turns.append(_Turn(role, message))
-    _order_tool_results(turns, call_order)
-    return turns
-
-
-def _order_tool_results(turns: list[_Turn], call_order: Mapping[str, int]) -> None:
-    """Sort the tool results of the last turn (if a user turn) by call order;
-    texts keep their places, unknown ids sort first, ties keep their order."""
-    if not turns or turns[-1].role != "user":
-        return
-    turn = turns[-1]
-    slots = [i for i, tool_id in enumerate(turn.tool_ids) if tool_id is not None]
-    if len(slots) < 2 or not call_order:
-        return
-    ordered = sorted(slots, key=lambda i: call_order.get(turn.tool_ids[i] or "", 0))
-    parts = list(turn.parts)
-    for slot, source in zip(slots, ordered):
-        turn.parts[slot] = parts[source]
+def _official_call(call: Mapping[str, Any]) -> dict[str, Any]:
+    """An OpenAI tool call (``{"function": {...}}`` or bare) with its arguments as JSON object text."""
+    function = call.get("function", call)
+    call_id = call.get("id") or function.get("id")
+    arguments = to_json(tool_call_arguments(call))
+    return {"id": call_id, "function": {"name": function.get("name"), "arguments": arguments}}
 
 
 def _attach_tools(messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None) -> list[Message]:
@@ -469,85 +455,228 @@ def _attach_tools(messages: Sequence[Message], tools: Sequence[Mapping[str, Any]
     return messages
 
 
-def _last_user_index(turns: Sequence[_Turn]) -> int:
-    """Index of the last user or developer turn, or -1 if there is none."""
-    return max((i for i, t in enumerate(turns) if t.role in ("user", "developer")), default=-1)
-
-
 # ----------------------------------------------------------------------------
-# Encoder
+# The official encoder, exactly
 # ----------------------------------------------------------------------------
 
+_KEEP_WHEN_DROPPING = frozenset({"user", "system", "tool", "latest_reminder", "direct_search_results"})
 
-def encode_messages(
+
+def encode_dsv4(
     messages: Sequence[Message],
-    *,
-    thinking: bool = False,
-    add_generation_prompt: bool = True,
-    tools: Sequence[Mapping[str, Any]] | None = None,
-    reasoning_effort: str | None = None,
-    profile: EffortProfile = PREVIEW_PROFILE,
+    thinking_mode: str,
+    context: Sequence[Message] | None = None,
     drop_thinking: bool = True,
-    continue_final_message: bool = False,
+    add_default_bos_token: bool = True,
+    reasoning_effort: str | None = None,
+    *,
+    profile: EffortProfile = PREVIEW_PROFILE,
 ) -> str:
-    """Encode a conversation into the DeepSeek-V4 prompt string.
+    """DeepSeek's ``encode_messages`` (``encoding/encoding_dsv4.py``): same arguments, same prompt
+    byte for byte, an error (:class:`ValueError`) wherever the official encoder raises.
+
+    Semantics of the official file (04-24 release; the refresh differs only in its efforts):
+    ``tool`` messages fold into user turns as ``<tool_result>`` blocks (a user message's other
+    fields but ``task`` / ``wo_eos`` / ``mask`` are not kept, so ``tools`` on a user message are
+    ignored), sorted like the calls they answer; ``context`` is a conversation already rendered
+    (no BOS, not rendered again; it still decides tool-result order and ``drop_thinking``);
+    ``drop_thinking`` (thinking mode, no ``tools`` on any message) removes the reasoning of
+    assistant turns and the developer messages before the last user message; message ``task``
+    (``action``, ``query``, ``authority``, ``domain``, ``title``, ``read_url``) writes its token
+    after the message (``action``: after an Assistant + think token); ``wo_eos`` leaves an
+    assistant turn open; tool-call ``arguments`` that are not JSON text of an object render as one
+    ``arguments`` parameter; message text goes through ``str.format`` as there (``None`` in a
+    reminder or tool result is written ``None``). Only user and developer messages open the next
+    assistant turn (a trailing system message does not).
 
     Args:
-        messages: OpenAI-style dicts. Roles ``system``, ``developer``, ``user``,
-            ``tool`` (``content``, ``tool_call_id``), ``assistant`` (``content``,
-            ``reasoning`` or ``reasoning_content``, ``tool_calls`` with
-            ``function.name`` / ``function.arguments`` as JSON text or dict) and
-            ``latest_reminder``. Content may be a string or text parts. System and
-            developer messages may carry ``tools`` and ``response_format``.
-        thinking: thinking mode (the model reasons inside ``<think>…</think>``).
-        add_generation_prompt: open an assistant turn after a trailing user,
-            developer or system message.
-        tools: request tools (OpenAI format); attached to the first system message.
-        reasoning_effort: effort name of ``profile`` (thinking mode only; ``None``
-            = the profile's default).
-        profile: the :class:`EffortProfile` mapping efforts to preambles.
-        drop_thinking: drop earlier turns' reasoning (only without tools).
-        continue_final_message: leave a final assistant message open (no EOS) so
-            generation continues it.
+        messages: the messages to render (OpenAI-style dicts; ``reasoning_content`` on assistant
+            turns, ``tools`` / ``response_format`` on system and developer messages).
+        thinking_mode: ``"chat"`` or ``"thinking"``.
+        context: earlier messages (already encoded).
+        drop_thinking: as above.
+        add_default_bos_token: start with BOS (only when there is no context).
+        reasoning_effort: ``None`` (no preamble) or a key of ``profile.preambles`` (preview:
+            ``high``, ``max``; refresh: ``low``, ``high``, ``max``); thinking mode only.
+        profile: the checkpoint's :class:`EffortProfile`.
 
-    Returns:
-        The prompt text, starting with BOS; tokenize it without adding specials.
+    Raises:
+        ValueError: what the official encoder rejects (naming the message and the field).
     """
-    preamble = profile.preamble(reasoning_effort) if thinking else ""
-    turns = _merge_turns(_attach_tools(messages, tools))
-    has_tools = any(t.message.get("tools") for t in turns)
-    drop = thinking and drop_thinking and not has_tools
-    if drop:
-        last_user = _last_user_index(turns)
-        turns = [t for i, t in enumerate(turns) if not (t.role == "developer" and i < last_user)]
-    last_user = _last_user_index(turns)
+    start, pieces, _, _ = _exact_pieces(messages, thinking_mode, list(context or []), drop_thinking,
+                                        add_default_bos_token, reasoning_effort, profile)
+    return start + "".join(piece for _, piece in pieces)
 
-    parts = [BOS, preamble]
-    for i, turn in enumerate(turns):
-        role, message = turn.role, turn.message
-        is_last = i == len(turns) - 1
-        next_role = None if is_last else turns[i + 1].role
-        if role == "system":
-            parts.append(render_system(message))
-        elif role == "developer":
-            parts.append(render_developer(message))
+
+def _exact_pieces(messages: Sequence[Message], thinking_mode: str, context: list[Message], drop_thinking: bool,
+                  add_default_bos_token: bool, reasoning_effort: str | None,
+                  profile: EffortProfile) -> tuple[str, list[tuple[int, str]], list[Message], bool]:
+    """:func:`encode_dsv4` in parts: (the start (BOS or nothing), ``[(index, text)]`` for each message
+    rendered (index into the conversation as rendered), that conversation, the effective
+    ``drop_thinking``)."""
+    merged = _sort_tool_results(_fold_tool_messages(messages), order_from=context)
+    if context:
+        context = _sort_tool_results(_fold_tool_messages(context))
+    full = context + merged
+    start = BOS if add_default_bos_token and not context else ""
+    drop = drop_thinking and not any(m.get("tools") for m in full)
+    if thinking_mode == "thinking" and drop:
+        full = _drop_earlier_thinking(full)
+        first = len(_drop_earlier_thinking(context))
+    else:
+        first = len(context)
+    pieces = []
+    for index in range(first, len(full)):
+        try:
+            pieces.append((index, _render_exact(index, full, thinking_mode, drop, reasoning_effort, profile)))
+        except (TypeError, KeyError, AttributeError, IndexError, json.JSONDecodeError) as exc:
+            raise ValueError(f"message {index} ({full[index].get('role')!r}) cannot be encoded: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    return start, pieces, full, drop
+
+
+def _fold_tool_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """Tool messages -> ``tool_result`` blocks of a user message; user text -> ``text`` blocks
+    (consecutive user/tool messages share one user message unless it carries a task)."""
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        message = copy.deepcopy(dict(message))
+        role = message.get("role")
+        last = out[-1] if out and out[-1].get("role") == "user" and "content_blocks" in out[-1] else None
+        if role == "tool":
+            block = {"type": "tool_result", "tool_use_id": message.get("tool_call_id", ""),
+                     "content": message.get("content", "")}
+            if last is not None:
+                last["content_blocks"].append(block)
+            else:
+                out.append({"role": "user", "content_blocks": [block]})
         elif role == "user":
-            parts.append(render_user(turn.parts))
-        elif role == "latest_reminder":
-            parts.append(LATEST_REMINDER + _text(message.get("content")))
-        else:  # assistant
-            keep = thinking and (not drop or i > last_user)
-            parts.append(render_assistant(message, keep_reasoning=keep, eos=not (is_last and continue_final_message)))
-            continue
-        # Open the assistant turn that follows (or the generation prompt).
-        if next_role not in (None, "assistant", "latest_reminder"):
-            continue
-        if role == "latest_reminder" or (role == "system" and next_role == "latest_reminder"):
-            continue
-        if is_last and not add_generation_prompt:
-            continue
-        parts.append(assistant_opener(thinking=thinking and (not drop or i >= last_user)))
-    return "".join(parts)
+            block = {"type": "text", "text": message.get("content", "")}
+            if last is not None and last.get("task") is None:
+                last["content_blocks"].append(block)
+            else:
+                kept = {k: message[k] for k in ("task", "wo_eos", "mask") if k in message}
+                out.append({"role": "user", "content": message.get("content", ""), "content_blocks": [block], **kept})
+        else:
+            out.append(message)
+    return out
+
+
+def _sort_tool_results(messages: list[dict[str, Any]], order_from: Sequence[Message] = ()) -> list[dict[str, Any]]:
+    """Order each user message's tool results like the calls of the assistant message before it
+    (``order_from``: earlier messages that only set the call order). Sorts in place."""
+    order: dict[Any, int] = {}
+    for message in [*order_from, *messages]:
+        role = message.get("role")
+        if role == "assistant" and message.get("tool_calls"):
+            order = {}
+            for i, call in enumerate(message["tool_calls"]):
+                call_id = call.get("id") or call.get("function", {}).get("id", "")
+                if call_id:
+                    order[call_id] = i
+        elif role == "user" and message.get("content_blocks"):
+            results = [b for b in message["content_blocks"] if b.get("type") == "tool_result"]
+            if len(results) > 1 and order:
+                ordered = iter(sorted(results, key=lambda b: order.get(b.get("tool_use_id", ""), 0)))
+                message["content_blocks"] = [next(ordered) if b.get("type") == "tool_result" else b
+                                             for b in message["content_blocks"]]
+    return messages
+
+
+def _last_user(messages: Sequence[Message]) -> int:
+    """Index of the last user or developer message (-1 if none)."""
+    return max((i for i, m in enumerate(messages) if m.get("role") in ("user", "developer")), default=-1)
+
+
+def _drop_earlier_thinking(messages: Sequence[Message]) -> list[Message]:
+    """Before the last user message: assistant turns lose their reasoning, developer (and unknown)
+    messages go."""
+    last_user = _last_user(messages)
+    out: list[Message] = []
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role in _KEEP_WHEN_DROPPING or i >= last_user:
+            out.append(message)
+        elif role == "assistant":
+            out.append({k: v for k, v in message.items() if k != "reasoning_content"})
+    return out
+
+
+def _exact_arguments(arguments: Any) -> str:
+    """Official DSML parameters of one call: JSON text of an object -> its items; anything else
+    (not JSON, not text) -> one ``arguments`` parameter holding the value."""
+    try:
+        parsed = json.loads(arguments)
+    except Exception:  # noqa: BLE001 - the official encoder falls back on any failure
+        parsed = {"arguments": arguments}
+    return "\n".join(render_parameter(f"{k}", v) for k, v in parsed.items())
+
+
+def _render_exact(index: int, messages: Sequence[Message], thinking_mode: str, drop: bool,
+                  effort: str | None, profile: EffortProfile) -> str:
+    """One message of :func:`encode_dsv4` and the transition after it."""
+    if thinking_mode not in ("chat", "thinking"):
+        raise ValueError(f"thinking_mode must be 'chat' or 'thinking', got {thinking_mode!r}")
+    if effort is not None and effort not in profile.preambles:
+        raise ValueError(f"reasoning effort {effort!r} is not defined by the {profile.name!r} profile; "
+                         f"expected None or one of {sorted(profile.preambles)}")
+    thinking = thinking_mode == "thinking"
+    message = messages[index]
+    last_user = _last_user(messages)
+    role, content = message.get("role"), message.get("content")
+    tools = [tool["function"] for tool in message.get("tools") or []]
+    calls = [{"function": {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}}
+             for c in message.get("tool_calls") or []]
+    prompt = profile.preambles[effort] if index == 0 and thinking and effort is not None else ""
+    if role in ("system", "developer"):
+        if role == "developer" and not content:
+            raise ValueError(f"message {index}: a developer message needs content")
+        prompt += f"{content or ''}" if role == "system" else USER + content
+        if tools:
+            prompt += "\n\n" + render_tools_block(tools)
+        if message.get("response_format"):
+            prompt += "\n\n" + render_response_format(message["response_format"])
+    elif role == "user":
+        blocks = message.get("content_blocks")
+        prompt += USER + ("\n\n".join(_exact_block(b) for b in blocks) if blocks else content or "")
+    elif role == "latest_reminder":
+        prompt += LATEST_REMINDER + f"{content}"
+    elif role == "assistant":
+        block = "\n\n" + render_tool_calls(calls) if calls else ""
+        after_task = index > 0 and messages[index - 1].get("task") is not None
+        reasoning = ""
+        if thinking and not after_task and (not drop or index > last_user):
+            reasoning = f"{message.get('reasoning_content') or ''}{THINK_END}"
+        prompt += f"{reasoning}{content or ''}{block}" + ("" if message.get("wo_eos", False) else EOS)
+    else:
+        raise ValueError(f"message {index}: unsupported role {role!r} in DeepSeek-V4 chat encoding")
+    if index + 1 < len(messages) and messages[index + 1].get("role") not in ("assistant", "latest_reminder"):
+        return prompt
+    task = message.get("task")
+    if task is not None:
+        if task not in TASK_TOKENS:
+            raise ValueError(f"message {index}: task {task!r} is not one of {sorted(TASK_TOKENS)}")
+        if task == "action":
+            prompt += ASSISTANT + (THINK_START if thinking else THINK_END)
+        prompt += TASK_TOKENS[task]
+    elif role in ("user", "developer"):
+        opens_thinking = thinking and (not drop or index >= last_user)
+        prompt += ASSISTANT + (THINK_START if opens_thinking else THINK_END)
+    return prompt
+
+
+def _exact_block(block: Mapping[str, Any]) -> str:
+    """One content block of a folded user message."""
+    kind = block.get("type")
+    if kind == "text":
+        return block.get("text", "")
+    if kind != "tool_result":
+        return f"[Unsupported {kind}]"
+    content = block.get("content", "")
+    if isinstance(content, list):
+        content = "\n\n".join(b.get("text", "") if b.get("type") == "text" else f"[Unsupported {b.get('type')}]"
+                              for b in content)
+    return f"<tool_result>{content}</tool_result>"
 
 
 def encode_request(
@@ -586,6 +715,70 @@ def encode_request(
         drop_thinking=kwargs.get("drop_thinking", True),
         continue_final_message=kwargs.get("continue_final_message", False),
     )
+
+
+# ----------------------------------------------------------------------------
+# Special-token strings in client text
+# ----------------------------------------------------------------------------
+
+SPECIAL_TEXT_ENV = "V4_PLUGIN_SPECIAL_TOKENS_IN_TEXT"
+"""Server setting: how special-token strings in client text (message content, reasoning, tool
+arguments, tool results, tool schemas) are tokenized. ``control`` (default, as DeepSeek's encoder
+and tokenizer do): as the control tokens themselves; ``plain``: as ordinary text."""
+
+TEXT_SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD, USER, ASSISTANT, LATEST_REMINDER, THINK_START, THINK_END,
+                                        DSML, IMAGE_PLACEHOLDER, *TASK_TOKENS.values())
+"""Every V4 special-token string (the ones :data:`SPECIAL_TEXT_ENV` ``plain`` keeps as text)."""
+
+_SPECIAL_RE = re.compile("|".join(re.escape(t) for t in sorted(TEXT_SPECIAL_TOKENS, key=len, reverse=True)))
+_SLOT_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+def special_tokens_in_text() -> str:
+    """The :data:`SPECIAL_TEXT_ENV` setting: ``"control"`` (default) or ``"plain"``.
+
+    Raises:
+        ValueError: any other value (the message names the variable).
+    """
+    value = os.environ.get(SPECIAL_TEXT_ENV, "control")
+    if value not in ("control", "plain"):
+        raise ValueError(f"{SPECIAL_TEXT_ENV}={value!r}: expected 'control' or 'plain'")
+    return value
+
+
+def encode_request_ids(tokenizer: Any, messages: Sequence[Message], *,
+                       tools: Sequence[Mapping[str, Any]] | None = None, **kwargs: Any) -> list[int]:
+    """Token ids of :func:`encode_request` (same arguments) with a Hugging Face ``tokenizer``.
+
+    With :data:`SPECIAL_TEXT_ENV` ``plain``, each special-token string found in the client's
+    strings is tokenized as text (its first character apart from the rest, so no added token
+    matches); the prompt's own markup stays control tokens. The text of the prompt is the same.
+    """
+    if special_tokens_in_text() == "control":
+        return tokenizer.encode(encode_request(messages, tools=tools, **kwargs), add_special_tokens=False)
+    found: list[str] = []
+
+    def slot(match: re.Match[str]) -> str:
+        found.append(match.group())
+        return f"\ue000{len(found) - 1}\ue001"
+
+    def escape(value: Any) -> Any:
+        if isinstance(value, str):
+            return _SPECIAL_RE.sub(slot, value)
+        if isinstance(value, Mapping):
+            return {key: escape(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [escape(item) for item in value]
+        return value
+
+    prompt = encode_request(escape(list(messages)), tools=escape(tools) if tools else tools, **kwargs)
+    ids: list[int] = []
+    for i, piece in enumerate(_SLOT_RE.split(prompt)):
+        pieces = (piece,) if i % 2 == 0 else (found[int(piece)][:1], found[int(piece)][1:])
+        for text in pieces:
+            if text:
+                ids += tokenizer.encode(text, add_special_tokens=False)
+    return ids
 
 
 def requested_effort(chat_template_kwargs: Mapping[str, Any] | None, reasoning_effort: Any = None) -> Any:

@@ -1,105 +1,154 @@
 """Parse DeepSeek-V4 completions: reasoning, content and DSML tool calls, streaming or not.
 
-The inverse of :mod:`v4_plugin.chat`. A completion (the text the model writes after
-the prompt's ``<｜Assistant｜><think>`` or ``<｜Assistant｜></think>``) is::
+The inverse of :mod:`v4_plugin.chat`, with the grammar of DeepSeek's official parser
+(``parse_message_from_completion_text`` in ``encoding/encoding_dsv4.py``). A completion (the text
+after the prompt's ``<｜Assistant｜><think>`` or ``<｜Assistant｜></think>``) is::
 
-    [reasoning </think>] content [\\n\\n <｜DSML｜tool_calls> invokes </｜DSML｜tool_calls>] [EOS]
+    [reasoning </think>] content [\\n\\n<｜DSML｜tool_calls> invokes </｜DSML｜tool_calls>] [EOS]
 
-:class:`StreamParser` is one incremental state machine; :func:`parse_completion`
-feeds it the whole text at once, so the streaming and non-streaming results are
-the same by construction, for any split of the text into chunks (chunks may be
-``str`` or UTF-8 ``bytes`` cut anywhere, inside a character, a special token or
-a DSML tag).
+:class:`StreamParser` is one incremental state machine whose decisions never depend on where
+the text is cut, so :func:`parse_completion` (the whole text fed at once) and any streaming of
+the same text give the same result (chunks may be ``str`` or UTF-8 ``bytes`` cut anywhere).
+The end of the text stands for EOS (servers stop at EOS and usually do not show it).
 
-Guarantees:
+On every completion the official parser accepts (with EOS appended when absent) the result is
+the official one: reasoning up to ``</think>``; content up to ``\\n\\n<｜DSML｜tool_calls`` (so
+content keeps all but the last two newlines before a tool block); each call's name and
+``arguments`` text byte for byte as the official parser builds them (``string="false"`` values
+are copied raw, JSON or not). Deliberate differences, where the official parser raises or keeps
+control tokens:
 
-* no DSML markup (``｜DSML｜``), ``<think>``, ``</think>`` or EOS text reaches
-  ``content``: tool-call blocks become tool calls, stray DSML tags and think
-  tags are dropped;
-* a tool call is emitted whole (name and complete JSON ``arguments`` in one
-  delta) once its ``</｜DSML｜invoke>`` has arrived, so a completion cut short
-  (``max_tokens``) never yields half a call: the unfinished part comes back as
-  content with the DSML markers removed (``truncated="content"``, the default)
-  or is dropped (``truncated="drop"``), and ``truncated`` is set on the result;
-* lenient where models are sloppy: ``<｜DSML｜toolcalls>`` (vllm#51914) and
-  ``function_calls`` / ``tool_call`` / ``tool`` block names, an ``invoke``
-  without its block, a missing ``string`` attribute (JSON if it parses, else
-  text), a missing ``</｜DSML｜parameter>`` or ``</｜DSML｜invoke>``, an invoke
-  whose body is one JSON object, a tool block opened inside reasoning (ends it);
-* ``string="true"`` values are kept verbatim; ``string="false"`` values are
-  JSON-decoded (a value that is not JSON is kept as text).
+* between DSML tags, where the format has ``>\\n``, any whitespace or none is accepted (the
+  layouts xgrammar's DeepSeek-V4 structural tag allows when it enforces ``tool_choice``);
+* a tool block the official grammar rejects (cut short, stray text, a duplicate parameter, ...)
+  gives no calls: its text goes to ``content`` with the special tokens removed and
+  :attr:`ParsedCompletion.malformed` is set (and a warning logged);
+* special-token strings (:data:`SPECIAL_TOKENS`: BOS, EOS, ``<think>``, ``</think>``,
+  ``｜DSML｜``, ``<｜User｜>``, the task tokens, ...) never reach ``content`` or ``reasoning``:
+  they are removed (the official parser rejects the first five, which sets ``malformed``, and
+  keeps the others);
+* a thinking completion that ends inside its reasoning (``max_tokens``) keeps that text as
+  reasoning, as both frameworks do.
 
-The whitespace that separates content from a tool block (the encoder writes
-``\\n\\n``) is not part of the content.
+Tool calls are emitted when the completion ends (:meth:`StreamParser.finish`): only then is the
+block known to be valid.
 """
 
 from __future__ import annotations
 
 import codecs
-import json
+import logging
 import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .chat import DSML, EOS, THINK_END, THINK_START
+from .chat import (ASSISTANT, BOS, DSML, EOS, LATEST_REMINDER, PAD, TASK_TOKENS, THINK_END, THINK_START,
+                   TOOL_CALLS_BLOCK, USER, to_json)
 
 __all__ = [
     "Delta",
+    "MalformedToolBlock",
     "ParsedCompletion",
+    "SPECIAL_TOKENS",
     "StreamParser",
     "ToolCall",
     "ToolCallDelta",
     "parse_completion",
-    "strip_dsml",
+    "parse_tool_block",
+    "strip_special",
 ]
 
-BLOCK_NAMES = ("tool_calls", "toolcalls", "tool_call", "function_calls", "tool")
-"""Block names accepted around invokes (V4 writes ``tool_calls``)."""
+logger = logging.getLogger(__name__)
 
-_OPEN = "<" + DSML
-_CLOSE = "</" + DSML
-_INVOKE = _OPEN + "invoke"
-_INVOKE_END = _CLOSE + "invoke>"
-_BLOCK_NAME_RE = "(?:" + "|".join(BLOCK_NAMES) + ")"
-_BLOCK_OPEN_RE = re.compile(re.escape(_OPEN) + _BLOCK_NAME_RE + r"\s*>")
-_BLOCK_CLOSE_RE = re.compile(re.escape(_CLOSE) + _BLOCK_NAME_RE + r"\s*>")
-_PARTIAL_CLOSE_RE = re.compile(re.escape(_CLOSE) + r"[A-Za-z_]*\s*")
-_INVOKE_HEAD_RE = re.compile(
-    re.escape(_INVOKE) + r'\s+name\s*=\s*"([^"]*)"\s*>|' + re.escape(_INVOKE) + r"\s+name\s*=\s*([^\s>]*)\s*>"
-)
-_PARAM_RE = re.compile(
-    re.escape(_OPEN + "parameter")
-    + r'\s+name\s*=\s*"([^"]*)"(?:\s+string\s*=\s*"([^"]*)")?\s*>'
-    + r"(.*?)(?:"
-    + re.escape(_CLOSE + "parameter>")
-    + r"|(?="
-    + re.escape(_OPEN + "parameter")
-    + r"[\s>])|\Z)",
-    re.DOTALL,
-)
-_MAX_TAG = 512  # a DSML tag longer than this without '>' is not a tag
+SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD, USER, ASSISTANT, LATEST_REMINDER, THINK_START, THINK_END,
+                                   DSML, *TASK_TOKENS.values())
+"""Control-token strings that never reach ``content`` or ``reasoning``."""
 
-# Markers searched for in the reasoning and content states (none of them is a
-# substring of a proper prefix of another, so "earliest complete marker, else
-# hold back the longest partial one" is exact).
-_REASONING_MARKERS = (THINK_END, THINK_START, EOS, _OPEN)
-_CONTENT_MARKERS = (THINK_START, THINK_END, EOS, _OPEN, _CLOSE)
+REJECTED_TOKENS = frozenset({BOS, EOS, THINK_START, THINK_END, DSML})
+"""The special tokens whose presence in content or reasoning makes the official parser raise."""
+
+BLOCK_START = f"\n\n<{DSML}{TOOL_CALLS_BLOCK}"
+"""What starts a tool block (the official parser needs the two newlines)."""
+
+_INVOKE = f"<{DSML}invoke"
+_INVOKE_END = f"</{DSML}invoke"
+_PARAM = f"<{DSML}parameter"
+_PARAM_END = f"/{DSML}parameter"
+_BLOCK_END = f"</{DSML}{TOOL_CALLS_BLOCK}>"
+# The official grammar's patterns (`$` also matches before a final newline, as there).
+_NAME_RE = re.compile(r'^\s*name="(.*?)">\n$', re.DOTALL)
+_GAP_RE = re.compile(r">\s*")
+"""Between DSML tags DeepSeek's format has ``>\n``; any whitespace (or none) after the ``>`` is
+accepted too: xgrammar's DeepSeek-V4 structural tag (which enforces ``tool_choice``) allows it."""
+_PARAM_RE = re.compile(r'^ name="(.*?)" string="(true|false)">(.*?)<$', re.DOTALL)
 
 
-def strip_dsml(text: str) -> str:
-    """``text`` without the ``｜DSML｜`` marker (so it can be shown as plain text)."""
-    return text.replace(DSML, "")
+class MalformedToolBlock(ValueError):
+    """A tool block the official DSML grammar rejects."""
 
 
-def _trim_partial_marker(text: str) -> str:
-    """Drop a special-token fragment (``<｜DS``, ``</｜``, ``<｜end…``) ending ``text``."""
-    for marker in (_OPEN, _CLOSE, EOS):
-        for k in range(min(len(marker) - 1, len(text)), 0, -1):
-            if "｜" in marker[:k] and text.endswith(marker[:k]):
-                return text[:-k]
+def strip_special(text: str) -> str:
+    """``text`` without any special-token string (:data:`SPECIAL_TOKENS`)."""
+    for token in SPECIAL_TOKENS:
+        text = text.replace(token, "")
     return text
+
+
+def _read_until(text: str, index: int, stops: tuple[str, ...]) -> tuple[int, str, str | None]:
+    """From ``index``: (index after the earliest stop, text before it, the stop), or
+    (len(text), the rest, None) when no stop occurs. Ties go to the first stop listed."""
+    best, found = len(text), None
+    for stop in stops:
+        pos = text.find(stop, index)
+        if pos != -1 and pos < best:
+            best, found = pos, stop
+    if found is None:
+        return len(text), text[index:], None
+    return best + len(found), text[index:best], found
+
+
+def parse_tool_block(rest: str) -> list[tuple[str, str]]:
+    """The calls of a tool block: ``rest`` is the text after ``\\n\\n<｜DSML｜tool_calls``, ending
+    with EOS. Returns ``(name, arguments JSON text)`` pairs as the official parser builds them.
+
+    Raises:
+        MalformedToolBlock: the official grammar rejects the block (the message says where).
+    """
+    calls: list[tuple[str, str]] = []
+    index = 0
+    while index < len(rest):
+        index, gap, stop = _read_until(rest, index, (_INVOKE, _BLOCK_END))
+        if not _GAP_RE.fullmatch(gap):
+            raise MalformedToolBlock(f"expected '>\\n' before an invoke or the block end, got {gap[:80]!r}")
+        if stop == _BLOCK_END:
+            break
+        if stop is None:
+            raise MalformedToolBlock("the tool block has no invoke and no end tag")
+        index, head, stop = _read_until(rest, index, (_PARAM, _INVOKE_END))
+        names = _NAME_RE.findall(head)
+        if len(names) != 1:
+            raise MalformedToolBlock(f"bad invoke head {head[:80]!r}")
+        arguments: dict[str, tuple[str, str]] = {}
+        while stop == _PARAM:
+            index, body, stop = _read_until(rest, index, (_PARAM_END,))
+            match = _PARAM_RE.findall(body)
+            if len(match) != 1:
+                raise MalformedToolBlock(f"bad parameter {body[:80]!r}")
+            key, is_string, value = match[0]
+            if key in arguments:
+                raise MalformedToolBlock(f"duplicate parameter {key!r}")
+            arguments[key] = (value, is_string)
+            index, gap, stop = _read_until(rest, index, (_PARAM, _INVOKE_END))
+            if not _GAP_RE.fullmatch(gap):
+                raise MalformedToolBlock(f"expected '>\\n' after a parameter, got {gap[:80]!r}")
+        pairs = (f"{to_json(k)}: {to_json(v) if s == 'true' else v}" for k, (v, s) in arguments.items())
+        calls.append((names[0], "{" + ", ".join(pairs) + "}"))
+    index, tail, stop = _read_until(rest, index, (EOS,))
+    if tail or index != len(rest):
+        raise MalformedToolBlock(f"text after the tool block: {(tail or rest[index:])[:80]!r}")
+    return calls
 
 
 def _new_call_id() -> str:
@@ -108,7 +157,7 @@ def _new_call_id() -> str:
 
 @dataclass
 class ToolCall:
-    """A complete tool call; ``arguments`` is JSON text of an object."""
+    """A complete tool call; ``arguments`` is the JSON text of its arguments object."""
 
     name: str
     arguments: str
@@ -167,8 +216,9 @@ class ParsedCompletion:
     reasoning: str = ""
     content: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
-    truncated: bool = False
-    """An unfinished tool call was cut off (returned as content or dropped)."""
+    malformed: bool = False
+    """The official parser rejects this completion: a bad tool block (returned as content) or a
+    rejected special token (removed)."""
 
     def to_message(self) -> dict[str, Any]:
         """An OpenAI assistant message (``reasoning_content`` for the reasoning)."""
@@ -180,22 +230,43 @@ class ParsedCompletion:
         return message
 
 
-State = Literal["reasoning", "content", "raw", "tag", "block"]
+State = Literal["reasoning", "content", "raw", "block", "done"]
+
+_REASONING_MARKERS = (THINK_END, *SPECIAL_TOKENS)
+_CONTENT_MARKERS = (BLOCK_START, *SPECIAL_TOKENS)
+_RAW_MARKERS = tuple(t for t in SPECIAL_TOKENS if t != DSML)
+_MAX_MARKER = max(len(m) for m in _CONTENT_MARKERS)
+
+
+def _find(buf: str, markers: tuple[str, ...], final: bool) -> tuple[int, str | None]:
+    """The next marker in ``buf``: ``(index, marker)``; or ``(split, None)`` when none is certain
+    yet, ``buf[:split]`` being plain text and ``buf[split:]`` a possible marker start (held back
+    unless ``final``). A complete marker is taken only when no longer marker can start before it."""
+    best, found = len(buf), None
+    for marker in markers:
+        i = buf.find(marker)
+        if i != -1 and (i < best or (i == best and len(marker) > len(found or ""))):
+            best, found = i, marker
+    if final:
+        return (best, found) if found is not None else (len(buf), None)
+    for q in range(max(0, len(buf) - _MAX_MARKER + 1), min(best, len(buf))):
+        tail = buf[q:]
+        if any(len(m) > len(tail) and m.startswith(tail) for m in markers):
+            return q, None
+    return best, found
 
 
 class StreamParser:
     """Incremental parser of one completion.
 
     Args:
-        thinking: the prompt opened the turn with ``<think>`` (the completion
-            starts inside reasoning).
-        parse_tools: parse DSML tool calls. ``False`` passes everything after the
-            reasoning through verbatim as content (for a framework's reasoning
+        thinking: the prompt opened the turn with ``<think>`` (the completion starts inside
+            reasoning).
+        parse_tools: parse DSML tool calls. ``False`` passes everything after the reasoning on as
+            content with only the non-DSML special tokens removed (for a framework's reasoning
             parser whose output feeds a separate tool parser).
-        split_reasoning: separate reasoning. ``False`` starts in content and
-            drops think tags (for a tool parser fed reasoning-free text).
-        truncated: what an unfinished tool call at the end becomes: ``"content"``
-            (its text, DSML markers removed) or ``"drop"``.
+        split_reasoning: separate reasoning. ``False`` starts in content (for a tool parser fed
+            reasoning-free text).
         id_factory: makes tool-call ids.
     """
 
@@ -205,14 +276,9 @@ class StreamParser:
         *,
         parse_tools: bool = True,
         split_reasoning: bool = True,
-        truncated: Literal["content", "drop"] = "content",
         id_factory: Callable[[], str] = _new_call_id,
     ) -> None:
-        if truncated not in ("content", "drop"):
-            raise ValueError(f"truncated must be 'content' or 'drop', got {truncated!r}")
         self.parse_tools = parse_tools
-        self.split_reasoning = split_reasoning
-        self.truncated_policy = truncated
         self.id_factory = id_factory
         self.state: State = "reasoning" if (thinking and split_reasoning) else ("content" if parse_tools else "raw")
         self._result = ParsedCompletion()
@@ -220,20 +286,9 @@ class StreamParser:
         self._content_parts: list[str] = []
         self.finished = False
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._buf = ""  # unprocessed text (reasoning/content/raw/tag states)
-        self._tag = ""  # a DSML tag being read (tag state)
-        self._ws = ""  # trailing content whitespace held back
-        self._ws_before_block = ""  # the whitespace a tool block replaced
-        self._content_seen = False  # non-whitespace content (or a call) was produced
-        self._after_block = False  # drop whitespace that follows a tool block
-        self._block = ""  # text inside the current tool block
-        self._bpos = 0  # parse position in _block
-        self._block_dropped = ""  # block text skipped before the first call (for truncation)
-        self._scan = 0  # chars of the current invoke already searched for its end
-        self._deferred: list[str] = []  # block text known not to end the current invoke
-        self._tail = ""  # the last characters of the block text (deferred included)
-        self._block_opener = ""  # the tag that opened the block
-        self._block_calls = 0  # calls emitted from the current block
+        self._buf = ""  # unprocessed text (reasoning / content / raw states)
+        self._block: list[str] = []  # text after BLOCK_START (block state)
+        self._why = ""  # what made the completion malformed (logged at the end)
         self._out = Delta()
 
     # -- public API ---------------------------------------------------------
@@ -259,10 +314,15 @@ class StreamParser:
         return self._flush_out()
 
     def finish(self) -> Delta:
-        """End of the completion: release held-back text; return the last delta."""
+        """End of the completion: release held-back text and the tool calls; return the last delta."""
         if not self.finished:
             self.finished = True
             self._take(self._decoder.decode(b"", final=True), final=True)
+            if self.state == "block":
+                self._end_block()
+            if self._result.malformed:
+                logger.warning("DeepSeek-V4 completion rejected by the official DSML grammar: %s; "
+                               "returned as plain content, special tokens removed", self._why)
         return self._flush_out()
 
     # -- output ---------------------------------------------------------------
@@ -276,269 +336,79 @@ class StreamParser:
             self._out.reasoning += text
             self._reasoning_parts.append(text)
 
-    def _content(self, text: str, *, final: bool = False) -> None:
-        """Emit content, holding back trailing whitespace (it may precede a block)."""
-        if self._after_block:
-            text = text.lstrip()
-            if not text:
-                return
-            self._after_block = False
-        text = self._ws + text
-        body = text if final else text.rstrip()
-        self._ws = text[len(body) :]
-        if body:
-            if body.strip():
-                self._content_seen = True
-            self._out.content += body
-            self._content_parts.append(body)
+    def _content(self, text: str) -> None:
+        if text:
+            self._out.content += text
+            self._content_parts.append(text)
 
-    def _call(self, name: str, arguments: str) -> None:
-        call = ToolCall(name=name, arguments=arguments, id=self.id_factory())
-        self._out.tool_calls.append(ToolCallDelta(len(self._result.tool_calls), call.id, name, arguments))
-        self._result.tool_calls.append(call)
-        self._content_seen = True
-        self._block_calls += 1
+    def _malformed(self, why: str) -> None:
+        if not self._result.malformed:
+            self._result.malformed, self._why = True, why
 
     # -- the state machine ------------------------------------------------------
 
     def _take(self, text: str, *, final: bool) -> None:
         if self.state == "block":
-            # Inside an unfinished invoke only text with a DSML marker can end it:
-            # collect the rest without rebuilding the block string (linear time).
-            if self._scan and not final and DSML not in self._tail + text:
-                self._deferred.append(text)
-                self._tail = (self._tail + text)[-8:]
-                return
-            if self._deferred:
-                text, self._deferred = "".join(self._deferred) + text, []
-            self._block += text
-            self._tail = self._block[-8:]
-        elif self.state == "tag":
-            self._tag += text
-        else:
-            self._buf += text
-        while True:
-            state = self.state
-            if state == "reasoning":
-                progressed = self._step_reasoning(final)
-            elif state == "content":
-                progressed = self._step_content(final)
-            elif state == "raw":
-                self._content(self._buf, final=True)
-                self._buf = ""
-                progressed = False
-            elif state == "tag":
-                progressed = self._step_tag(final)
+            self._block.append(text)
+            return
+        self._buf += text
+        while self.state != "block" and (self._buf or final):
+            if self.state == "reasoning":
+                progressed = self._step(_REASONING_MARKERS, self._reasoning, final)
             else:
-                progressed = self._step_block(final)
+                progressed = self._step(_RAW_MARKERS if self.state == "raw" else _CONTENT_MARKERS, self._content, final)
             if not progressed:
                 break
-        if final:
-            self._content("", final=True)
 
-    @staticmethod
-    def _find(buf: str, markers: tuple[str, ...]) -> tuple[int, str | None]:
-        """Earliest complete marker in ``buf`` -> (index, marker); else (split, None)
-        where ``buf[split:]`` is the longest suffix that may start a marker."""
-        best, found = len(buf), None
-        for marker in markers:
-            i = buf.find(marker)
-            if i != -1 and (i < best or (i == best and found is not None and len(marker) > len(found))):
-                best, found = i, marker
-        if found is not None:
-            return best, found
-        hold = 0
-        for marker in markers:
-            for k in range(min(len(marker) - 1, len(buf)), hold, -1):
-                if marker.startswith(buf[-k:]):
-                    hold = k
-                    break
-        return len(buf) - hold, None
-
-    def _step_reasoning(self, final: bool) -> bool:
-        i, marker = self._find(self._buf, _REASONING_MARKERS)
+    def _step(self, markers: tuple[str, ...], emit: Callable[[str], None], final: bool) -> bool:
+        i, marker = _find(self._buf, markers, final)
+        if self.state == "done" and (i or marker):
+            self._malformed("text after EOS")
+        emit(self._buf[:i])
         if marker is None:
-            if final:
-                i = len(self._buf)
-            self._reasoning(self._buf[:i])
             self._buf = self._buf[i:]
             return False
-        self._reasoning(self._buf[:i])
-        if marker == _OPEN:  # a tool block inside reasoning ends it; the tag stays
-            self._buf = self._buf[i:]
-        else:
-            self._buf = self._buf[i + len(marker) :]
-            if marker != THINK_END:  # duplicate <think> / EOS: drop
-                return True
-        self.state = "content" if self.parse_tools else "raw"
-        return True
-
-    def _step_content(self, final: bool) -> bool:
-        i, marker = self._find(self._buf, _CONTENT_MARKERS)
-        if marker is None:
-            if final:  # a held-back special-token fragment is not text
-                self._buf = self._buf[:i] + _trim_partial_marker(self._buf[i:])
-                i = len(self._buf)
-            self._content(self._buf[:i])
-            self._buf = self._buf[i:]
-            return False
-        self._content(self._buf[:i])
         self._buf = self._buf[i + len(marker) :]
-        if marker == THINK_START and self.split_reasoning and not self._content_seen:
-            self._ws = ""
-            self.state = "reasoning"
-        elif marker in (_OPEN, _CLOSE):
-            self._tag, self.state = marker + self._buf, "tag"
+        if marker == THINK_END and self.state == "reasoning":
+            self.state = "content" if self.parse_tools else "raw"
+        elif marker == BLOCK_START:
+            self.state = "block"
+            self._block = [self._buf]
             self._buf = ""
+        elif marker == EOS and self.state == "content":
+            self.state = "done"
+        elif marker in REJECTED_TOKENS and self.state != "raw":
+            self._malformed(f"{marker!r} in the {'reasoning' if self.state == 'reasoning' else 'content'}")
         return True
 
-    def _step_tag(self, final: bool) -> bool:
-        end = self._tag.find(">")
-        if end == -1 and len(self._tag) <= _MAX_TAG:
-            if final:  # cut off inside a tag
-                self._truncate(self._tag)
-                self._tag, self.state = "", "content"
-            return False
-        if end == -1:  # too long to be a tag: keep the text, drop the marker
-            rest, tag = self._tag, ""
-            rest = rest[len(_CLOSE) :] if rest.startswith(_CLOSE) else rest[len(_OPEN) :]
-        else:
-            tag, rest = self._tag[: end + 1], self._tag[end + 1 :]
-        self._tag = ""
-        if tag and _BLOCK_OPEN_RE.fullmatch(tag):
-            self._open_block(tag, rest)
-        elif tag and tag.startswith(_INVOKE) and _INVOKE_HEAD_RE.fullmatch(tag):
-            self._open_block("", tag + rest)
-        else:  # stray DSML markup: dropped
-            self._buf, self.state = rest, "content"
-        return True
-
-    def _open_block(self, opener: str, text: str) -> None:
-        self._ws_before_block, self._ws = self._ws, ""
-        self._block_opener, self._block, self._bpos, self._block_calls = opener, text, 0, 0
-        self._block_dropped, self._scan = "", 0
-        self.state = "block"
-
-    def _step_block(self, final: bool) -> bool:
-        if self._bpos:  # forget what has been consumed (keeps long blocks linear)
-            if self._block_calls == 0:
-                self._block_dropped += self._block[: self._bpos]
-            self._block, self._bpos = self._block[self._bpos :], 0
-        block = self._block
-        pos = 0
-        while pos < len(block) and block[pos].isspace():
-            pos += 1
-        self._bpos = pos
-        rest = block[pos:]
-        if not rest:
-            return False
-        if rest.startswith(_INVOKE):
-            end, consume = self._invoke_end(rest)
-            if end == -1:
-                if final:
-                    self._truncate_block(rest)
-                return False
-            self._parse_invoke(rest[:end])
-            self._bpos, self._scan = pos + end + consume, 0
-            return True
-        m = _BLOCK_CLOSE_RE.match(rest)
-        if m:
-            self._close_block(rest[m.end() :])
-            return True
-        if _INVOKE.startswith(rest) or _CLOSE.startswith(rest) or (rest.startswith(_CLOSE) and ">" not in rest):
-            if final:
-                if _CLOSE.startswith(rest) or _PARTIAL_CLOSE_RE.fullmatch(rest):
-                    self._close_block("")  # a block end cut short: the calls are complete
-                else:
-                    self._truncate_block(rest)
-            return False
-        if rest.startswith(_CLOSE):  # a stray closing tag (e.g. </｜DSML｜parameter>)
-            self._bpos = pos + rest.index(">") + 1
-            return True
-        nxt = rest.find("<", 1)  # anything else inside a block is skipped
-        self._bpos = pos + (nxt if nxt != -1 else len(rest))
-        return True
-
-    def _invoke_end(self, rest: str) -> tuple[int, int]:
-        """(end of the invoke text, length of its end tag) or (-1, 0) if unfinished.
-
-        Searches only past what earlier calls searched (less a tag's length), so a
-        long invoke fed in small pieces costs linear time."""
-        start = max(0, self._scan - 64)
-        candidates = []
-        i = rest.find(_INVOKE_END, start)
-        if i != -1:
-            candidates.append((i, len(_INVOKE_END)))
-        m = _BLOCK_CLOSE_RE.search(rest, start)
-        if m:
-            candidates.append((m.start(), 0))
-        j = rest.find(_INVOKE, max(start, len(_INVOKE)))
-        if j != -1:
-            candidates.append((j, 0))
-        if not candidates:
-            self._scan = len(rest)
-            return -1, 0
-        return min(candidates)
-
-    def _parse_invoke(self, text: str) -> None:
-        head = _INVOKE_HEAD_RE.match(text)
-        if head is None:
-            return  # not a recognisable invoke: dropped
-        name = head.group(1) if head.group(1) is not None else head.group(2)
-        body = text[head.end() :]
-        arguments: dict[str, Any] = {}
-        for m in _PARAM_RE.finditer(body):
-            key, is_string, value = m.group(1), m.group(2), m.group(3)
-            arguments[key] = value if is_string == "true" else _json_or_text(value)
-        if not arguments and body.strip().startswith("{"):
-            try:
-                value = json.loads(body)
-            except ValueError:
-                value = None
-            if isinstance(value, dict):
-                arguments = value
-        self._call(name, json.dumps(arguments, ensure_ascii=False))
-
-    def _close_block(self, rest: str) -> None:
-        self._block, self._bpos, self._block_opener = "", 0, ""
-        self._after_block = True
-        self._buf, self.state = rest, "content"
-
-    def _truncate_block(self, rest: str) -> None:
-        if self._block_calls == 0:  # nothing of the block was used: give it back whole
-            rest = self._block_opener + self._block_dropped + self._block
-            if self.truncated_policy == "content":
-                self._ws = self._ws_before_block
-        self._block, self._bpos, self._block_opener = "", 0, ""
-        self._buf, self.state = "", "content"
-        self._truncate(rest)
-
-    def _truncate(self, text: str) -> None:
-        self._result.truncated = True
-        if self.truncated_policy == "content":
-            self._after_block = False
-            self._content(_trim_partial_marker(strip_dsml(text)), final=True)
-
-
-def _json_or_text(value: str) -> Any:
-    try:
-        return json.loads(value)
-    except ValueError:
-        return value
+    def _end_block(self) -> None:
+        rest = "".join(self._block)
+        self._block, self.state = [], "done"
+        try:
+            if self._result.malformed:  # the official parser rejects the whole completion
+                raise MalformedToolBlock(self._why)
+            calls = parse_tool_block(rest if rest.endswith(EOS) else rest + EOS)
+        except MalformedToolBlock as exc:
+            self._malformed(f"tool block: {exc}")
+            self._content(strip_special(BLOCK_START + rest))
+            return
+        for name, arguments in calls:
+            call = ToolCall(name=name, arguments=arguments, id=self.id_factory())
+            self._out.tool_calls.append(ToolCallDelta(len(self._result.tool_calls), call.id, name, arguments))
+            self._result.tool_calls.append(call)
 
 
 def parse_completion(
     text: str,
     *,
     thinking: bool = False,
-    truncated: Literal["content", "drop"] = "content",
     id_factory: Callable[[], str] = _new_call_id,
 ) -> ParsedCompletion:
     """Parse a whole completion into reasoning, content and tool calls.
 
     ``thinking`` says whether the prompt opened the turn with ``<think>``.
     """
-    parser = StreamParser(thinking, truncated=truncated, id_factory=id_factory)
+    parser = StreamParser(thinking, id_factory=id_factory)
     parser.feed(text)
     parser.finish()
     return parser.result
