@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from v4_plugin.chat import EffortProfile, detect_profile, encode_request, request_thinking
+from v4_plugin.chat import EffortProfile, detect_profile, encode_request_ids, request_thinking
+from v4_plugin.tools import check_tool_schemas
 
 from .parsers import PARSER_NAME
 
@@ -35,6 +36,10 @@ RESOLVE_SPEC = "sglang.srt.entrypoints.openai.chat_encoding.resolve_chat_encodin
 SERVING_CHAT = "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat"
 THINKING_REQUESTED = f"{SERVING_CHAT}._thinking_requested"
 REASONING_FROM_REQUEST = f"{SERVING_CHAT}._get_reasoning_from_request"
+VALIDATE_REQUEST = f"{SERVING_CHAT}._validate_request"
+SERVING_TOKENIZE = "sglang.srt.entrypoints.openai.serving_tokenize.OpenAIServingTokenize"
+TOKENIZE_CHAT = f"{SERVING_TOKENIZE}._tokenize_chat_request"
+TOKENIZE = f"{SERVING_TOKENIZE}._handle_non_streaming_request"
 
 
 def install_chat_encoding() -> None:
@@ -46,6 +51,9 @@ def install_chat_encoding() -> None:
     HookRegistry.register(RESOLVE_SPEC, resolve_spec, HookType.AROUND)
     HookRegistry.register(THINKING_REQUESTED, thinking_requested, HookType.AROUND)
     HookRegistry.register(REASONING_FROM_REQUEST, reasoning_from_request, HookType.AROUND)
+    HookRegistry.register(VALIDATE_REQUEST, validate_request, HookType.AROUND)
+    HookRegistry.register(TOKENIZE_CHAT, tokenize_chat_request, HookType.AROUND)
+    HookRegistry.register(TOKENIZE, tokenize, HookType.AROUND)
 
 
 def resolve_spec(original, *args, **kwargs) -> str | None:
@@ -69,6 +77,44 @@ def reasoning_from_request(original, self, request) -> bool:
     """AROUND `OpenAIServingChat._get_reasoning_from_request` (whether the completion starts inside
     the reasoning): the prompt's rule when our reasoning parser is in use."""
     return _request_thinking(request) if self.reasoning_parser == PARSER_NAME else original(self, request)
+
+
+def validate_request(original, self, request) -> str | None:
+    """AROUND `OpenAIServingChat._validate_request` (an error message answered with HTTP 400, or None):
+    SGLang's checks first (they rewrite database-style type names such as "varchar" in tool schemas
+    in place and name a tool with an invalid `parameters` schema by its index only), then, for our
+    encoding, :func:`v4_plugin.tools.check_tool_schemas`, whose message names the tool."""
+    error = original(self, request)
+    if error is None or self.chat_encoding_spec != SPEC:
+        return error
+    try:
+        check_tool_schemas(tool.model_dump() for tool in self._effective_tools(request))
+    except ValueError as exc:
+        return str(exc)
+    return error
+
+
+def tokenize_chat_request(original, self, request) -> list[int]:
+    """AROUND `OpenAIServingTokenize._tokenize_chat_request` (`/tokenize` with `messages`): SGLang
+    refuses `add_generation_prompt` for every encoding but a Jinja template; ours renders it as the
+    chat path does (it reaches the adapter as a template kwarg)."""
+    chat = self.chat_serving
+    if chat is None or chat.chat_encoding_spec != SPEC or request.add_generation_prompt is None:
+        return original(self, request)
+    kwargs = {**(request.chat_template_kwargs or {}), "add_generation_prompt": request.add_generation_prompt}
+    return original(self, request.model_copy(update={"add_generation_prompt": None, "chat_template_kwargs": kwargs}))
+
+
+async def tokenize(original, self, *args, **kwargs):
+    """AROUND `OpenAIServingTokenize._handle_non_streaming_request`: for our architecture `max_model_len`
+    is the context length served (as `/v1/models` says), not the tokenizer's `model_max_length`."""
+    from .plugin import is_ours
+
+    response = await original(self, *args, **kwargs)
+    model_config = self.tokenizer_manager.model_config
+    if hasattr(response, "max_model_len") and is_ours(model_config.hf_config):
+        response.max_model_len = model_config.context_len
+    return response
 
 
 def build_adapter(ctx) -> V4PluginChatEncodingAdapter | None:
@@ -106,7 +152,9 @@ class V4PluginChatEncodingAdapter:
         kwargs = {**(request.chat_template_kwargs or {}), "thinking": thinking}
         kwargs.pop("enable_thinking", None)
         kwargs["continue_final_message"] = bool(request.continue_final_message)
-        prompt = encode_request(messages, tools=tools, chat_template_kwargs=kwargs,
-                                reasoning_effort=request.reasoning_effort, profile=self.profile,
-                                add_generation_prompt=not request.continue_final_message)
-        return self.tokenizer.encode(prompt, add_special_tokens=False)
+        # `/tokenize` passes its `add_generation_prompt` here (see :func:`tokenize_chat_request`)
+        add_generation_prompt = kwargs.pop("add_generation_prompt", not request.continue_final_message)
+        # V4_PLUGIN_SPECIAL_TOKENS_IN_TEXT applies (v4_plugin.chat.encode_request_ids)
+        return encode_request_ids(self.tokenizer, messages, tools=tools, chat_template_kwargs=kwargs,
+                                  reasoning_effort=request.reasoning_effort, profile=self.profile,
+                                  add_generation_prompt=add_generation_prompt)

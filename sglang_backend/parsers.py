@@ -13,9 +13,9 @@ parses its command line (the plugin entry point does).
 
 SGLang runs the reasoning detector first and feeds its normal text to the
 function-call detector: the reasoning detector splits ``reasoning </think> rest``
-and passes ``rest`` on verbatim; the function-call detector turns DSML blocks into
-calls (each call whole, once its ``</｜DSML｜invoke>`` has arrived) and keeps DSML
-and think markup out of the normal text.
+and passes ``rest`` on with its non-DSML special tokens removed; the function-call
+detector turns DSML blocks into calls (whole, when the completion ends) and keeps every
+special token out of the normal text.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from v4_plugin.chat import DSML, EOS, THINK_END, THINK_START
-from v4_plugin.dsml import StreamParser
+from v4_plugin.chat import DSML, THINK_END, THINK_START
+from v4_plugin.dsml import SPECIAL_TOKENS, StreamParser
+from v4_plugin.tools import forced_call_structural_tag, forced_tools
 
 PARSER_NAME = "deepseek_v4_plugin"
 """The ``--tool-call-parser`` and ``--reasoning-parser`` name."""
@@ -69,7 +70,7 @@ def _classes() -> dict[str, type]:
         def has_tool_call(self, text: str) -> bool:
             # True whenever the text holds markup the parser removes, so SGLang
             # returns the cleaned text rather than the raw one.
-            return any(m in text for m in (DSML, THINK_START, THINK_END, EOS))
+            return any(m in text for m in SPECIAL_TOKENS)
 
         def detect_and_parse(self, text: str, tools) -> StreamingParseResult:
             stream = StreamParser(split_reasoning=False)
@@ -99,10 +100,28 @@ def _classes() -> dict[str, type]:
             return self._result(self._stream.finish())
 
         def supports_structural_tag(self) -> bool:
-            return False
+            return False  # SGLang's legacy begin/end tag; the builtin tag below replaces it
 
         def parses_required_natively(self) -> bool:
             return True
+
+        def get_structural_tag_name(self) -> str:
+            return "deepseek_v4"  # xgrammar's builtin DSML grammar (V4's `tool_calls` block)
+
+        def get_structural_tag(self, tools=None, tool_choice="auto", thinking_mode: bool = False,
+                               parallel_tool_calls: bool = True):
+            # tool_choice "required" or a named function: SGLang constrains the completion after the
+            # reasoning with this tag (v4_plugin.tools.forced_call_structural_tag)
+            if tool_choice == "auto":
+                return super().get_structural_tag(tools, tool_choice, thinking_mode, parallel_tool_calls)
+            tag = forced_call_structural_tag(forced_tools(tools, tool_choice), reasoning=thinking_mode,
+                                             parallel_tool_calls=parallel_tool_calls is not False)
+            if tag is not None:
+                return tag
+            # xgrammar's looser built-in tag, held to the schemas whatever the tools' `strict` says
+            tools = [t.model_copy(update={"function": t.function.model_copy(update={"strict": True})})
+                     for t in tools or []]
+            return super().get_structural_tag(tools, tool_choice, thinking_mode, parallel_tool_calls)
 
         @classmethod
         def parses_without_tools(cls) -> bool:
@@ -119,7 +138,7 @@ def _classes() -> dict[str, type]:
             return info
 
     class DeepSeekV4PluginReasoningDetector(BaseReasoningFormatDetector):
-        """Splits ``reasoning </think> rest``; ``rest`` goes on verbatim as normal text.
+        """Splits ``reasoning </think> rest``; ``rest`` goes on as normal text, non-DSML special tokens removed.
 
         Thinking (the completion starts inside ``<think>``) follows ``force_reasoning``,
         which SGLang computes per request with ``OpenAIServingChat._get_reasoning_from_request``;

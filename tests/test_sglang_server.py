@@ -297,3 +297,44 @@ def test_broken_checkpoint_fails_at_startup_naming_the_tensor(servers):
     text = Path(servers["bad_log"]).read_text()
     assert bad.returncode != 0
     assert BROKEN_TENSOR in text and "CheckpointError" in text, text[-5000:]
+
+
+# ---- tool_choice "required" / a named function (issue 16) -------------------------------------------
+def test_forced_tool_choice_gets_a_schema_valid_call(servers):
+    """`tool_choice` "required" or a named function, thinking off and on: the completion is constrained
+    (after the reasoning) to one DSML call of the allowed tools with arguments valid against the tool's
+    schema, which the parsers return as an OpenAI tool call, streamed and not. The tiny model writes
+    random text, so the call can only come from the constraint. The 8 requests run concurrently (one
+    decode batch: each call is ~110 tokens)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tokenizers import Tokenizer
+
+    from chat_corpus import FORCED_CASES, check_forced_tool_choice_answer, forced_tool_choice_request
+
+    think_end = Tokenizer.from_file(str(servers["dir"] / "tokenizer.json")).token_to_id("</think>")
+    bodies = [{"model": SERVED_NAME, **forced_tool_choice_request(choice, thinking, think_end), "stream": stream}
+              for choice, thinking, _ in FORCED_CASES for stream in (False, True)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda body: requests.post(servers["url"] + "/v1/chat/completions", json=body,
+                                                           timeout=1500), bodies))
+    for k, (choice, thinking, names) in enumerate(FORCED_CASES):
+        whole, streamed = answers[2 * k], answers[2 * k + 1]
+        assert whole.status_code == 200 and streamed.status_code == 200, (choice, thinking, whole.text, streamed.text)
+        check_forced_tool_choice_answer(whole.json(), streamed.text, names)
+
+
+def test_markup_and_control_tokens_never_reach_the_client(servers):
+    """The model is forced (a `regex` of the whole completion) to write stray DSML, `</think>` and
+    control tokens: the answer's content is the text without them, streamed and not (issues 16 and 21)."""
+    import re
+
+    from chat_corpus import MARKUP_COMPLETION, WEATHER_TOOL, check_markup_free_answer
+
+    request = dict(messages=MESSAGES, tools=[WEATHER_TOOL], tool_choice="auto", max_tokens=200, temperature=0,
+                   chat_template_kwargs={"thinking": False}, regex=re.escape(MARKUP_COMPLETION))
+    whole = _chat(servers["url"], **request)
+    assert whole.status_code == 200, whole.text
+    streamed = _chat(servers["url"], **request, stream=True)
+    assert streamed.status_code == 200, streamed.text
+    check_markup_free_answer(whole.json(), streamed.text)

@@ -281,3 +281,44 @@ def test_missing_tensor_fails_at_startup_naming_it(server, tmp_path):
         server.stop()
     assert server.proc.returncode != 0
     assert missing in log.read_text()
+
+
+# ---- tool_choice "required" / a named function (issue 16) -------------------------------------------
+def test_forced_tool_choice_gets_a_schema_valid_call(server):
+    """`tool_choice` "required" or a named function, thinking off and on: the completion is constrained
+    (after the reasoning) to one DSML call of the allowed tools with arguments valid against the tool's
+    schema, which the parsers return as an OpenAI tool call, streamed and not. The tiny model writes
+    random text, so the call can only come from the constraint. The 8 requests run concurrently (one
+    decode batch: each call is ~110 tokens)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tokenizers import Tokenizer
+
+    from chat_corpus import FORCED_CASES, check_forced_tool_choice_answer, forced_tool_choice_request
+
+    base, model_dir, _ = server
+    think_end = Tokenizer.from_file(str(model_dir / "tokenizer.json")).token_to_id("</think>")
+    bodies = [{"model": "tiny-v4", **forced_tool_choice_request(choice, thinking, think_end), "stream": stream}
+              for choice, thinking, _ in FORCED_CASES for stream in (False, True)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda body: _post(f"{base}/v1/chat/completions", body, timeout=1500), bodies))
+    for k, (choice, thinking, names) in enumerate(FORCED_CASES):
+        (status, whole), (streamed_status, streamed) = answers[2 * k], answers[2 * k + 1]
+        assert status == 200 and streamed_status == 200, (choice, thinking, whole, streamed)
+        check_forced_tool_choice_answer(whole, streamed, names)
+
+
+def test_markup_and_control_tokens_never_reach_the_client(server):
+    """The model is forced (structured outputs, `choice`) to write stray DSML, `</think>` and control
+    tokens: the answer's content is the text without them, streamed and not (issues 16 and 21)."""
+    from chat_corpus import MARKUP_COMPLETION, WEATHER_TOOL, check_markup_free_answer
+
+    base, _, _ = server
+    request = {"model": "tiny-v4", "messages": MESSAGES, "tools": [WEATHER_TOOL], "tool_choice": "auto",
+               "max_tokens": 200, "temperature": 0, "chat_template_kwargs": {"thinking": False},
+               "structured_outputs": {"choice": [MARKUP_COMPLETION]}}
+    status, whole = _post(f"{base}/v1/chat/completions", request)
+    assert status == 200, whole
+    status, raw = _post(f"{base}/v1/chat/completions", {**request, "stream": True})
+    assert status == 200, raw
+    check_markup_free_answer(whole, raw)

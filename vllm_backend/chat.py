@@ -20,11 +20,13 @@ answers with HTTP 400 (the message lists the allowed names).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from functools import cache
 from typing import Any
 
-from v4_plugin.chat import EffortProfile, detect_profile, encode_request
+from v4_plugin.chat import EffortProfile, detect_profile, encode_request, encode_request_ids
+from v4_plugin.tools import check_tool_schemas
 
 TOKENIZER_MODE = "deepseek_v4"
 """The vLLM tokenizer mode (and renderer) vLLM uses for DeepSeek-V4 checkpoints."""
@@ -35,9 +37,32 @@ def install_chat_encoding() -> None:
 
     The registry entry is replaced in place (vLLM's `register` would log an overwrite warning in
     every process)."""
+    from vllm.entrypoints.serve.tokenize.protocol import TokenizeChatRequest
     from vllm.tokenizers.registry import TokenizerRegistry
 
     TokenizerRegistry.tokenizers[TOKENIZER_MODE] = (__name__, "DeepseekV4PluginTokenizer")
+    if not getattr(TokenizeChatRequest.build_chat_params, "v4_plugin", False):
+        TokenizeChatRequest.build_chat_params = _with_request_effort(TokenizeChatRequest.build_chat_params)
+
+
+def _with_request_effort(build_chat_params):
+    """`TokenizeChatRequest.build_chat_params` that passes a top-level `reasoning_effort` (an extra field
+    of vLLM's `/tokenize` request, which it would ignore) to the renderer as the chat path
+    (`ChatCompletionRequest.build_chat_params`) does: as the `reasoning_effort` template kwarg, over one
+    in `chat_template_kwargs`, with `enable_thinking` (effort not "none") unless the request sets it."""
+
+    def build(self, *args: Any, **kwargs: Any):
+        params = build_chat_params(self, *args, **kwargs)
+        effort = (self.model_extra or {}).get("reasoning_effort")
+        if effort is None:
+            return params
+        extra = {"reasoning_effort": effort}
+        if "enable_thinking" not in (self.chat_template_kwargs or {}):
+            extra["enable_thinking"] = effort != "none"
+        return dataclasses.replace(params, chat_template_kwargs={**params.chat_template_kwargs, **extra})
+
+    build.v4_plugin = True
+    return build
 
 
 def with_v4_chat_encoding(tokenizer: Any, profile: EffortProfile) -> Any:
@@ -54,12 +79,16 @@ def with_v4_chat_encoding(tokenizer: Any, profile: EffortProfile) -> Any:
             `kwargs` are vLLM's chat-template kwargs (the request's `chat_template_kwargs`,
             `reasoning_effort`, `add_generation_prompt`, `continue_final_message`, ...)."""
             conversation = kwargs.pop("conversation", messages)
-            prompt = encode_request(conversation, tools=tools, chat_template_kwargs=kwargs, profile=profile,
-                                    add_generation_prompt=kwargs.get("add_generation_prompt", True))
+            check_tool_schemas(tools)
+            request = {"tools": tools, "chat_template_kwargs": kwargs, "profile": profile,
+                       "add_generation_prompt": kwargs.get("add_generation_prompt", True)}
             if not kwargs.get("tokenize", True):
-                return prompt
-            limits = {k: kwargs[k] for k in ("truncation", "max_length") if k in kwargs}
-            return self.encode(prompt, add_special_tokens=False, **limits)
+                return encode_request(conversation, **request)
+            ids = encode_request_ids(self, conversation, **request)  # V4_PLUGIN_SPECIAL_TOKENS_IN_TEXT applies
+            limit = kwargs.get("max_length")
+            if kwargs.get("truncation") and limit is not None and len(ids) > limit:
+                ids = ids[len(ids) - limit :] if self.truncation_side == "left" else ids[:limit]
+            return ids
 
         def __reduce__(self):
             return with_v4_chat_encoding, (tokenizer, profile)

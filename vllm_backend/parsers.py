@@ -7,8 +7,8 @@ Select them with::
 
 :func:`register_parsers` registers both names lazily (nothing heavy is imported
 until vLLM asks for a parser). vLLM composes the two into its ``DelegatingParser``:
-the reasoning parser splits ``reasoning </think> rest`` and hands ``rest``
-verbatim to the tool parser, which turns DSML blocks into tool calls. Both are
+the reasoning parser splits ``reasoning </think> rest`` and hands ``rest`` (its non-DSML
+special tokens removed) to the tool parser, which turns DSML blocks into tool calls. Both are
 stateful per request and flag ``engine_based_streaming`` so vLLM feeds them
 deltas and calls ``finish_streaming()`` at the reasoning/content boundary and at
 the end of the stream (where held-back text such as a partial marker or a cut-off
@@ -30,6 +30,7 @@ from typing import Any
 
 from v4_plugin.chat import ASSISTANT, TEMPLATE_HEADER, THINK_END, THINK_START, request_thinking
 from v4_plugin.dsml import Delta, StreamParser
+from v4_plugin.tools import forced_call_structural_tag, forced_tools
 
 PARSER_NAME = "deepseek_v4_plugin"
 """The ``--tool-call-parser`` and ``--reasoning-parser`` name."""
@@ -75,8 +76,10 @@ def _classes() -> dict[str, type]:
         FunctionCall,
         ToolCall,
     )
+    import vllm.envs as envs
     from vllm.reasoning import ReasoningParser
     from vllm.tool_parsers import ToolParser
+    from vllm.tool_parsers.tool_strict_level import ToolStrictLevel
 
     def to_delta_message(delta: Delta) -> DeltaMessage | None:
         if not delta:
@@ -102,7 +105,7 @@ def _classes() -> dict[str, type]:
         return request
 
     class DeepSeekV4PluginReasoningParser(ReasoningParser):
-        """Splits ``reasoning </think> rest``; ``rest`` goes on verbatim as content."""
+        """Splits ``reasoning </think> rest``; ``rest`` goes on as content, non-DSML special tokens removed."""
 
         engine_based_streaming = True
 
@@ -200,18 +203,38 @@ def _classes() -> dict[str, type]:
             return len(token_ids) if self.thinking else 0
 
     class DeepSeekV4PluginToolParser(ToolParser):
-        """Turns DSML ``tool_calls`` blocks into OpenAI tool calls; each call is
-        streamed whole once its ``</｜DSML｜invoke>`` arrives."""
+        """Turns DSML ``tool_calls`` blocks into OpenAI tool calls; the calls are streamed whole
+        when the completion ends (only then is the block known to be valid).
+
+        ``tool_choice`` "required" or a named function: vLLM constrains the completion after the
+        reasoning with the structural tag of :func:`v4_plugin.tools.forced_call_structural_tag` (a DSML
+        block calling the tools, or the named one, with arguments valid against each tool's
+        ``parameters``, in the official layout), and this parser reads the calls from it."""
 
         engine_based_streaming = True
-        supports_required_and_named = False  # the model answers in DSML, not JSON
+        supports_required_and_named = False  # the model answers in DSML, not vLLM's JSON list
+        # xgrammar's built-in DSML tag: "auto" with strict tools, and forced calls beyond the exact layout
+        structural_tag_model = "deepseek_v4"
 
         def __init__(self, tokenizer, tools=None, **kwargs) -> None:
             super().__init__(tokenizer, tools)
             self._stream = StreamParser(split_reasoning=False)
+            self._drop_calls = False  # tool_choice "none": vLLM drops streamed calls, not the final flush's
 
         def adjust_request(self, request):
             return keep_special_tokens(request)
+
+        def get_structural_tag(self, request, *, reasoning: bool = False,
+                               strict_level: ToolStrictLevel = ToolStrictLevel.AUTO):
+            if request.tool_choice == "auto" or not envs.VLLM_ENFORCE_STRICT_TOOL_CALLING:
+                return super().get_structural_tag(request, reasoning=reasoning, strict_level=strict_level)
+            tag = forced_call_structural_tag(forced_tools(request.tools, request.tool_choice), reasoning=reasoning,
+                                             parallel_tool_calls=request.parallel_tool_calls is not False)
+            if tag is not None:
+                return tag
+            # xgrammar's looser built-in tag, held to the schemas whatever the tools' `strict` says
+            return super().get_structural_tag(request, reasoning=reasoning,
+                                              strict_level=max(strict_level, ToolStrictLevel.PARAMETER))
 
         def extract_tool_calls(self, model_output: str, request) -> ExtractedToolCallInformation:
             stream = StreamParser(split_reasoning=False)
@@ -236,12 +259,16 @@ def _classes() -> dict[str, type]:
             delta_token_ids: Sequence[int],
             request,
         ) -> DeltaMessage | None:
+            self._drop_calls = getattr(request, "tool_choice", None) == "none"
             delta = self._stream.feed(delta_text)
             self._track(delta)
             return to_delta_message(delta)
 
         def finish_streaming(self) -> DeltaMessage | None:
+            # calls come with the end of the completion (only then is the block known valid)
             delta = self._stream.finish()
+            if self._drop_calls:
+                delta.tool_calls = []
             self._track(delta)
             return to_delta_message(delta)
 
