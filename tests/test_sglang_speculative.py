@@ -41,14 +41,17 @@ class Drafting:
     preset: str
     args: dict
     k: int  # drafts per verify step
-    prompts: tuple[tuple[int, int], ...]  # (length, seed); the reference accepts a draft in most
+    # mode -> (length, seed) pairs; the reference of that mode accepts a draft in most (the short ones in all)
+    prompts: dict[str, tuple[tuple[int, int], ...]]
 
 
 DRAFTING = {
-    "mtp": Drafting("flash", SPEC_ARGS, STEPS,
-                    ((1, 1), (1, 8), (3, 26), (3, 0), (126, 9), (126, 10), (127, 8), (127, 15))),
-    "dspark": Drafting("flash-0731", dict(speculative_algorithm="DSPARK"), 5,
-                       ((1, 3), (1, 16), (3, 2), (3, 3), (126, 1), (126, 18), (127, 5), (127, 6))),
+    "mtp": Drafting("flash", SPEC_ARGS, STEPS, {
+        "exact": ((1, 1), (1, 8), (3, 26), (3, 0), (126, 9), (126, 10), (127, 8), (127, 15)),
+        "default": ((1, 3), (1, 8), (3, 16), (3, 26), (126, 9), (126, 10), (127, 8), (127, 15))}),
+    "dspark": Drafting("flash-0731", dict(speculative_algorithm="DSPARK"), 5, {
+        "exact": ((1, 3), (1, 16), (3, 2), (3, 3), (126, 1), (126, 18), (127, 5), (127, 6)),
+        "default": ((1, 19), (1, 28), (3, 0), (3, 3), (126, 1), (126, 18), (127, 5), (127, 6))}),
 }
 
 
@@ -70,7 +73,7 @@ def served(request, checkpoints):
     model = T.reference_model(checkpoints[drafting.preset], quant_off=mode == "exact", mtp=True)
     drafter = MTPDrafter if name == "mtp" else DSparkDrafter
     expected = {}
-    for n, seed in drafting.prompts:
+    for n, seed in drafting.prompts[mode]:
         prompt = T.prompt_ids(n, VOCAB, seed)
         run = speculative_generate(model, drafter(model), prompt, NEW_TOKENS, drafting.k)
         assert run.tokens == model.generate(prompt, NEW_TOKENS)
