@@ -268,6 +268,8 @@ def warmup(model: "ReferenceModel", fmt: "CacheFormat", batch_sizes: Collection[
     from .paged import KVStorage
     from .schema import Format, checkpoint_tensors
 
+    if "embed.weight" not in model.w:  # a drafter's model (its own blocks only): the main model warms the kernels
+        return 0.0
     device = model.w("embed.weight").device
     served = backend_name(device) == "triton" or (device.type == "cpu" and _cpu_kernel_calls is not None)
     if not served or os.environ.get("V4_PLUGIN_WARMUP", "on") == "off":
