@@ -47,9 +47,8 @@ _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float
 
 
 @dataclass
-class FP4Experts:
-    """Routed experts stacked over E, checkpoint format: w1/w3 int8 [E, I, D/2] with scales [E, I, D/32];
-    w2 int8 [E, D, I/2] with scales [E, D, I/32]; scales E8M0 (float8_e8m0fnu or uint8)."""
+class _StackedExperts:
+    """Routed experts stacked over E in checkpoint format (w1, w1_scale, w2, w2_scale, w3, w3_scale)."""
 
     w1: torch.Tensor
     w1_scale: torch.Tensor
@@ -59,28 +58,20 @@ class FP4Experts:
     w3_scale: torch.Tensor
 
     @classmethod
-    def stack(cls, experts: list[tuple[torch.Tensor, ...]]) -> "FP4Experts":
+    def stack(cls, experts: list[tuple[torch.Tensor, ...]]):
         """From per-expert (w1, w1_scale, w2, w2_scale, w3, w3_scale) tuples."""
         return cls(*(torch.stack([e[i] for e in experts]).contiguous() for i in range(6)))
 
 
-@dataclass
-class FP8Experts:
-    """Routed FP8 experts stacked over E (the `-Base` checkpoints), checkpoint format: w1/w3 e4m3 [E, I, D]
-    with scales [E, ceil(I/128), ceil(D/128)]; w2 e4m3 [E, D, I] with scales [E, ceil(D/128), ceil(I/128)];
-    scales E8M0 (float8_e8m0fnu or uint8) or fp32."""
+class FP4Experts(_StackedExperts):
+    """Packed FP4 experts: w1/w3 int8 [E, I, D/2] with scales [E, I, D/32]; w2 int8 [E, D, I/2] with scales
+    [E, D, I/32]; scales E8M0 (float8_e8m0fnu or uint8)."""
 
-    w1: torch.Tensor
-    w1_scale: torch.Tensor
-    w2: torch.Tensor
-    w2_scale: torch.Tensor
-    w3: torch.Tensor
-    w3_scale: torch.Tensor
 
-    @classmethod
-    def stack(cls, experts: list[tuple[torch.Tensor, ...]]) -> "FP8Experts":
-        """From per-expert (w1, w1_scale, w2, w2_scale, w3, w3_scale) tuples."""
-        return cls(*(torch.stack([e[i] for e in experts]).contiguous() for i in range(6)))
+class FP8Experts(_StackedExperts):
+    """Routed FP8 experts (the `-Base` checkpoints): w1/w3 e4m3 [E, I, D] with scales [E, ceil(I/128),
+    ceil(D/128)]; w2 e4m3 [E, D, I] with scales [E, ceil(D/128), ceil(I/128)]; scales E8M0
+    (float8_e8m0fnu or uint8) or fp32."""
 
 
 @dataclass
