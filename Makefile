@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml .ci/install .ci/pins.txt .ci/sglang-deps.txt .ci/tv_cpu
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m vllm_backend.demo
+	$(PY) tests/vllm_demo.py
 	$(PY) -m v4_plugin kv-plan --model flash --context 1M
 	$(PY) -m v4_plugin kv-plan --model pro --context 1M
 

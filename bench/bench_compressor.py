@@ -25,11 +25,11 @@ import sys
 import torch
 
 from v4_kernels.compressor import kernel as C
-from v4_plugin import kvcache
-from v4_plugin.config import LayerType, preset_config
-from v4_plugin.layout import IndexerCache, indexer_entry_bytes, main_entry_bytes
-from v4_plugin.ops.compressor import finish_entries, pool_blocks
-from v4_plugin.ops.rope import Rope
+from v4_plugin.cache import records
+from v4_plugin.checkpoint.config import LayerType, preset_config
+from v4_plugin.cache.layout import IndexerCache, indexer_entry_bytes, main_entry_bytes
+from v4_plugin.runtime.ops.compressor import finish_entries, pool_blocks
+from v4_plugin.runtime.ops.rope import Rope
 
 if __package__:  # imported as bench.bench_compressor
     from . import common
@@ -86,7 +86,7 @@ def _case(cfg, table, kind: str, fmt: IndexerCache | None, nb: int, decode: bool
             ref = torch.cat([finish_entries(pool_blocks(kv[i : i + 1], score[i : i + 1], overlap, prev_kv[i],
                                                         prev_score[i]), simulate_quant=True,
                                             **dict(ref_kw, block_ids=block_ids[i : i + 1])) for i in range(nb)])
-        recs = kvcache.pack_indexer(ref, cfg, fmt_) if indexer else kvcache.pack_main(ref, cfg)
+        recs = records.pack_indexer(ref, cfg, fmt_) if indexer else records.pack_main(ref, cfg)
         return (cache[slots] == recs).float().mean().item()
 
     return fn, nbytes, check

@@ -1,7 +1,7 @@
-"""CPU benchmark of speculative decoding in the core (`v4_plugin.drafting`) on the tiny checkpoints.
+"""CPU benchmark of speculative decoding in the core (`v4_plugin.runtime.drafting`) on the tiny checkpoints.
 
 Per drafter: acceptance length (tokens emitted per verify step, drafts accepted + 1) and tokens/s
-of `speculative_generate` beside plain greedy `ReferenceModel.generate` on the same prompt, after
+of `speculative_generate` beside plain greedy `V4Model.generate` on the same prompt, after
 checking that both return the same tokens. The tiny models have random weights, so their own
 drafters (MTP, DSpark) are almost never right: those rows measure the cost of drafting and of
 verifying k+1 tokens. The `replay` rows propose the plain greedy output (every draft accepted) and
@@ -18,10 +18,11 @@ import time
 
 import torch
 
-from v4_plugin.config import parse_config
-from v4_plugin.drafting import DSparkDrafter, MTPDrafter, ReplayDrafter, speculative_generate
-from v4_plugin.model import QuantSim, ReferenceModel
-from v4_plugin.tiny import TINY_PRESETS, random_weights
+from v4_plugin.checkpoint.config import parse_config
+from v4_plugin.runtime.drafting import DSparkDrafter, MTPDrafter, ReplayDrafter, speculative_generate
+from v4_plugin.runtime.model import V4Model
+from v4_plugin.checkpoint.quant import QuantSim
+from v4_plugin.checkpoint.tiny import TINY_PRESETS, random_weights
 
 
 def _best_seconds(fn, repeats: int) -> tuple[float, object]:
@@ -50,11 +51,11 @@ def main() -> int:
           f"{args.threads} thread(s), best of {args.repeats}")
     print(header)
     print("-" * len(header))
-    models: dict[str, ReferenceModel] = {}
+    models: dict[str, V4Model] = {}
     for preset, kind, k in cases:
         if preset not in models:
             cfg = parse_config(TINY_PRESETS[preset], f"tiny-{preset}")
-            models[preset] = ReferenceModel(cfg, random_weights(cfg, seed=0), quant=QuantSim.off())
+            models[preset] = V4Model(cfg, random_weights(cfg, seed=0), quant=QuantSim.off())
         model = models[preset]
         prompt = torch.randint(2, model.cfg.vocab_size - 1, (args.prompt,),
                                generator=torch.Generator().manual_seed(0)).tolist()

@@ -28,7 +28,7 @@ import torch
 
 from v4_kernels.fp4_moe import kernel as moe_k
 from v4_kernels.fp8_linear import kernel as lin_k
-from v4_plugin import quant
+from v4_plugin.checkpoint import quant
 
 if __package__:  # imported as bench.bench_gemm
     from . import common

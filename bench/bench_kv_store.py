@@ -20,9 +20,9 @@ import sys
 import torch
 
 from v4_kernels.kv_store import kernel as K
-from v4_plugin import kvcache
-from v4_plugin.config import preset_config
-from v4_plugin.layout import IndexerCache, indexer_entry_bytes, main_entry_bytes
+from v4_plugin.cache import records
+from v4_plugin.checkpoint.config import preset_config
+from v4_plugin.cache.layout import IndexerCache, indexer_entry_bytes, main_entry_bytes
 
 if __package__:  # imported as bench.bench_kv_store
     from . import common
@@ -44,16 +44,16 @@ def _ops(cfg, n: int):
            for f in IndexerCache}
     rb, sb = main_entry_bytes(cfg), 8 * n
     ops = [("store_main", lambda: K.store_main(kv, main, slots, rope_dim=rope), n * (2 * hd + rb) + sb,
-            lambda: torch.equal(main[slots], kvcache.pack_main(kv, cfg))),
+            lambda: torch.equal(main[slots], records.pack_main(kv, cfg))),
            ("load_main", lambda: K.load_main(main, slots, rope_dim=rope), n * (rb + 4 * hd) + sb,
-            lambda: torch.equal(K.load_main(main, slots, rope_dim=rope), kvcache.unpack_main(main[slots], cfg)))]
+            lambda: torch.equal(K.load_main(main, slots, rope_dim=rope), records.unpack_main(main[slots], cfg)))]
     for f in IndexerCache:
         ib = indexer_entry_bytes(cfg, f)
         ops.append((f"store_indexer_{f.value}", lambda f=f: K.store_indexer(keys, idx[f], slots, f),
-                    n * (2 * di + ib) + sb, lambda f=f: torch.equal(idx[f][slots], kvcache.pack_indexer(keys, cfg, f))))
+                    n * (2 * di + ib) + sb, lambda f=f: torch.equal(idx[f][slots], records.pack_indexer(keys, cfg, f))))
         ops.append((f"load_indexer_{f.value}", lambda f=f: K.load_indexer(idx[f], slots, f), n * (ib + 4 * di) + sb,
                     lambda f=f: torch.equal(K.load_indexer(idx[f], slots, f),
-                                            kvcache.unpack_indexer(idx[f][slots], cfg, f))))
+                                            records.unpack_indexer(idx[f][slots], cfg, f))))
     return ops
 
 

@@ -17,7 +17,7 @@ import sys
 import torch
 
 from v4_kernels.mhc import kernel as K
-from v4_plugin.ops import mhc as ref
+from v4_plugin.runtime.ops import mhc as ref
 
 if __package__:  # imported as bench.bench_mhc
     from . import common

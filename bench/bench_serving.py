@@ -4,9 +4,9 @@
                                   [--output-len 32] [--dtype bfloat16] [--max-model-len 1024]
                                   [--kv-cache-memory 1G] [--keep DIR]
 
-Builds, offline, a tiny V4 checkpoint (`v4_plugin.tiny.make_tiny`, served by this plugin) and a tiny
+Builds, offline, a tiny V4 checkpoint (`v4_plugin.checkpoint.tiny.make_tiny`, served by this plugin) and a tiny
 random Llama with about as many parameters (transformers `LlamaConfig` + random weights, the same
-tokenizer: `v4_plugin.tokenizer.write_tokenizer`). Serves each in turn with `vllm serve` (same flags),
+tokenizer: `v4_plugin.text.tokenizer.write_tokenizer`). Serves each in turn with `vllm serve` (same flags),
 and at each concurrency C runs C clients that each send `--rounds` streamed /v1/completions requests
 back to back (the same random prompt token ids for both models, `--output-len` tokens each,
 `ignore_eos`, greedy; both servers get the same --kv-cache-memory-bytes). Prints one table:
@@ -34,6 +34,7 @@ if __package__:  # imported as bench.bench_serving
     from . import common
 else:  # run as a script: bench/ is sys.path[0]
     import common
+common.use_test_harnesses()  # vllm_harness: the tests' engine and server helpers
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,8 @@ UNITS = "(tpot: per-token latency, ttft: time to first token; both in ms)"
 # ---- models -----------------------------------------------------------------------------------------
 def parameter_count(model_dir: Path) -> int:
     """Logical parameters of a V4 checkpoint's main model (FP8/FP4 weights counted as their values)."""
-    from v4_plugin.checkpoint import load_checkpoint
-    from v4_plugin.config import load_config
+    from v4_plugin.checkpoint.loader import load_checkpoint
+    from v4_plugin.checkpoint.config import load_config
 
     tensors = load_checkpoint(model_dir, load_config(model_dir), include_mtp=False)
     return sum(t.numel() for t in tensors.values())
@@ -84,7 +85,7 @@ def make_tiny_llama(out: Path, *, vocab_size: int, num_layers: int, target_param
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from v4_plugin.tokenizer import write_tokenizer
+    from v4_plugin.text.tokenizer import write_tokenizer
 
     hidden, heads, kv_heads, head_dim, step = 256, 8, 2, 32, 32
     fixed = 2 * vocab_size * hidden + hidden  # embeddings, lm_head, final norm
@@ -162,7 +163,7 @@ def run_level(base: str, model: str, prompts: list[list[int]], concurrency: int,
 
 def bench_model(model_dir: Path, label: str, args: argparse.Namespace, prompts: list[list[int]], work: Path,
                 env: dict[str, str] | None = None) -> list[LevelResult]:
-    from vllm_backend.testing import vllm_server
+    from vllm_harness import vllm_server
 
     log = work / f"{label}.server.log"
     flags = ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--enforce-eager",
@@ -197,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from tokenizers import Tokenizer
 
-    from v4_plugin.config import load_config
-    from v4_plugin.tiny import make_tiny
-    from vllm_backend.testing import random_prompt
+    from v4_plugin.checkpoint.config import load_config
+    from v4_plugin.checkpoint.tiny import make_tiny
+    from vllm_harness import random_prompt
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="v4-bench-serving-"))
     work.mkdir(parents=True, exist_ok=True)

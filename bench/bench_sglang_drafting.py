@@ -45,6 +45,7 @@ if __package__:  # imported as bench.bench_sglang_drafting
     from . import common
 else:  # run as a script: bench/ is sys.path[0]
     import common
+common.use_test_harnesses()  # sglang_harness: the tests' engine and server helpers
 
 VOCAB = 384  # the tiny checkpoints'
 
@@ -59,7 +60,7 @@ def _prompts(model_dir: str, n: int, length: int, new: int) -> list[list[int]]:
     """n random prompts the replay draft can serve at once: each one's sequence (prompt and the core's
     greedy continuation) continues differently from the others' at no shared (position, token)."""
     from sglang_backend.models.replay_draft import replay_table
-    from sglang_backend.testing import prompt_ids, reference_model
+    from sglang_harness import prompt_ids, reference_model
 
     model = reference_model(model_dir, quant_off=False)
     chosen: list[list[int]] = []
@@ -81,7 +82,7 @@ def _prompts(model_dir: str, n: int, length: int, new: int) -> list[list[int]]:
 
 def _run(engine, prompts: list[list[int]], new: int) -> tuple[float, list[list[int]], float]:
     """(seconds, tokens per request, acceptance length) of one batch of greedy requests."""
-    from sglang_backend.testing import generate
+    from sglang_harness import generate
 
     start = time.perf_counter()
     outs = generate(engine, prompts, new)
@@ -101,8 +102,8 @@ def main() -> int:
     args = ap.parse_args()
     batches = common.int_list(args.batches)
 
-    from sglang_backend.testing import replay_checkpoint, shutdown_engine, start_engine
-    from v4_plugin.tiny import make_tiny
+    from sglang_harness import replay_checkpoint, shutdown_engine, start_engine
+    from v4_plugin.checkpoint.tiny import make_tiny
 
     cases = {"flash": [None, ("NEXTN", 1), ("NEXTN", 3), ("replay", 3)],
              "flash-0731": [None, ("DSPARK", 5)]}

@@ -30,13 +30,14 @@ if __package__:  # imported as bench.bench_vllm_drafting
     from . import common
 else:  # run as a script: bench/ is sys.path[0]
     import common
+common.use_test_harnesses()  # vllm_harness: the tests' engine and server helpers
 
 
 def _run(llm, prompts: list[list[int]], new: int) -> tuple[float, list[list[int]], float]:
     """(seconds, tokens per request, acceptance length) of one batch of greedy requests."""
     from vllm import SamplingParams
 
-    from vllm_backend.testing import counters
+    from vllm_harness import counters
 
     before = counters(llm)
     start = time.perf_counter()
@@ -59,8 +60,8 @@ def main() -> int:
     args = ap.parse_args()
     batches = common.int_list(args.batches)
 
-    from v4_plugin.tiny import make_tiny
-    from vllm_backend.testing import ReplayProposer, make_llm, random_prompt
+    from v4_plugin.checkpoint.tiny import make_tiny
+    from vllm_harness import ReplayProposer, make_llm, random_prompt
 
     cases = {"flash": [None, ("mtp", 1), ("mtp", 3), ("replay", 3)],
              "flash-0731": [None, ("dspark", 5), ("replay", 5)]}
@@ -79,7 +80,7 @@ def main() -> int:
                         ReplayProposer.continuations = {
                             tuple(p): toks + [0] * (k + 1) for p, toks in zip(prompts, plain[max(batches)][1])}
                         config = {"method": "custom_class", "num_speculative_tokens": k,
-                                  "model": "vllm_backend.testing.ReplayProposer"}
+                                  "model": "vllm_harness.ReplayProposer"}
                 llm = make_llm(model_dir, dtype=args.dtype, speculative_config=config, disable_log_stats=False)
                 _run(llm, prompts[:1], 4)  # warm-up
                 for b in batches:

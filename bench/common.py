@@ -8,9 +8,21 @@ Importing it needs no GPU: nothing is compiled or launched until a function is c
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 import triton
 import triton.language as tl
+
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+
+
+def use_test_harnesses() -> None:
+    """Put tests/ on sys.path: the framework benchmarks start engines and servers with the tests' harnesses
+    (`vllm_harness`, `sglang_harness`), which live beside the tests, not in the adapters."""
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
 
 
 # ---- no GPU: say so, measure nothing, exit 0 ------------------------------------------------------

@@ -1,7 +1,7 @@
 """Bit-exact number formats for the kernels: bf16, float8 e4m3fn, E8M0 and FP4 e2m1.
 
 Every rounding is integer arithmetic on the fp32 bit pattern, never a float cast, so results equal
-`v4_plugin.quant` bit for bit in the Triton interpreter (whose fp32 -> fp8/bf16 casts round toward
+`v4_plugin.checkpoint.quant` bit for bit in the Triton interpreter (whose fp32 -> fp8/bf16 casts round toward
 zero) and on any GPU. Decoders accept codes in int32; `e4m3_to_f32` may use the hardware convert.
 """
 

@@ -6,7 +6,9 @@
 * `models/` is the external model package (`SGLANG_EXTERNAL_MODEL_PACKAGE`): the model class.
 * `backend.py` turns SGLang's forward metadata into the core's `BatchPlan` / `LayerCaches`.
 * `pools.py` sizes and allocates the window, compressed, indexer and compressor-state caches from
-  `v4_plugin.layout`.
+  `v4_plugin.cache.layout`.
+* `capacity.py` (no SGLang import: `v4-plugin kv-plan` uses it): the page size, SGLang's drafter
+  names and the model of the pool sizes. The serving switches are the core's (`v4_plugin.serving.settings`).
 
 Written against sglang 0.5.23 (private names are used; see `plugin.TESTED_SGLANG`).
 """
@@ -25,5 +27,13 @@ BACKEND_NAME = "v4_plugin"  # --attention-backend v4_plugin
 MODELS_PACKAGE = "sglang_backend.models"
 PROJECT = "deepseek-v4-plugin"
 
+
+
+def is_ours(hf_config) -> bool:
+    """The served model or one of its draft models (`ARCHS`), by the architecture an HF config names first."""
+    archs = getattr(hf_config, "architectures", None) or []
+    return bool(archs) and archs[0] in ARCHS
+
+
 __all__ = ["__version__", "NATIVE_ARCH", "PLUGIN_ARCH", "MTP_ARCH", "DSPARK_ARCH", "REPLAY_ARCH", "ARCHS",
-           "BACKEND_NAME", "MODELS_PACKAGE", "PROJECT"]
+           "BACKEND_NAME", "MODELS_PACKAGE", "PROJECT", "is_ours"]

@@ -2,7 +2,7 @@
 
 No attention math here. SGLang calls `init_forward_metadata(forward_batch)` once per forward before
 `model.forward`; the model then asks the backend for the plan and the per-layer caches and runs the
-core's `ReferenceModel.forward_paged`, which reads and writes the caches in `V4TokenToKVPool` (its
+core's `paged.streams_paged`, which reads and writes the caches in `V4TokenToKVPool` (its
 full pool and, through SGLang's full->SWA slot mapping, its SWA pool).
 """
 
@@ -13,14 +13,16 @@ from dataclasses import dataclass
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
+from v4_plugin.runtime.paged import BatchPlan, LayerCaches
+
 from . import BACKEND_NAME
 from .pools import V4TokenToKVPool
 
 
 @dataclass
 class V4ForwardMetadata:
-    plan: object  # v4_plugin.paged.BatchPlan
-    caches: list  # list[v4_plugin.paged.LayerCaches]
+    plan: BatchPlan
+    caches: list[LayerCaches]
     last_index: torch.Tensor  # int64 [num_seqs]: the row of each sequence's last token in this step
 
 
@@ -64,10 +66,10 @@ class V4PluginAttnBackend(AttentionBackend):
 
     # ---- SGLang's per-layer entry points: not used by our model ------------------------------------
     def forward_extend(self, *args, **kwargs):
-        raise NotImplementedError("v4_plugin: attention runs inside the core's forward_paged")
+        raise NotImplementedError("v4_plugin: attention runs inside the core's streams_paged")
 
     def forward_decode(self, *args, **kwargs):
-        raise NotImplementedError("v4_plugin: attention runs inside the core's forward_paged")
+        raise NotImplementedError("v4_plugin: attention runs inside the core's streams_paged")
 
     def support_triton(self):
         return False
@@ -78,8 +80,6 @@ def step_metadata(backend: V4PluginAttnBackend, forward_batch, positions: torch.
     """The core's plan and caches for a step of `counts[s]` tokens of sequence s at `positions` [T]
     (contiguous per sequence, in batch order; no sequence longer than `max_len` tokens), the block
     tables read from SGLang's req_to_token."""
-    from v4_plugin.paged import BatchPlan
-
     pool, dev = backend.token_to_kv_pool, positions.device
     counts = counts.to(device=dev, dtype=torch.long)
     seq_ids = torch.repeat_interleave(torch.arange(len(counts), device=dev), counts)

@@ -1,4 +1,4 @@
-"""SGLang's chat path for DeepSeek-V4: prompts rendered by `v4_plugin.chat` with the checkpoint's
+"""SGLang's chat path for DeepSeek-V4: prompts rendered by `v4_plugin.text.chat` with the checkpoint's
 reasoning-effort profile, and one thinking rule for the prompt and the reasoning parser.
 
 SGLang picks a chat encoding "spec" per model (`chat_encoding.resolve_chat_encoding_spec`); for a
@@ -6,14 +6,14 @@ SGLang picks a chat encoding "spec" per model (`chat_encoding.resolve_chat_encod
 -0731 / -0813 effort mapping only (a 04-24 checkpoint would get the "Absolute maximum" preamble for
 the default effort, one tier too strong). :func:`install_chat_encoding` adds the spec
 `v4_plugin` for our architecture (whatever `--tool-call-parser` is given), whose adapter renders
-with :func:`v4_plugin.chat.encode_request` and the checkpoint's profile
-(:func:`v4_plugin.chat.detect_profile`; override with `V4_PLUGIN_EFFORT_PROFILE`). Real checkpoints
+with :func:`v4_plugin.text.chat.encode_request` and the checkpoint's profile
+(:func:`v4_plugin.text.chat.detect_profile`; override with `V4_PLUGIN_EFFORT_PROFILE`). Real checkpoints
 ship no Jinja template; any template a checkpoint carries is unused. Completions are parsed by the
 text parsers given on the command line (`--reasoning-parser` / `--tool-call-parser
 deepseek_v4_plugin`, see `parsers.py`).
 
 Thinking, for the prompt and for the reasoning parser alike, is
-:func:`v4_plugin.chat.request_thinking`: on unless `chat_template_kwargs` sets `thinking` /
+:func:`v4_plugin.text.chat.request_thinking`: on unless `chat_template_kwargs` sets `thinking` /
 `enable_thinking` false or the effort (`reasoning_effort`, request field or template kwarg) is
 `"none"` (SGLang alone would render `dsv4` prompts in chat mode unless `thinking` is true, and
 force reasoning unless it is false). An effort the profile does not know raises ValueError, which
@@ -24,9 +24,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from v4_plugin.chat import EffortProfile, detect_profile, encode_request_ids, request_thinking
-from v4_plugin.tools import check_tool_schemas
+from v4_plugin.text.chat import EffortProfile, detect_profile, encode_request_ids, request_thinking
+from v4_plugin.text.tools import check_tool_schemas
 
+from . import is_ours
 from .parsers import PARSER_NAME
 
 SPEC = "v4_plugin"
@@ -58,8 +59,6 @@ def install_chat_encoding() -> None:
 
 def resolve_spec(original, *args, **kwargs) -> str | None:
     """AROUND `resolve_chat_encoding_spec`: `v4_plugin` for our architecture, else SGLang's answer."""
-    from .plugin import is_ours
-
     hf_config = kwargs.get("hf_config", args[0] if args else None)
     return SPEC if hf_config is not None and is_ours(hf_config) else original(*args, **kwargs)
 
@@ -83,7 +82,7 @@ def validate_request(original, self, request) -> str | None:
     """AROUND `OpenAIServingChat._validate_request` (an error message answered with HTTP 400, or None):
     SGLang's checks first (they rewrite database-style type names such as "varchar" in tool schemas
     in place and name a tool with an invalid `parameters` schema by its index only), then, for our
-    encoding, :func:`v4_plugin.tools.check_tool_schemas`, whose message names the tool."""
+    encoding, :func:`v4_plugin.text.tools.check_tool_schemas`, whose message names the tool."""
     error = original(self, request)
     if error is None or self.chat_encoding_spec != SPEC:
         return error
@@ -108,8 +107,6 @@ def tokenize_chat_request(original, self, request) -> list[int]:
 async def tokenize(original, self, *args, **kwargs):
     """AROUND `OpenAIServingTokenize._handle_non_streaming_request`: for our architecture `max_model_len`
     is the context length served (as `/v1/models` says), not the tokenizer's `model_max_length`."""
-    from .plugin import is_ours
-
     response = await original(self, *args, **kwargs)
     model_config = self.tokenizer_manager.model_config
     if hasattr(response, "max_model_len") and is_ours(model_config.hf_config):
@@ -125,7 +122,7 @@ def build_adapter(ctx) -> V4PluginChatEncodingAdapter | None:
 
 
 class V4PluginChatEncodingAdapter:
-    """SGLang `ChatEncodingAdapter`: prompt ids from :func:`v4_plugin.chat.encode_request`.
+    """SGLang `ChatEncodingAdapter`: prompt ids from :func:`v4_plugin.text.chat.encode_request`.
 
     Args:
         tokenizer: the checkpoint's Hugging Face tokenizer.
@@ -154,7 +151,7 @@ class V4PluginChatEncodingAdapter:
         kwargs["continue_final_message"] = bool(request.continue_final_message)
         # `/tokenize` passes its `add_generation_prompt` here (see :func:`tokenize_chat_request`)
         add_generation_prompt = kwargs.pop("add_generation_prompt", not request.continue_final_message)
-        # V4_PLUGIN_SPECIAL_TOKENS_IN_TEXT applies (v4_plugin.chat.encode_request_ids)
+        # V4_PLUGIN_SPECIAL_TOKENS_IN_TEXT applies (v4_plugin.text.chat.encode_request_ids)
         return encode_request_ids(self.tokenizer, messages, tools=tools, chat_template_kwargs=kwargs,
                                   reasoning_effort=request.reasoning_effort, profile=self.profile,
                                   add_generation_prompt=add_generation_prompt)

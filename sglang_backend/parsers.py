@@ -1,5 +1,5 @@
 """SGLang function-call detector and reasoning detector for DeepSeek-V4: thin
-adapters over :class:`v4_plugin.dsml.StreamParser`.
+adapters over :class:`v4_plugin.text.dsml.StreamParser`.
 
 Select them with::
 
@@ -23,9 +23,9 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from v4_plugin.chat import DSML, THINK_END, THINK_START
-from v4_plugin.dsml import SPECIAL_TOKENS, StreamParser
-from v4_plugin.tools import forced_call_structural_tag, forced_tools
+from v4_plugin.text.chat import DSML, THINK_END, THINK_START
+from v4_plugin.text.dsml import SPECIAL_TOKENS, StreamParser
+from v4_plugin.text.tools import forced_call_structural_tag, forced_tools
 
 PARSER_NAME = "deepseek_v4_plugin"
 """The ``--tool-call-parser`` and ``--reasoning-parser`` name."""
@@ -111,7 +111,7 @@ def _classes() -> dict[str, type]:
         def get_structural_tag(self, tools=None, tool_choice="auto", thinking_mode: bool = False,
                                parallel_tool_calls: bool = True):
             # tool_choice "required" or a named function: SGLang constrains the completion after the
-            # reasoning with this tag (v4_plugin.tools.forced_call_structural_tag)
+            # reasoning with this tag (v4_plugin.text.tools.forced_call_structural_tag)
             if tool_choice == "auto":
                 return super().get_structural_tag(tools, tool_choice, thinking_mode, parallel_tool_calls)
             tag = forced_call_structural_tag(forced_tools(tools, tool_choice), reasoning=thinking_mode,
@@ -143,7 +143,7 @@ def _classes() -> dict[str, type]:
         Thinking (the completion starts inside ``<think>``) follows ``force_reasoning``,
         which SGLang computes per request with ``OpenAIServingChat._get_reasoning_from_request``;
         for this parser :mod:`sglang_backend.chat` answers it with the rule the prompt is
-        rendered with (:func:`v4_plugin.chat.request_thinking`: ``reasoning_effort="none"``
+        rendered with (:func:`v4_plugin.text.chat.request_thinking`: ``reasoning_effort="none"``
         or ``thinking`` / ``enable_thinking`` false turn it off).
         """
 

@@ -19,8 +19,8 @@ SGLang's native DeepSeek-V4 code serves, untouched), it:
    then builds its `SWATokenToKVPoolAllocator`, frees window slots leaving the window and uses its
    SWA-aware radix cache) and hooks SGLang's pool sizing (`create_memory_pool_configurator`) and
    pool construction (`KVCacheConfigurator._build_token_to_kv_pool`) for our architecture only: the
-   caches are the core's layout (`sglang_backend.pools`), sized by `v4_plugin.capacity`;
-5. renders chats for our architecture with `v4_plugin.chat` and the checkpoint's effort profile
+   caches are the core's layout (`sglang_backend.pools`), sized by `sglang_backend.capacity`;
+5. renders chats for our architecture with `v4_plugin.text.chat` and the checkpoint's effort profile
    (the `v4_plugin` chat encoding, `sglang_backend.chat`);
 6. serves `--speculative-algorithm NEXTN/EAGLE` (MTP block) and `DSPARK` (DSpark stages) through
    SGLang's EAGLE worker and refuses drafters the checkpoint does not carry
@@ -38,19 +38,24 @@ SGLang's native DeepSeek-V4 code serves, untouched), it:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from pathlib import Path
 
-from . import ARCHS, BACKEND_NAME, MODELS_PACKAGE, NATIVE_ARCH, PLUGIN_ARCH
+from v4_plugin.checkpoint.loader import validate_checkpoint as validate
+from v4_plugin.serving.logs import MutedLines
+from v4_plugin.serving.settings import DISABLE_ENV, Settings
+
+from . import ARCHS, BACKEND_NAME, MODELS_PACKAGE, NATIVE_ARCH, PLUGIN_ARCH, is_ours
+from .capacity import PAGE_SIZE
 from .chat import install_chat_encoding
 from .parsers import register_parsers
-from .settings import DISABLE_ENV, disabled
 
 logger = logging.getLogger(__name__)
 
 TESTED_SGLANG = ("0.5.23",)
 EXTERNAL_PACKAGE_ENV = "SGLANG_EXTERNAL_MODEL_PACKAGE"
-PAGE_SIZE = 128  # token slots per page: a multiple of every compress ratio (4, 128)
 
 _state = {"registered": False}
 
@@ -60,7 +65,7 @@ def register() -> None:
     if _state["registered"]:
         return
     register_parsers()  # selected by name (--tool-call-parser / --reasoning-parser), so always offered
-    if disabled():
+    if Settings.from_env().disabled:
         logger.info("deepseek-v4-plugin: %s is set; SGLang's native DeepSeek-V4 serves", DISABLE_ENV)
         _state["registered"] = True
         return
@@ -194,15 +199,12 @@ _validated: set[str] = set()  # checkpoint dirs already validated in this proces
 def validate_checkpoint(model=None, *args, **kwargs) -> None:
     """BEFORE `get_config(model, ...)`, which SGLang runs in the launching process while it resolves the
     server arguments (before any scheduler starts): a local DeepSeek-V4 checkpoint is checked by the
-    core (`v4_plugin.checkpoint.validate_checkpoint`: config.json and the index against the shards'
+    core (`v4_plugin.checkpoint.loader.validate_checkpoint`: config.json and the index against the shards'
     headers), so a bad one fails with the plugin's message naming the file and field or tensor instead
     of a transformers error, or a failure in a scheduler after minutes."""
-    import json
-    from pathlib import Path
-
     model = kwargs.get("model", model)
     config_path = Path(str(model)) / "config.json"
-    if disabled() or str(config_path) in _validated or not config_path.is_file():
+    if Settings.from_env().disabled or str(config_path) in _validated or not config_path.is_file():
         return None
     try:
         raw = json.loads(config_path.read_text())
@@ -211,8 +213,6 @@ def validate_checkpoint(model=None, *args, **kwargs) -> None:
     raw = raw if isinstance(raw, dict) else {}
     archs = raw.get("architectures") or []
     if raw.get("model_type") == "deepseek_v4" or any(a in (NATIVE_ARCH, *ARCHS) for a in archs):
-        from v4_plugin.checkpoint import validate_checkpoint as validate
-
         validate(config_path.parent)  # ConfigError / CheckpointError (ValueError) ends the launch
     _validated.add(str(config_path))
     return None
@@ -263,7 +263,7 @@ TEMPLATE_LOGGER = "sglang.srt.parser.template_manager"
 TEMPLATE_LINES = ("Loading chat template from argument", "Using default HuggingFace chat template",
                   "No chat template found", "Auto-detected template features")
 """What SGLang's template manager says about the chat template it found, which our chat encoding never
-uses (`sglang_backend.chat` renders with `v4_plugin.chat` for our architecture)."""
+uses (`sglang_backend.chat` renders with `v4_plugin.text.chat` for our architecture)."""
 
 
 def load_chat_template(original, self, tokenizer_manager, chat_template_arg=None, *args, **kwargs):
@@ -272,14 +272,12 @@ def load_chat_template(original, self, tokenizer_manager, chat_template_arg=None
     saying what renders the chats."""
     if not is_ours(tokenizer_manager.model_config.hf_config):
         return original(self, tokenizer_manager, chat_template_arg, *args, **kwargs)
-    from v4_plugin.logs import MutedLines
-
     with MutedLines(TEMPLATE_LOGGER, *TEMPLATE_LINES):
         result = original(self, tokenizer_manager, chat_template_arg, *args, **kwargs)
     if tokenizer_manager.tokenizer is None:  # --skip-tokenizer-init: no chats at all
         return result
     unused = f"--chat-template {chat_template_arg}" if chat_template_arg else "the tokenizer's chat template, if any,"
-    logger.info("deepseek-v4-plugin: chats are rendered by v4_plugin.chat (the checkpoint's DeepSeek-V4 encoding); "
+    logger.info("deepseek-v4-plugin: chats are rendered by v4_plugin.text.chat (the checkpoint's DeepSeek-V4 encoding); "
                 "%s is not used", unused)
     return result
 
@@ -289,7 +287,7 @@ def rename_architecture(config, *args, **kwargs):
     memory (in place; the result is cached). A config that already names one of our architectures (a
     draft checkpoint's, such as the test draft `REPLAY_ARCH`) keeps its name and is served the same way."""
     archs = getattr(config, "architectures", None)
-    if archs and archs[0] in (NATIVE_ARCH, *ARCHS) and not disabled():
+    if archs and archs[0] in (NATIVE_ARCH, *ARCHS) and not Settings.from_env().disabled:
         if archs[0] == NATIVE_ARCH:
             config.architectures = [PLUGIN_ARCH, *archs[1:]]
         # SGLang's generic opt-in (configs/model_config.py `is_hybrid_swa_model`): a full pool plus an
@@ -304,12 +302,6 @@ def rename_architecture(config, *args, **kwargs):
             except AttributeError:
                 config.quantization_config = None
     return config
-
-
-def is_ours(hf_config) -> bool:
-    """The served model or one of its draft models (`ARCHS`)."""
-    archs = getattr(hf_config, "architectures", None) or []
-    return bool(archs) and archs[0] in ARCHS
 
 
 def _pool_configurator(original, kvc, *args, **kwargs):

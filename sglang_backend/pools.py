@@ -1,4 +1,4 @@
-"""SGLang memory pools holding DeepSeek-V4's caches in the core's layout, sized by `v4_plugin.capacity`.
+"""SGLang memory pools holding DeepSeek-V4's caches in the core's layout, sized by `sglang_backend.capacity`.
 
 The plugin opts the model into SGLang's hybrid-SWA memory (`is_hybrid_swa` on the HF config, set by
 `plugin.rename_architecture`), so SGLang builds a `SWATokenToKVPoolAllocator`: every token of a
@@ -18,14 +18,13 @@ position p sits at offset p % P of its page in both), so:
   of the last c*m <= 128 positions, all within the window SGLang keeps: eviction stops
   `sliding_window` positions before a step's first token).
 
-Bytes per slot and pool sizes come from `v4_plugin.capacity.sglang_planned_capacity`.
+Bytes per slot and pool sizes come from `sglang_backend.capacity.sglang_planned_capacity`.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from sglang.srt.mem_cache.base_swa_memory_pool import BaseSWAKVPool
@@ -36,13 +35,14 @@ from sglang.srt.model_executor.pool_configurator import (
     compute_swa_request_cap,
 )
 
-from v4_plugin.capacity import SglangCapacity, sglang_planned_capacity
-from v4_plugin.config import LayerType, V4Config, load_config
-from v4_plugin.drafting import draft_layer_types
-from v4_plugin.layout import IndexerCache
-from v4_plugin.paged import CacheFormat, KVStorage, LayerCaches, PagedCache, cache_entry
+from v4_plugin.cache.formats import EXACT, CacheFormat, KVStorage, cache_entry
+from v4_plugin.cache.layout import IndexerCache
+from v4_plugin.checkpoint.config import LayerType, V4Config, load_config
+from v4_plugin.runtime.drafting import draft_layer_types
+from v4_plugin.runtime.paged import LayerCaches, PagedCache
+from v4_plugin.serving.settings import Settings, cache_format, resolve_model_dir
 
-from . import settings
+from .capacity import SglangCapacity, sglang_planned_capacity
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +60,7 @@ class StorageChoice:
     dtype: torch.dtype  # element dtype of float entries (the model dtype)
 
     def cache_format(self) -> CacheFormat:
-        if self.float_kv:
-            return CacheFormat(kv=KVStorage.FLOAT, indexer=None)
-        return CacheFormat(kv=KVStorage.FP8, indexer=self.indexer)
+        return EXACT if self.float_kv else CacheFormat(kv=KVStorage.FP8, indexer=self.indexer)
 
     def capacity(self, cfg: V4Config, memory_bytes: int | None, **kwargs) -> SglangCapacity:
         """`sglang_planned_capacity` for this storage (kwargs: page_size and the SWA sizing mode)."""
@@ -70,30 +68,25 @@ class StorageChoice:
                                        dtype_bytes=torch.empty(0, dtype=self.dtype).element_size(), **kwargs)
 
 
-def storage_choice(kv_cache_dtype: str | None, model_dtype: torch.dtype) -> StorageChoice:
-    if settings.is_float_kv(kv_cache_dtype):
-        return StorageChoice(True, None, model_dtype)
-    return StorageChoice(False, settings.indexer_cache(), model_dtype)
-
-
-def _model_dir(model_config) -> Path:
-    path = Path(model_config.model_path)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(str(model_config.model_path), revision=getattr(model_config, "revision", None),
-                                  allow_patterns=["*.json"], local_files_only=True))
+def storage_choice(kv_cache_dtype: str | None, model_dtype: torch.dtype,
+                   settings: Settings | None = None) -> StorageChoice:
+    """What SGLang's `--kv-cache-dtype` stores (`v4_plugin.serving.settings.cache_format`; settings: default
+    `Settings.from_env()`), float entries in the model dtype."""
+    fmt = cache_format(kv_cache_dtype, settings)
+    return StorageChoice(fmt.kv is KVStorage.FLOAT, fmt.indexer, model_dtype)
 
 
 def v4_config_of(model_config) -> V4Config:
-    return load_config(_model_dir(model_config))
+    """The checkpoint's config (`model_config`: SGLang's model config, or a view of its server arguments);
+    a hub id's config.json is the one SGLang downloaded."""
+    return load_config(resolve_model_dir(model_config.model_path, getattr(model_config, "revision", None),
+                                         config_only=True, local_files_only=True))
 
 
 # ---- the pool configurator (sizing) --------------------------------------------------------------
 class V4PoolConfigurator(MemoryPoolConfigurator):
     """SGLang's pool configurator for our architecture: full and SWA token counts from
-    `sglang_planned_capacity`, in SGLang's SWA sizing mode (see `v4_plugin.capacity`):
+    `sglang_planned_capacity`, in SGLang's SWA sizing mode (see `sglang_backend.capacity`):
 
     * request cap, as SGLang's DSV4 configurator: `--max-running-requests` given, no explicit
       `--swa-full-tokens-ratio`, chunked prefill on. SWA tokens = `compute_swa_request_cap` plus,
@@ -155,7 +148,7 @@ class V4PoolConfigurator(MemoryPoolConfigurator):
 # ---- the pool -----------------------------------------------------------------------------------
 class _NoRawKV:
     """SGLang's raw K/V interface (abstract in `KVCache`): our caches are read and written by the
-    core's `forward_paged` only."""
+    core's `streams_paged` only."""
 
     def get_key_buffer(self, layer_id: int):
         raise NotImplementedError("v4_plugin: the caches have no SGLang K/V buffers")
@@ -164,7 +157,7 @@ class _NoRawKV:
     get_kv_buffer = get_key_buffer
 
     def set_kv_buffer(self, *args, **kwargs):
-        raise NotImplementedError("v4_plugin: caches are written by the core's forward_paged")
+        raise NotImplementedError("v4_plugin: caches are written by the core's streams_paged")
 
 
 class V4CacheBuffers(_NoRawKV, KVCache):
@@ -190,7 +183,7 @@ class V4TokenToKVPool(_NoRawKV, BaseSWAKVPool):
     """All caches of all main layers, as SGLang's hybrid-SWA pool: compressed entries and indexer keys
     in `full_kv_pool`, window and compressor rows in `swa_kv_pool` (addressed via SGLang's full->SWA
     slot mapping). SGLang's own attention paths never touch it: the model reads and writes it through
-    the core's `forward_paged`, with the `LayerCaches` of `layer_caches`."""
+    the core's `streams_paged`, with the `LayerCaches` of `layer_caches`."""
 
     def __init__(self, cfg: V4Config, st: StorageChoice, *, size: int, size_swa: int, page_size: int, device,
                  layer_types: tuple[LayerType, ...] | None = None):

@@ -21,7 +21,7 @@ The plugin supplies what the worker looks up for our architecture:
   `DSPARK_ARCH`. It also gives our configs what SGLang's native V4 config carries: no per-layer
   SWA split (`is_deepseek_v4_arch`) and the widths of the hidden states the worker hands on
   (`spec_hidden_size`);
-* `check_request`: the checkpoint against the requested drafter (`v4_plugin.drafting.plan_speculation`:
+* `check_request`: the checkpoint against the requested drafter (`capacity.plan_sglang_speculation`:
   MTP on a DSpark checkpoint, DSpark on a 04-24 one, more drafts than dspark_block_size, topk > 1),
   while SGLang resolves its server arguments, so `sgl.Engine` / `launch_server` fail with the core's
   message;
@@ -30,7 +30,7 @@ The plugin supplies what the worker looks up for our architecture:
   plans verify and draft-extend steps, `backend.V4PluginAttnBackend`).
 
 The drafter's window caches are a pool of their own (`pools.V4TokenToKVPool` over
-`v4_plugin.drafting.draft_layer_types`) on the slots of SGLang's shared hybrid-SWA allocator: rows
+`v4_plugin.runtime.drafting.draft_layer_types`) on the slots of SGLang's shared hybrid-SWA allocator: rows
 live and die with the target's window slots.
 """
 
@@ -40,9 +40,12 @@ import logging
 
 import torch
 
-from . import BACKEND_NAME, DSPARK_ARCH, MTP_ARCH, PLUGIN_ARCH
+from v4_plugin.runtime.drafting import SpeculativeConfigError, SpeculativePlan
+
+from . import BACKEND_NAME, DSPARK_ARCH, MTP_ARCH, PLUGIN_ARCH, is_ours
 from .backend import V4PluginAttnBackend, step_metadata
-from .plugin import is_ours
+from .capacity import plan_sglang_speculation
+from .pools import v4_config_of
 
 logger = logging.getLogger(__name__)
 
@@ -57,18 +60,16 @@ def drafts_requested(cfg) -> int | None:
     return None if n is None else int(n)
 
 
-def check_request(server_args, v4_cfg):
+def check_request(server_args, v4_cfg) -> SpeculativePlan | None:
     """The checkpoint against the requested drafter: its `SpeculativePlan`, None without drafting;
     `SpeculativeConfigError` names the flags and the config fields."""
     from sglang.srt.arg_groups.overrides import resolving_view
-
-    from v4_plugin.drafting import SpeculativeConfigError, plan_speculation
 
     cfg = resolving_view(server_args)
     if cfg.speculative_algorithm is None:
         return None
     try:
-        plan = plan_speculation(v4_cfg, cfg.speculative_algorithm, drafts_requested(cfg))
+        plan = plan_sglang_speculation(v4_cfg, cfg.speculative_algorithm, drafts_requested(cfg))
     except SpeculativeConfigError as e:
         raise SpeculativeConfigError(f"--speculative-algorithm {cfg.speculative_algorithm} "
                                      f"(--speculative-num-steps {cfg.speculative_num_steps}, "
@@ -85,8 +86,6 @@ def serve_dspark_with_eagle(server_args, previous) -> None:
     SGLang's EAGLE worker with the plugin's DSpark draft, k = gamma drafts per verify step."""
     from sglang.srt.arg_groups.model_override_base import model_config_of
     from sglang.srt.arg_groups.overrides import declare_resolution, resolving_view
-
-    from .pools import v4_config_of
 
     cfg = resolving_view(server_args)
     if (cfg.speculative_algorithm or "").upper() == "DSPARK" and \

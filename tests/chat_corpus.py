@@ -271,7 +271,7 @@ def splits(text: str | bytes, seed: int = 0, random_cuts: int = 30) -> list[list
 
 def completion_of(messages: list[dict[str, Any]], tools, thinking: bool) -> str:
     """The text the model would write for the last (assistant) message."""
-    from v4_plugin.chat import encode_messages
+    from v4_plugin.text.chat import encode_messages
 
     prompt = encode_messages(messages[:-1], thinking=thinking, tools=tools)
     full = encode_messages(messages, thinking=thinking, tools=tools)

@@ -1,11 +1,12 @@
-"""A stand-in block manager for tests of the core's paged execution (`v4_plugin.paged`)."""
+"""A stand-in block manager for tests of the core's paged execution (`v4_plugin.runtime.paged`)."""
 
 from __future__ import annotations
 
 import torch
 
-from v4_plugin.model import ReferenceModel
-from v4_plugin.paged import BatchPlan, CacheFormat, LayerCaches, PagedCache, cache_entry, forward_paged
+from v4_plugin.runtime.model import V4Model
+from v4_plugin.runtime.paged import BatchPlan, LayerCaches, PagedCache, forward_paged
+from v4_plugin.cache.formats import CacheFormat, cache_entry
 
 BLOCK_TOKENS = 16  # entries per block of every cache (ratio 128 entries waste most of their block: fine here)
 
@@ -13,7 +14,7 @@ BLOCK_TOKENS = 16  # entries per block of every cache (ratio 128 entries waste m
 class TinyEngine:
     """Allocates paged caches and block tables the way a block manager would, for `forward_paged`."""
 
-    def __init__(self, model: ReferenceModel, fmt: CacheFormat, num_seqs: int, max_tokens: int):
+    def __init__(self, model: V4Model, fmt: CacheFormat, num_seqs: int, max_tokens: int):
         self.model, self.fmt = model, fmt
         self.gen = torch.Generator().manual_seed(5)
         self.max_blocks = max_tokens // BLOCK_TOKENS + 1

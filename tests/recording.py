@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from v4_plugin.model import ReferenceModel
+from v4_plugin.runtime.model import V4Model
 
 
 def recording(drafter_cls: type) -> type:
     """A subclass of a core drafter (`MTPDrafter`, `DSparkDrafter`) whose `proposed` lists every step's drafts."""
 
     class Recording(drafter_cls):
-        def __init__(self, model: ReferenceModel):
+        def __init__(self, model: V4Model):
             super().__init__(model)
             self.proposed: list[list[int]] = []
 

@@ -10,7 +10,7 @@ import pytest
 
 from chat_corpus import (COMPLETIONS, CONVERSATIONS, TOOLS, completion_of, counter_ids, expected_calls,
                          official_encode, official_encoder, splits)
-from v4_plugin.chat import (
+from v4_plugin.text.chat import (
     ABSOLUTE_MAXIMUM_PREAMBLE,
     BOS,
     PREVIEW_PROFILE,
@@ -19,7 +19,7 @@ from v4_plugin.chat import (
     encode_request,
     render_tool_calls,
 )
-from v4_plugin.dsml import parse_completion
+from v4_plugin.text.dsml import parse_completion
 
 # Our preview profile's efforts expressed in the official (0731) encoder's names.
 PREVIEW_TO_OFFICIAL = {"high": "low", "max": "high"}
@@ -153,7 +153,7 @@ def test_continue_final_message_leaves_the_turn_open() -> None:
 def hf_tokenizer(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from v4_plugin.tokenizer import write_tokenizer
+    from v4_plugin.text.tokenizer import write_tokenizer
 
     out = tmp_path_factory.mktemp("tok")
     write_tokenizer(out)

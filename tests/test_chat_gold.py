@@ -2,7 +2,7 @@
 tests/fixtures/chat_gold.json (made once by tests/make_chat_gold.py from the official
 ``encoding_dsv4.py``; see its docstring for provenance).
 
-Render: :func:`v4_plugin.chat.encode_dsv4` gives the official prompt byte for byte, and raises
+Render: :func:`v4_plugin.text.chat.encode_dsv4` gives the official prompt byte for byte, and raises
 ``ValueError`` exactly where the official encoder raises, with both effort profiles.
 Parse: on every completion the official parser accepts, the plugin's result is the official one;
 where it raises, the plugin returns no tool call, flags the completion (unless it only ends
@@ -19,8 +19,8 @@ import random
 
 import pytest
 
-from v4_plugin.chat import PROFILES, THINK_END, encode_dsv4
-from v4_plugin.dsml import SPECIAL_TOKENS, StreamParser, parse_completion
+from v4_plugin.text.chat import PROFILES, THINK_END, encode_dsv4
+from v4_plugin.text.dsml import SPECIAL_TOKENS, StreamParser, parse_completion
 
 GOLD = json.loads((pathlib.Path(__file__).parent / "fixtures" / "chat_gold.json").read_text(encoding="utf-8"))
 RENDER = GOLD["render"]
@@ -93,7 +93,7 @@ def test_parse_equals_official(index: int) -> None:
 
 def _plain_request(case: dict) -> bool:
     """Whether a corpus case uses only what an OpenAI request can say the same way to the serving
-    path (:func:`v4_plugin.chat.encode_messages`): no context, BOS, no task / ``wo_eos`` / tools on a
+    path (:func:`v4_plugin.text.chat.encode_messages`): no context, BOS, no task / ``wo_eos`` / tools on a
     user message, tool-call arguments as JSON text of an object, no ``None`` text where DeepSeek's
     ``str.format`` writes ``None``, and no system message followed by an assistant turn or ending
     the conversation (the serving path opens the answer there, as vLLM's copy of the encoder does)."""
@@ -123,7 +123,7 @@ PLAIN = [i for i, c in enumerate(RENDER) if _plain_request(c)]
 
 def test_serving_path_equals_the_exact_encoder_where_requests_mean_the_same() -> None:
     """The serving path's encoder gives the official prompt on every corpus case it can express."""
-    from v4_plugin.chat import encode_messages
+    from v4_plugin.text.chat import encode_messages
 
     assert len(PLAIN) > 40
     for index in PLAIN:

@@ -11,18 +11,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from v4_plugin import checkpoint as ckpt
-from v4_plugin import hf_dialect
-from v4_plugin.checkpoint import (
+from v4_plugin.checkpoint import loader as ckpt
+from v4_plugin.checkpoint import hf_config, hf_tensors
+from v4_plugin.checkpoint.loader import (
     INDEX_FILE,
     CheckpointError,
     inspect_checkpoint,
     iter_checkpoint_files,
     load_checkpoint,
 )
-from v4_plugin.config import load_config, parse_config, preset_config
-from v4_plugin.schema import Format, checkpoint_tensors, file_entries
-from v4_plugin.tiny import TINY_PRESETS, make_tiny, random_weights, write_checkpoint
+from v4_plugin.checkpoint.config import load_config, parse_config, preset_config
+from v4_plugin.checkpoint.schema import Format, checkpoint_tensors, file_entries
+from v4_plugin.checkpoint.tiny import TINY_PRESETS, make_tiny, random_weights, write_checkpoint
 
 @pytest.fixture(scope="module", params=["flash", "pro"])
 def tiny(request, tmp_path_factory):
@@ -195,7 +195,7 @@ def test_tensors_land_on_the_requested_device(tiny, keep_quantized):
 def test_quantized_routed_experts_are_stacked_once(tiny):
     """With keep_quantized the routed experts' file entries are views of one [E, ...] tensor per layer and
     entry, which the MoE GEMM gets as it is (no second copy of the experts); values are the file's."""
-    from v4_plugin.model import Weights
+    from v4_plugin.runtime.model import Weights
 
     _, cfg, path = tiny
     tensors = load_checkpoint(path, cfg, keep_quantized=True)
@@ -398,7 +398,7 @@ def test_unquantized_checkpoint_accepts_any_float_dtype(tmp_path):
 
 def _write_transformers_dialect(path: Path, official_config: dict, weights: dict) -> None:
     """What `save_pretrained` would write: transformers names and config keys, two shards."""
-    tensors = hf_dialect.state_dict_to_transformers(weights, official_config)
+    tensors = hf_tensors.state_dict_to_transformers(weights, official_config)
     names = list(tensors)
     path.mkdir()
     weight_map = {}
@@ -407,7 +407,7 @@ def _write_transformers_dialect(path: Path, official_config: dict, weights: dict
         save_file({n: tensors[n].contiguous() for n in part}, path / shard)
         weight_map.update(dict.fromkeys(part, shard))
     _write_index(path, {"metadata": {"total_size": 0}, "weight_map": weight_map})
-    (path / "config.json").write_text(json.dumps(hf_dialect.config_to_transformers(official_config)))
+    (path / "config.json").write_text(json.dumps(hf_config.config_to_transformers(official_config)))
 
 
 def test_transformers_dialect(tmp_path):

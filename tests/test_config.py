@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from v4_plugin.config import PRESET_DIR, ConfigError, LayerType, load_config, parse_config, preset_config
+from v4_plugin.checkpoint.config import PRESET_DIR, ConfigError, LayerType, load_config, parse_config, preset_config
 
 
 def _raw(name: str) -> dict:
@@ -98,7 +98,7 @@ def test_load_config_errors_name_the_file(tmp_path):
 # ---- validate_checkpoint: what the adapters check when their framework builds its config ---------------
 @pytest.fixture(scope="module")
 def tiny_flash(tmp_path_factory):
-    from v4_plugin.tiny import make_tiny
+    from v4_plugin.checkpoint.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny-flash"), "flash", seed=0)
 
@@ -113,7 +113,7 @@ def broken(tiny_flash, tmp_path):
 
 
 def _validation_error(path) -> str:
-    from v4_plugin.checkpoint import validate_checkpoint
+    from v4_plugin.checkpoint.loader import validate_checkpoint
 
     with pytest.raises(ValueError) as info:
         validate_checkpoint(path)
@@ -121,7 +121,7 @@ def _validation_error(path) -> str:
 
 
 def test_validate_checkpoint_accepts_the_tiny_checkpoint_and_its_config_alone(tiny_flash, tmp_path):
-    from v4_plugin.checkpoint import validate_checkpoint
+    from v4_plugin.checkpoint.loader import validate_checkpoint
 
     assert validate_checkpoint(tiny_flash) == load_config(tiny_flash)
     (tmp_path / "config.json").write_text((tiny_flash / "config.json").read_text())  # no weights yet

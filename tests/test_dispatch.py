@@ -39,15 +39,18 @@ import pytest
 import torch
 
 from v4_kernels.testing import one_cpu_thread  # noqa: F401  (autouse fixture)
-from v4_plugin import dispatch
-from v4_plugin.checkpoint import load_checkpoint
-from v4_plugin.config import PRESET_DIR, LayerType, load_config, parse_config
-from v4_plugin.drafting import DSparkHead, dspark_features
-from v4_plugin.layout import IndexerCache
-from v4_plugin.model import QuantSim, ReferenceModel
-from v4_plugin.ops import moe as moe_ops
-from v4_plugin.paged import EXACT, BatchPlan, CacheFormat, KVStorage, forward_paged
-from v4_plugin.tiny import TINY_PRESETS, make_tiny, random_weights, write_checkpoint
+from v4_plugin.runtime import dispatch
+from v4_plugin.runtime.warmup import warm_up
+from v4_plugin.checkpoint.loader import load_checkpoint
+from v4_plugin.checkpoint.config import PRESET_DIR, LayerType, load_config, parse_config
+from v4_plugin.runtime.drafting import DSparkHead, dspark_features
+from v4_plugin.cache.layout import IndexerCache
+from v4_plugin.runtime.model import V4Model
+from v4_plugin.checkpoint.quant import QuantSim
+from v4_plugin.runtime.ops import moe as moe_ops
+from v4_plugin.runtime.paged import BatchPlan, forward_paged
+from v4_plugin.cache.formats import EXACT, CacheFormat, KVStorage
+from v4_plugin.checkpoint.tiny import TINY_PRESETS, make_tiny, random_weights, write_checkpoint
 
 from paged_engine import TinyEngine
 
@@ -74,7 +77,7 @@ def _run(fmt: CacheFormat, quant: QuantSim, ops: tuple[str, ...] | None = None, 
          padded: bool = False) -> tuple[torch.Tensor, TinyEngine, Counter]:
     """Prefill LENGTHS in one step, then decode one token each: (logits [T, vocab], engine, kernel calls)."""
     cfg = parse_config(TINY_PRESETS["flash"])
-    model = ReferenceModel(cfg, random_weights(cfg, seed=0), quant=quant)
+    model = V4Model(cfg, random_weights(cfg, seed=0), quant=quant)
     gen = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, cfg.vocab_size, (n + 1,), generator=gen) for n in LENGTHS]
     engine = TinyEngine(model, fmt, len(seqs), max(LENGTHS) + 1)
@@ -183,13 +186,13 @@ def tiny_dir(request, tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp(request.param), request.param, seed=0)
 
 
-def _dense_and_quantized(path, quant: QuantSim) -> tuple[ReferenceModel, ReferenceModel]:
+def _dense_and_quantized(path, quant: QuantSim) -> tuple[V4Model, V4Model]:
     cfg = load_config(path)
-    return tuple(ReferenceModel(cfg, load_checkpoint(path, cfg, keep_quantized=keep), quant=quant)
+    return tuple(V4Model(cfg, load_checkpoint(path, cfg, keep_quantized=keep), quant=quant)
                  for keep in (False, True))
 
 
-def _gemm_logits(model: ReferenceModel, kernels: bool) -> tuple[torch.Tensor, Counter]:
+def _gemm_logits(model: V4Model, kernels: bool) -> tuple[torch.Tensor, Counter]:
     """forward (5 tokens), then paged: prefill of 1 and 5 tokens in one batch and a decode step each;
     all logits, and the GEMM kernel calls."""
     cfg = model.cfg
@@ -283,7 +286,7 @@ def test_fp8_experts_run_the_moe_kernel(tmp_path):
         return tuple(tensors[f"{prefix}.w{i}.{part}"] for i in (1, 2, 3) for part in ("weight", "scale"))
 
     routed = [entries(f"{p}.experts.{e}") for e in range(cfg.n_routed_experts)]
-    experts = ReferenceModel(cfg, load_checkpoint(path, cfg), quant=QuantSim.off()).w.moe(p, cfg.n_routed_experts)
+    experts = V4Model(cfg, load_checkpoint(path, cfg), quant=QuantSim.off()).w.moe(p, cfg.n_routed_experts)
     packed = moe_ops.MoEWeights(experts.dense, lambda: (tuple(torch.stack(t) for t in zip(*routed)),
                                                         entries(f"{p}.shared_experts")))
     assert routed[0][0].dtype == torch.float8_e4m3fn
@@ -303,7 +306,7 @@ def test_fp8_experts_run_the_moe_kernel(tmp_path):
 def test_base_checkpoint_runs_the_moe_kernel(tmp_path):
     """A -Base checkpoint loaded with keep_quantized: its MoE must reach the kernel, not the torch fallback."""
     path = _base_dir(tmp_path)
-    model = ReferenceModel(load_config(path), load_checkpoint(path, load_config(path), keep_quantized=True),
+    model = V4Model(load_config(path), load_checkpoint(path, load_config(path), keep_quantized=True),
                            quant=QuantSim.off())
     with dispatch.use_kernels_on_cpu(("moe",)), dispatch.count_calls() as (kernel, fallback):
         model.forward(torch.tensor([5, 9, 3]))
@@ -312,14 +315,14 @@ def test_base_checkpoint_runs_the_moe_kernel(tmp_path):
 
 @interpreted
 def test_warmup_runs_the_decode_kernels(tmp_path):
-    """dispatch.warmup compiles what decode runs: every distinct FP8 linear shape, the MoE and mHC per batch
+    """warm_up compiles what decode runs: every distinct FP8 linear shape, the MoE and mHC per batch
     size, attention over three slot-list lengths, the indexer at three contexts and its top-k."""
     path = make_tiny(tmp_path, "flash", seed=0)
     cfg = load_config(path)
-    model = ReferenceModel(cfg, load_checkpoint(path, cfg, keep_quantized=True), quant=QuantSim.off())
-    assert dispatch.warmup(model, CacheFormat()) == 0.0  # CPU serving: nothing to compile
+    model = V4Model(cfg, load_checkpoint(path, cfg, keep_quantized=True), quant=QuantSim.off())
+    assert warm_up(model, CacheFormat()) == 0.0  # CPU serving: nothing to compile
     with dispatch.use_kernels_on_cpu() as calls:
-        dispatch.warmup(model, CacheFormat(), batch_sizes=(1, 3), contexts=(256, 512, 1024))
+        warm_up(model, CacheFormat(), batch_sizes=(1, 3), contexts=(256, 512, 1024))
     assert calls["moe"] == 2 and calls["sparse_attention"] == 6 and calls["index_scores"] == 6
     assert calls["select_topk"] == 2 and calls["linear"] > 0 and calls["linear"] % 2 == 0
     assert calls["hc_pre"] == calls["hc_post"] == calls["hc_head"] == 2
@@ -329,7 +332,7 @@ def test_warmup_runs_the_decode_kernels(tmp_path):
 class _CudaEngine(TinyEngine):
     """`TinyEngine` with its caches, block tables and batch plans on the GPU."""
 
-    def __init__(self, model: ReferenceModel, fmt: CacheFormat, num_seqs: int, max_tokens: int):
+    def __init__(self, model: V4Model, fmt: CacheFormat, num_seqs: int, max_tokens: int):
         super().__init__(model, fmt, num_seqs, max_tokens)
         for layer in self.caches:
             for name in ("window", "state", "compressed", "index_state", "index_keys"):
@@ -345,7 +348,7 @@ class _CudaEngine(TinyEngine):
         return list(logits.float().cpu().split([len(c[1]) for c in chunks]))
 
 
-def _cuda_logits(model: ReferenceModel, fmt: CacheFormat, lengths: tuple[int, ...]) -> tuple[torch.Tensor, tuple]:
+def _cuda_logits(model: V4Model, fmt: CacheFormat, lengths: tuple[int, ...]) -> tuple[torch.Tensor, tuple]:
     """Prefill `lengths` in one step, then one decode token each, on the GPU: (logits, (kernel, torch) calls)."""
     gen = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, model.cfg.vocab_size, (n + 1,), generator=gen) for n in lengths]
@@ -361,7 +364,7 @@ FORMATS = {"exact": (EXACT, QuantSim.off()),
            "fp8-caches": (CacheFormat(KVStorage.FP8, IndexerCache.FP8), CacheFormat().quant_sim(activations=False))}
 
 
-def _check_against_torch(model: ReferenceModel, fmt: CacheFormat, lengths: tuple[int, ...], monkeypatch,
+def _check_against_torch(model: V4Model, fmt: CacheFormat, lengths: tuple[int, ...], monkeypatch,
                          rel: float) -> None:
     got, (kernel, fallback) = _cuda_logits(model, fmt, lengths)
     assert not fallback, f"ops served by torch on CUDA: {dict(fallback)}"
@@ -381,7 +384,7 @@ def test_cuda_tiny_checkpoint_runs_every_op_on_its_kernel(fmt, tmp_path, monkeyp
     cache_fmt, quant = FORMATS[fmt]
     path = make_tiny(tmp_path, "flash", seed=0)
     cfg = load_config(path)
-    model = ReferenceModel(cfg, load_checkpoint(path, cfg, keep_quantized=True, device="cuda"), quant=quant)
+    model = V4Model(cfg, load_checkpoint(path, cfg, keep_quantized=True, device="cuda"), quant=quant)
     _check_against_torch(model, cache_fmt, LENGTHS, monkeypatch, rel=1e-3 if cache_fmt is EXACT else 1e-2)
 
 
@@ -408,6 +411,6 @@ def test_cuda_real_flash_layers_run_every_op_on_its_kernel(fmt, flash_layers_dir
     on average) of the torch path."""
     cache_fmt, quant = FORMATS[fmt]
     cfg = load_config(flash_layers_dir)
-    model = ReferenceModel(cfg, load_checkpoint(flash_layers_dir, cfg, dtype=torch.bfloat16, keep_quantized=True,
+    model = V4Model(cfg, load_checkpoint(flash_layers_dir, cfg, dtype=torch.bfloat16, keep_quantized=True,
                                                 device="cuda"), dtype=torch.bfloat16, quant=quant)
     _check_against_torch(model, cache_fmt, (600, 1), monkeypatch, rel=2e-2)

@@ -13,13 +13,16 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from v4_plugin.config import parse_config
-from v4_plugin.drafting import (DSparkDrafter, DSparkHead, Method, MTPDrafter, ReplayDrafter, SpeculativeConfigError,
+from v4_plugin.checkpoint.config import parse_config
+from v4_plugin.runtime.drafting import (DSparkDrafter, DSparkHead, Method, MTPDrafter, ReplayDrafter, SpeculativeConfigError,
                                 dspark_features, plan_speculation, speculative_generate)
-from v4_plugin.model import QuantSim, ReferenceModel, SequenceCache
-from v4_plugin.paged import (EXACT, BatchPlan, dspark_blocks_paged, dspark_context_paged, dspark_draft_paged,
-                             mtp_streams_paged, streams_paged)
-from v4_plugin.tiny import TINY_PRESETS, random_weights
+from v4_plugin.runtime.model import V4Model, SequenceCache
+from v4_plugin.checkpoint.quant import QuantSim
+from v4_plugin.runtime.paged import BatchPlan, dspark_blocks_paged, dspark_context_paged, dspark_draft_paged, mtp_streams_paged, streams_paged
+from v4_plugin.cache.formats import EXACT
+from v4_plugin.checkpoint.tiny import TINY_PRESETS, random_weights
+from sglang_backend.capacity import plan_sglang_speculation
+from vllm_backend.capacity import plan_vllm_speculation
 
 from paged_engine import TinyEngine
 from recording import recording
@@ -31,11 +34,11 @@ EDGES = [3, 4, 5, 8, 127, 128, 129, 255, 256]
 
 
 @pytest.fixture(scope="module")
-def models() -> dict[str, ReferenceModel]:
+def models() -> dict[str, V4Model]:
     out = {}
     for preset in ("flash", "pro", "flash-0731"):
         cfg = parse_config(TINY_PRESETS[preset], f"tiny-{preset}")
-        out[preset] = ReferenceModel(cfg, random_weights(cfg, seed=0), quant=QuantSim.off())
+        out[preset] = V4Model(cfg, random_weights(cfg, seed=0), quant=QuantSim.off())
     return out
 
 
@@ -378,21 +381,21 @@ def test_dspark_block_attends_both_ways(models):
 # ---- requests a checkpoint cannot serve -------------------------------------------------------------
 def test_plans_and_clear_errors(models):
     old, new = models["flash"].cfg, models["flash-0731"].cfg
-    assert plan_speculation(new, "dspark").num_speculative_tokens == 5  # dspark_block_size
-    assert plan_speculation(old, "deepseek_mtp").num_speculative_tokens == 1
-    assert plan_speculation(old, "NEXTN", 3).method is Method.MTP
-    assert plan_speculation(new, "DSPARK", 2).method is Method.DSPARK
+    assert plan_speculation(new, Method.DSPARK).num_speculative_tokens == 5  # dspark_block_size
+    assert plan_vllm_speculation(old, "deepseek_mtp").num_speculative_tokens == 1
+    assert plan_sglang_speculation(old, "NEXTN", 3).method is Method.MTP
+    assert plan_sglang_speculation(new, "DSPARK", 2).method is Method.DSPARK
     with pytest.raises(SpeculativeConfigError, match="tiny-flash-0731: speculative method 'mtp' needs the 04-24 MTP "
                                                      "block, but this is a DSpark checkpoint"):
-        plan_speculation(new, "mtp")
+        plan_speculation(new, Method.MTP)
     with pytest.raises(SpeculativeConfigError, match="'dspark' needs a DSpark checkpoint .*04-24"):
-        plan_speculation(old, "dspark")
+        plan_speculation(old, Method.DSPARK)
     with pytest.raises(SpeculativeConfigError, match="num_speculative_tokens = 6 exceeds dspark_block_size = 5"):
-        plan_speculation(new, "dspark", 6)
+        plan_speculation(new, Method.DSPARK, 6)
     with pytest.raises(SpeculativeConfigError, match="positive int"):
-        plan_speculation(old, "mtp", 0)
+        plan_speculation(old, Method.MTP, 0)
     with pytest.raises(SpeculativeConfigError, match="'medusa' is not available"):
-        plan_speculation(old, "medusa")
+        plan_vllm_speculation(old, "medusa")
     with pytest.raises(SpeculativeConfigError, match="DSpark checkpoint"):
         MTPDrafter(models["flash-0731"])
     with pytest.raises(SpeculativeConfigError, match="04-24 checkpoint"):

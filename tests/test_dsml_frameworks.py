@@ -11,8 +11,8 @@ import random
 import pytest
 
 from chat_corpus import COMPLETIONS, CONVERSATIONS, TOOLS, completion_of, has_markup, splits
-from v4_plugin.chat import encode_messages
-from v4_plugin.dsml import parse_completion
+from v4_plugin.text.chat import encode_messages
+from v4_plugin.text.dsml import parse_completion
 
 
 def _cases() -> dict[str, tuple[str, bool, list]]:
@@ -38,7 +38,7 @@ def _expected(text: str, thinking: bool) -> tuple[str, str, list[tuple[str, str]
 def tokenizer(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from v4_plugin.tiny import make_tiny
+    from v4_plugin.checkpoint.tiny import make_tiny
 
     return AutoTokenizer.from_pretrained(make_tiny(tmp_path_factory.mktemp("tiny"), "flash"))
 
@@ -171,7 +171,7 @@ def test_vllm_reasoning_end_from_prompt_and_output_ids(vllm_parser_cls, tokenize
 def test_vllm_thinking_defaults_follow_the_prompt_renderer(tokenizer) -> None:
     from types import SimpleNamespace
 
-    from v4_plugin.chat import REFRESH_PROFILE, build_chat_template, request_thinking
+    from v4_plugin.text.chat import REFRESH_PROFILE, build_chat_template, request_thinking
     from vllm_backend.parsers import default_thinking
 
     assert request_thinking(None) is True

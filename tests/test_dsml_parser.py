@@ -8,8 +8,8 @@ import json
 import pytest
 
 from chat_corpus import COMPLETIONS, CONVERSATIONS, completion_of, counter_ids, expected_calls, has_markup, splits
-from v4_plugin.chat import encode_messages
-from v4_plugin.dsml import Delta, StreamParser, parse_completion
+from v4_plugin.text.chat import encode_messages
+from v4_plugin.text.dsml import Delta, StreamParser, parse_completion
 
 
 def _all_completions() -> dict[str, tuple[str, bool]]:
@@ -35,7 +35,7 @@ def test_hand_written_completions(name: str) -> None:
 
 
 def test_malformed_completion_is_logged(caplog) -> None:
-    with caplog.at_level("WARNING", logger="v4_plugin.dsml"):
+    with caplog.at_level("WARNING", logger="v4_plugin.text.dsml"):
         parse_completion(COMPLETIONS["block_cut_short"][0])
     assert "rejected by the official DSML grammar" in caplog.text
 

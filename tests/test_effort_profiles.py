@@ -5,7 +5,7 @@ from __future__ import annotations
 import jinja2
 import pytest
 
-from v4_plugin.chat import (ABSOLUTE_MAXIMUM_PREAMBLE, ASSISTANT, BEYOND_MAXIMUM_PREAMBLE, BOS, PREVIEW_PROFILE,
+from v4_plugin.text.chat import (ABSOLUTE_MAXIMUM_PREAMBLE, ASSISTANT, BEYOND_MAXIMUM_PREAMBLE, BOS, PREVIEW_PROFILE,
                             PROFILE_ENV, REFRESH_PROFILE, THINK_END, THINK_START, USER, build_chat_template,
                             detect_profile, encode_messages, encode_request)
 
@@ -100,7 +100,7 @@ def test_vllm_deepseek_v4_tokenizer_mode_renders_the_checkpoint_profile(tmp_path
     import pickle
 
     from chat_corpus import OFFICIAL_EFFORT, official_encode
-    from v4_plugin.tiny import make_tiny
+    from v4_plugin.checkpoint.tiny import make_tiny
     from vllm.tokenizers.registry import TokenizerRegistry
     from vllm_backend.plugin import register
 

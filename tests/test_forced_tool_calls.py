@@ -1,6 +1,6 @@
 """The grammar that enforces `tool_choice` "required" / a named function in both servers
-(:func:`v4_plugin.tools.forced_call_structural_tag`, compiled by xgrammar as the servers do) against
-the parser both servers read calls with (:mod:`v4_plugin.dsml`, DeepSeek's official grammar):
+(:func:`v4_plugin.text.tools.forced_call_structural_tag`, compiled by xgrammar as the servers do) against
+the parser both servers read calls with (:mod:`v4_plugin.text.dsml`, DeepSeek's official grammar):
 every completion the grammar allows is read as calls to the allowed tools with schema-valid
 arguments, and the official layout is allowed. Completions are random walks through the grammar
 over the tiny tokenizer (a random model under the constraint). The servers themselves are tested
@@ -17,8 +17,8 @@ xgr = pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
 
 from chat_corpus import FORCED_TOOL_COMPLETION, FORCED_TOOLS, WEATHER_TOOL  # noqa: E402
-from v4_plugin.dsml import parse_completion  # noqa: E402
-from v4_plugin.tools import check_tool_schemas, forced_call_structural_tag, forced_tools  # noqa: E402
+from v4_plugin.text.dsml import parse_completion  # noqa: E402
+from v4_plugin.text.tools import check_tool_schemas, forced_call_structural_tag, forced_tools  # noqa: E402
 
 VOCAB = 384  # the tiny checkpoints' vocab_size (the tokenizer's ids and padding)
 EOS_ID = 1
@@ -35,7 +35,7 @@ TOOLS = [*FORCED_TOOLS, NOTE_TOOL, PING_TOOL, WEATHER_TOOL]
 def compiler(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from v4_plugin.tokenizer import write_tokenizer
+    from v4_plugin.text.tokenizer import write_tokenizer
 
     path = tmp_path_factory.mktemp("tokenizer")
     write_tokenizer(path)

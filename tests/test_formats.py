@@ -1,7 +1,7 @@
 """The on-disk number formats (spec §9.1, §15 items 34-35), checked against arithmetic done by hand.
 
 Every expected value here is computed from the bit fields of the format (sign / exponent / mantissa,
-subnormals, E8M0 = 2^(byte - 127)) or from plain float64 math, never with `v4_plugin.quant` or
+subnormals, E8M0 = 2^(byte - 127)) or from plain float64 math, never with `v4_plugin.checkpoint.quant` or
 torch's float8 casts, so the tests pin the formats rather than restate the implementation.
 """
 
@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from v4_plugin.quant import (
+from v4_plugin.checkpoint.quant import (
     dequantize_weight_fp4,
     dequantize_weight_fp8,
     e2m1_codes,

@@ -1,4 +1,4 @@
-"""v4_plugin.hf_dialect against the installed transformers ``deepseek_v4`` implementation."""
+"""v4_plugin.checkpoint.hf_config and hf_tensors against the installed transformers ``deepseek_v4`` implementation."""
 
 import copy
 import json
@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
-from v4_plugin import hf_dialect as H
-from v4_plugin.config import parse_config
-from v4_plugin.schema import checkpoint_tensors
+from v4_plugin.checkpoint import hf_config as HC, hf_tensors as HT
+from v4_plugin.checkpoint.config import parse_config
+from v4_plugin.checkpoint.schema import checkpoint_tensors
 
-SWA, CSA, HCA = H.SWA, H.CSA, H.HCA
+SWA, CSA, HCA = HC.SWA, HC.CSA, HC.HCA
 LAYER_TYPES = [SWA, SWA, CSA, HCA, CSA]  # Flash-like: ratios 0, 0, 4, 128, 4
 RATIOS = [0, 0, 4, 128, 4]
 N_EXPERTS, TOPK, VOCAB = 8, 2, 256
@@ -74,14 +74,14 @@ def hf(tmp_path_factory):
 
 def test_save_pretrained_config_is_transformers_dialect(hf):
     _, config, _ = hf
-    assert H.is_transformers_dialect(config)
-    assert not H.is_transformers_dialect(FLASH)
-    assert not H.is_transformers_dialect(H.config_from_transformers(config))
-    assert H.is_transformers_dialect(H.config_to_transformers(FLASH))
+    assert HC.is_transformers_dialect(config)
+    assert not HC.is_transformers_dialect(FLASH)
+    assert not HC.is_transformers_dialect(HC.config_from_transformers(config))
+    assert HC.is_transformers_dialect(HC.config_to_transformers(FLASH))
 
 
 def test_config_from_transformers_values(hf):
-    off = H.config_from_transformers(hf[1])
+    off = HC.config_from_transformers(hf[1])
     assert off["compress_ratios"] == RATIOS  # n_layers entries, no MTP entry
     assert off["num_nextn_predict_layers"] == 0 and off["num_hash_layers"] == 3
     assert off["qk_rope_head_dim"] == 64 and off["head_dim"] == 128
@@ -114,18 +114,18 @@ def _assert_same_hf_config(a: DeepseekV4Config, b: DeepseekV4Config):
 
 def test_config_round_trip_transformers(hf):
     config = hf[1]
-    back = H.config_to_transformers(H.config_from_transformers(config))
+    back = HC.config_to_transformers(HC.config_from_transformers(config))
     _assert_same_hf_config(DeepseekV4Config.from_dict(config), DeepseekV4Config.from_dict(back))
     assert back["num_nextn_predict_layers"] == 0  # the only intended change: no MTP in either file
 
 
 def test_config_round_trip_official_flash():
-    hf_cfg = H.config_to_transformers(FLASH)
+    hf_cfg = HC.config_to_transformers(FLASH)
     # transformers reads the official config.json itself; our conversion must mean the same model.
     # (DeepseekV4Config.from_dict mutates nested dicts of its argument, hence the deep copies.)
     _assert_same_hf_config(DeepseekV4Config.from_dict(copy.deepcopy(FLASH)),
                            DeepseekV4Config.from_dict(copy.deepcopy(hf_cfg)))
-    back = H.config_from_transformers(hf_cfg)
+    back = HC.config_from_transformers(hf_cfg)
     dropped = {"quantization_config", "expert_dtype", "compress_ratios", "num_nextn_predict_layers"}
     for k, v in FLASH.items():
         if k not in dropped:
@@ -137,8 +137,8 @@ def test_config_round_trip_official_flash():
 def test_state_dict_round_trip_exact(hf):
     model, config, _ = hf
     sd = model.state_dict()
-    off = H.state_dict_from_transformers(sd, config)
-    back = H.state_dict_to_transformers(off, H.config_from_transformers(config))
+    off = HT.state_dict_from_transformers(sd, config)
+    back = HT.state_dict_to_transformers(off, HC.config_from_transformers(config))
     assert set(back) == set(sd)
     for k, t in sd.items():
         assert back[k].dtype == t.dtype and torch.equal(back[k], t), k
@@ -146,7 +146,7 @@ def test_state_dict_round_trip_exact(hf):
 
 def test_official_names_follow_spec_section_9(hf):
     model, config, _ = hf
-    off = H.state_dict_from_transformers(model.state_dict(), config)
+    off = HT.state_dict_from_transformers(model.state_dict(), config)
     glob = {"embed.weight", "head.weight", "norm.weight", "hc_head_fn", "hc_head_base", "hc_head_scale"}
     common = {"hc_attn_fn", "hc_attn_base", "hc_attn_scale", "hc_ffn_fn", "hc_ffn_base", "hc_ffn_scale",
               "attn_norm.weight", "ffn_norm.weight", "attn.attn_sink", "attn.wq_a.weight", "attn.q_norm.weight",
@@ -177,13 +177,13 @@ def test_official_names_follow_spec_section_9(hf):
     assert off["layers.1.attn.wo_a.weight"].shape == (2 * 32, 4 * 128 // 2)
     assert off["layers.4.ffn.experts.7.w1.weight"].shape == (64, 128)
     assert off["layers.4.ffn.experts.7.w2.weight"].shape == (128, 64)
-    cfg = parse_config(H.config_from_transformers(config))
+    cfg = parse_config(HC.config_from_transformers(config))
     assert set(off) == {spec.key for spec in checkpoint_tensors(cfg, include_mtp=False)}
 
 
 def test_expert_split_order(hf):
     model, config, _ = hf
-    off = H.state_dict_from_transformers(model.state_dict(), config)
+    off = HT.state_dict_from_transformers(model.state_dict(), config)
     gate_up = model.model.layers[3].mlp.experts.gate_up_proj
     assert torch.equal(off["layers.3.ffn.experts.5.w1.weight"], gate_up[5, :64])  # gate = first half
     assert torch.equal(off["layers.3.ffn.experts.5.w3.weight"], gate_up[5, 64:])  # up = second half
@@ -194,8 +194,8 @@ def test_save_pretrained_file_names_convert_identically(hf):
     model, config, path = hf
     on_disk = load_file(path / "model.safetensors")
     assert "model.layers.2.attn.norm.weight" in on_disk and "head.weight" in on_disk  # the hybrid names
-    a = H.state_dict_from_transformers(model.state_dict(), config)
-    b = H.state_dict_from_transformers(on_disk, config)
+    a = HT.state_dict_from_transformers(model.state_dict(), config)
+    b = HT.state_dict_from_transformers(on_disk, config)
     assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -203,11 +203,11 @@ def test_save_pretrained_file_names_convert_identically(hf):
 
 def test_written_checkpoint_loads_in_transformers(hf, tmp_path):
     model, config, _ = hf
-    off_cfg = H.config_from_transformers(config)
-    off = H.state_dict_from_transformers(model.state_dict(), config)
+    off_cfg = HC.config_from_transformers(config)
+    off = HT.state_dict_from_transformers(model.state_dict(), config)
     off["mtp.0.e_proj.weight"] = torch.zeros(128, 128)  # dropped on the way out
-    save_file(H.state_dict_to_transformers(off, off_cfg), tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps(H.config_to_transformers(off_cfg)))
+    save_file(HT.state_dict_to_transformers(off, off_cfg), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(HC.config_to_transformers(off_cfg)))
     loaded = DeepseekV4ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     for k, t in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], t), k
@@ -224,40 +224,40 @@ def test_written_checkpoint_loads_in_transformers(hf, tmp_path):
 def test_errors_name_the_offending_tensor_or_key(hf):
     model, config, _ = hf
     sd = dict(model.state_dict())
-    off_cfg = H.config_from_transformers(config)
-    off = H.state_dict_from_transformers(sd, config)
+    off_cfg = HC.config_from_transformers(config)
+    off = HT.state_dict_from_transformers(sd, config)
 
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.bogus"):
-        H.state_dict_from_transformers({**sd, "model.layers.0.self_attn.bogus": torch.zeros(1)}, config)
+        HT.state_dict_from_transformers({**sd, "model.layers.0.self_attn.bogus": torch.zeros(1)}, config)
     with pytest.raises(ValueError, match=r"layers\.0\.attn\.compressor\.ape"):  # SWA layer has no compressor
-        H.state_dict_to_transformers({**off, "layers.0.attn.compressor.ape": torch.zeros(4, 256)}, off_cfg)
+        HT.state_dict_to_transformers({**off, "layers.0.attn.compressor.ape": torch.zeros(4, 256)}, off_cfg)
     with pytest.raises(ValueError, match=r"layers\.3\.attn\.indexer\.wq_b\.weight"):  # HCA has no indexer
-        H.state_dict_to_transformers({**off, "layers.3.attn.indexer.wq_b.weight": torch.zeros(256, 64)}, off_cfg)
+        HT.state_dict_to_transformers({**off, "layers.3.attn.indexer.wq_b.weight": torch.zeros(256, 64)}, off_cfg)
     with pytest.raises(ValueError, match=r"layers\.3\.ffn\.gate\.tid2eid"):  # not a hash layer
-        H.state_dict_to_transformers({**off, "layers.3.ffn.gate.tid2eid": torch.zeros(VOCAB, TOPK)}, off_cfg)
+        HT.state_dict_to_transformers({**off, "layers.3.ffn.gate.tid2eid": torch.zeros(VOCAB, TOPK)}, off_cfg)
     with pytest.raises(ValueError, match=r"gate_up_proj"):
         bad = {**sd, "model.layers.1.mlp.experts.gate_up_proj": torch.zeros(N_EXPERTS, 128, 64)}
-        H.state_dict_from_transformers(bad, config)
+        HT.state_dict_from_transformers(bad, config)
     with pytest.raises(ValueError, match=r"layers\.1\.attn\.wq_a\.scale"):
-        H.state_dict_to_transformers({**off, "layers.1.attn.wq_a.scale": torch.ones(1, 1)}, off_cfg)
+        HT.state_dict_to_transformers({**off, "layers.1.attn.wq_a.scale": torch.ones(1, 1)}, off_cfg)
     with pytest.raises(ValueError, match=r"layers\.1\.attn\.wkv\.weight"):
         fp8 = {**off, "layers.1.attn.wkv.weight": off["layers.1.attn.wkv.weight"].to(torch.float8_e4m3fn)}
-        H.state_dict_to_transformers(fp8, off_cfg)
+        HT.state_dict_to_transformers(fp8, off_cfg)
     with pytest.raises(ValueError, match=r"missing"):
-        H.state_dict_from_transformers({k: v for k, v in sd.items() if k != "lm_head.weight"}, config)
+        HT.state_dict_from_transformers({k: v for k, v in sd.items() if k != "lm_head.weight"}, config)
     partial = {k: v for k, v in sd.items() if k != "lm_head.weight"}
-    assert "head.weight" not in H.state_dict_from_transformers(partial, config, strict=False)
+    assert "head.weight" not in HT.state_dict_from_transformers(partial, config, strict=False)
 
     with pytest.raises(ValueError, match=r"attention_factor"):  # nested yarn without it = mscale 1.277
         rp = {"main": {"rope_type": "default", "rope_theta": 1e4},
               "compress": {"rope_type": "yarn", "rope_theta": 1.6e5, "factor": 16,
                            "original_max_position_embeddings": 65536}}
-        H.config_from_transformers({**config, "rope_parameters": rp})
+        HC.config_from_transformers({**config, "rope_parameters": rp})
     with pytest.raises(ValueError, match=r"mlp_layer_types"):
-        H.config_from_transformers({**config, "mlp_layer_types": ["moe", "hash_moe", "moe", "moe", "moe"]})
+        HC.config_from_transformers({**config, "mlp_layer_types": ["moe", "hash_moe", "moe", "moe", "moe"]})
     with pytest.raises(ValueError, match=r"compress_rates"):
-        H.config_from_transformers({**config, "compress_rates": {CSA: 8, HCA: 128}})
+        HC.config_from_transformers({**config, "compress_rates": {CSA: 8, HCA: 128}})
     with pytest.raises(ValueError, match=r"layer_types\[1\]"):
-        H.config_from_transformers({**config, "layer_types": [SWA, "full_attention", CSA, HCA, CSA]})
+        HC.config_from_transformers({**config, "layer_types": [SWA, "full_attention", CSA, HCA, CSA]})
     with pytest.raises(ValueError, match=r"compress_ratios"):
-        H.config_to_transformers({**FLASH, "compress_ratios": [0, 0, 4, 128, 64] + [4] * 39})
+        HC.config_to_transformers({**FLASH, "compress_ratios": [0, 0, 4, 128, 64] + [4] * 39})

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from v4_plugin.config import preset_config
-from v4_plugin.kvcache import pack_indexer, pack_main, unpack_indexer, unpack_main
-from v4_plugin.layout import IndexerCache
-from v4_plugin.ops.compressor import simulate_kv_storage
-from v4_plugin.quant import fake_quant_fp4, hadamard
+from v4_plugin.checkpoint.config import preset_config
+from v4_plugin.cache.records import pack_indexer, pack_main, unpack_indexer, unpack_main
+from v4_plugin.cache.layout import IndexerCache
+from v4_plugin.runtime.ops.compressor import simulate_kv_storage
+from v4_plugin.checkpoint.quant import fake_quant_fp4, hadamard
 
 CFG = preset_config("flash")  # head_dim 512 = 448 FP8 + 64 bf16 rope; index_head_dim 128
 

@@ -11,10 +11,10 @@ import sys
 import pytest
 
 from v4_plugin.cli import main, parse_bytes
-from v4_plugin.config import LayerType, parse_config, preset_config
-from v4_plugin.layout import (IndexerCache, checkpoint_bytes, compressor_state_bytes, indexer_entry_bytes,
+from v4_plugin.checkpoint.config import LayerType, parse_config, preset_config
+from v4_plugin.cache.layout import (IndexerCache, checkpoint_bytes, compressor_state_bytes, indexer_entry_bytes,
                               main_entry_bytes, page_layout, plan)
-from v4_plugin.tiny import TINY_PRESETS
+from v4_plugin.checkpoint.tiny import TINY_PRESETS
 
 
 def kv_plan(*args: str) -> dict:

@@ -1,4 +1,4 @@
-"""Paged execution (what both framework adapters call) reproduces the reference model.
+"""Paged execution (the path both framework adapters run, through `streams_paged`) reproduces the whole-sequence oracle.
 
 A small scheduler stands in for a framework: blocks come from a shuffled free list, several
 sequences share each step (prefill chunks beside decode tokens), and one sequence starts from a
@@ -10,17 +10,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from v4_plugin.config import LayerType, parse_config
-from v4_plugin.layout import IndexerCache
-from v4_plugin.model import QuantSim, ReferenceModel
-from v4_plugin.paged import EXACT, CacheFormat, KVStorage
+from v4_plugin.checkpoint.config import LayerType, parse_config
+from v4_plugin.cache.layout import IndexerCache
+from v4_plugin.runtime.model import V4Model
+from v4_plugin.checkpoint.quant import QuantSim
+from v4_plugin.cache.formats import EXACT, CacheFormat, KVStorage
 
-from paged_engine import BLOCK_TOKENS, TinyEngine
-from v4_plugin.tiny import TINY_PRESETS, random_weights
+from paged_engine import TinyEngine
+from v4_plugin.checkpoint.tiny import TINY_PRESETS, random_weights
 
-def _model(preset: str, quant: QuantSim) -> ReferenceModel:
+def _model(preset: str, quant: QuantSim) -> V4Model:
     cfg = parse_config(TINY_PRESETS[preset])
-    return ReferenceModel(cfg, random_weights(cfg, seed=0), quant=quant)
+    return V4Model(cfg, random_weights(cfg, seed=0), quant=quant)
 
 
 @pytest.mark.parametrize("preset", ["flash", "pro"])

@@ -11,10 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from v4_plugin.config import parse_config
-from v4_plugin.model import QuantSim, ReferenceModel
-from v4_plugin.ops import compressor as comp_ops
-from v4_plugin.tiny import TINY_PRESETS, random_weights
+from v4_plugin.checkpoint.config import parse_config
+from v4_plugin.runtime.model import V4Model
+from v4_plugin.checkpoint.quant import QuantSim
+from v4_plugin.runtime.ops import compressor as comp_ops
+from v4_plugin.checkpoint.tiny import TINY_PRESETS, random_weights
 
 LENGTHS = [1, 3, 4, 5, 127, 128, 129, 511, 513]
 TOL = dict(atol=2e-4, rtol=1e-4)
@@ -23,12 +24,12 @@ TOL = dict(atol=2e-4, rtol=1e-4)
 @pytest.fixture(scope="module", params=["flash", "pro"])
 def case(request):
     cfg = parse_config(TINY_PRESETS[request.param], f"tiny-{request.param}")
-    model = ReferenceModel(cfg, random_weights(cfg, seed=0), quant=QuantSim.off())
+    model = V4Model(cfg, random_weights(cfg, seed=0), quant=QuantSim.off())
     ids = torch.randint(0, cfg.vocab_size, (max(LENGTHS),), generator=torch.Generator().manual_seed(7))
     return model, ids, model.forward(ids).logits
 
 
-def _stepped(model: ReferenceModel, ids: torch.Tensor, cuts: list[int]) -> torch.Tensor:
+def _stepped(model: V4Model, ids: torch.Tensor, cuts: list[int]) -> torch.Tensor:
     cache, outs, start = model.new_cache(), [], 0
     for end in sorted(set(cuts) | {len(ids)}):
         if end > start:

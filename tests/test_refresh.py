@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from v4_plugin.checkpoint import load_checkpoint
-from v4_plugin.config import ConfigError, LayerType, load_config, preset_config
-from v4_plugin.layout import plan
-from v4_plugin.model import QuantSim, ReferenceModel
-from v4_plugin.schema import checkpoint_tensors, file_entries
-from v4_plugin.tiny import make_tiny
+from v4_plugin.checkpoint.loader import load_checkpoint
+from v4_plugin.checkpoint.config import ConfigError, LayerType, load_config, preset_config
+from v4_plugin.cache.layout import plan
+from v4_plugin.runtime.model import V4Model
+from v4_plugin.checkpoint.quant import QuantSim
+from v4_plugin.checkpoint.schema import checkpoint_tensors, file_entries
+from v4_plugin.checkpoint.tiny import make_tiny
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -61,7 +62,7 @@ def tiny_pair(tmp_path_factory):
 def test_tiny_refresh_has_the_same_main_weights_and_a_drafter(tiny_pair, caplog):
     old_dir, new_dir = tiny_pair
     assert json.loads((new_dir / "config.json").read_text())["dspark_block_size"] == 5
-    with caplog.at_level(logging.INFO, logger="v4_plugin.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="v4_plugin.checkpoint.loader"):
         new = load_checkpoint(new_dir, include_mtp=False)
     assert "skipping the" in caplog.text and "DSpark drafter tensors" in caplog.text
     old = load_checkpoint(old_dir, include_mtp=False)
@@ -74,7 +75,7 @@ def test_tiny_refresh_has_the_same_main_weights_and_a_drafter(tiny_pair, caplog)
 def test_tiny_refresh_generates_like_the_04_24_model(tiny_pair):
     old_dir, new_dir = tiny_pair
     ids = torch.randint(0, 384, (140,), generator=torch.Generator().manual_seed(0))
-    models = [ReferenceModel(load_config(d), load_checkpoint(d, include_mtp=False), quant=QuantSim.off())
+    models = [V4Model(load_config(d), load_checkpoint(d, include_mtp=False), quant=QuantSim.off())
               for d in tiny_pair]
     assert torch.equal(models[0].forward(ids).logits, models[1].forward(ids).logits)
     with pytest.raises(ValueError, match="DSpark drafter stages"):

@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from paged_engine import TinyEngine
-from v4_plugin.config import parse_config
-from v4_plugin.model import QuantSim, ReferenceModel
-from v4_plugin.ops.invariant import matmul, rows_times_transposed
-from v4_plugin.paged import CacheFormat
-from v4_plugin.tiny import TINY_PRESETS, random_weights
+from v4_plugin.checkpoint.config import parse_config
+from v4_plugin.runtime.model import V4Model
+from v4_plugin.checkpoint.quant import QuantSim
+from v4_plugin.runtime.ops.invariant import matmul, rows_times_transposed
+from v4_plugin.cache.formats import CacheFormat
+from v4_plugin.checkpoint.tiny import TINY_PRESETS, random_weights
 
 ROW_COUNTS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 16, 17, 31, 40, 128, 129, 513]
 
@@ -39,16 +40,16 @@ def test_matmul_rows_do_not_depend_on_the_row_count(k, n):
 
 
 @pytest.fixture(scope="module", params=["flash", "pro"])
-def model(request) -> ReferenceModel:
+def model(request) -> V4Model:
     cfg = parse_config(TINY_PRESETS[request.param], f"tiny-{request.param}")
-    return ReferenceModel(cfg, random_weights(cfg, seed=0), quant=QuantSim())
+    return V4Model(cfg, random_weights(cfg, seed=0), quant=QuantSim())
 
 
 def _ids(n: int, seed: int) -> torch.Tensor:
     return torch.randint(2, 383, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def _stepped(model: ReferenceModel, ids: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+def _stepped(model: V4Model, ids: torch.Tensor, chunks: list[int]) -> torch.Tensor:
     cache, out, done = model.new_cache(), [], 0
     for size in chunks:
         out.append(model.step(ids[done : done + size], cache).logits)

@@ -19,8 +19,8 @@ import pytest
 
 pytest.importorskip("sglang")
 
-from sglang_backend import testing as T  # noqa: E402
-from v4_plugin.tiny import make_tiny  # noqa: E402
+import sglang_harness as T  # noqa: E402
+from v4_plugin.checkpoint.tiny import make_tiny  # noqa: E402
 
 LENGTHS = [1, 3, 4, 5, 127, 128, 129, 511, 513]
 NEW_TOKENS = 6
@@ -79,7 +79,7 @@ def test_greedy_tokens_equal_reference_alone_and_concurrent(served, reference):
 def test_greedy_tokens_equal_vllm_backend(served):
     """The same checkpoint and prompts through the vLLM backend (its own engine, in a subprocess) give
     the same greedy tokens as SGLang, in exact mode on both sides."""
-    from vllm_backend.testing import greedy_tokens_in_subprocess
+    from vllm_harness import greedy_tokens_in_subprocess
 
     preset, model_dir, engine, _ = served
     prompts = _prompts(preset)
@@ -106,8 +106,8 @@ def test_reported_capacity_follows_the_planner(served):
     full pool at --max-total-tokens and reports it as max_total_num_tokens."""
     import re
 
-    from v4_plugin.capacity import sglang_planned_capacity
-    from v4_plugin.config import load_config
+    from sglang_backend.capacity import sglang_planned_capacity
+    from v4_plugin.checkpoint.config import load_config
 
     preset, model_dir, engine, log = served
     text = open(log).read()

@@ -20,9 +20,9 @@ import pytest
 
 pytest.importorskip("sglang")
 
-from sglang_backend import testing as T  # noqa: E402
+import sglang_harness as T  # noqa: E402
 from sglang_backend.models.replay_draft import replay_table  # noqa: E402
-from v4_plugin.tiny import make_tiny  # noqa: E402
+from v4_plugin.checkpoint.tiny import make_tiny  # noqa: E402
 
 STEPS = 3  # drafts per verify step
 NEW_TOKENS = 14  # 1 from the prefill + 13 from verify steps of 4: the last step is cut after 1 token

@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("sglang")
 requests = pytest.importorskip("requests")
 
-from sglang_backend.testing import SERVER_ARGS, SglangServer  # noqa: E402
+from sglang_harness import SERVER_ARGS, SglangServer  # noqa: E402
 
 MODEL = "deepseek-v4-tiny"
 CONTEXT_LEN = 256
@@ -41,7 +41,7 @@ class Served(NamedTuple):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Served:
     """One `launch_server` of the tiny 04-24 checkpoint (exact mode, parser flags) for the module."""
-    from v4_plugin.tiny import make_tiny
+    from v4_plugin.checkpoint.tiny import make_tiny
 
     root = tmp_path_factory.mktemp("sgl-hostile")
     model_dir = make_tiny(root / "flash", preset="flash", seed=16)
@@ -194,7 +194,7 @@ def test_startup_log_says_what_renders_chats(server):
     """Issue 16: no line about a chat template or parsers detected from it (the plugin's encoding renders
     the chats, and the parsers are the ones given); the plugin's line says so."""
     text = server.log.read_text()
-    assert "deepseek-v4-plugin: chats are rendered by v4_plugin.chat" in text
+    assert "deepseek-v4-plugin: chats are rendered by v4_plugin.text.chat" in text
     for misleading in ("Using default HuggingFace chat template", "Auto-detected template features",
                        "tool_call_parser=deepseekv4"):
         assert misleading not in text
@@ -203,7 +203,7 @@ def test_startup_log_says_what_renders_chats(server):
 def test_bad_config_fails_before_any_scheduler_starts(tmp_path):
     """A config.json whose `compress_ratios` does not list one ratio per layer: `launch_server` exits with
     the plugin's message naming the file and the field, and no scheduler loaded a model."""
-    from v4_plugin.tiny import make_tiny
+    from v4_plugin.checkpoint.tiny import make_tiny
 
     model_dir = make_tiny(tmp_path / "bad", preset="flash", seed=16)
     config_path = model_dir / "config.json"

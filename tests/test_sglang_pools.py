@@ -1,5 +1,5 @@
 """The SGLang pools' sizing: SGLang's own pool-configurator code path for our architecture against the
-core's planner (`v4_plugin.capacity.sglang_planned_capacity`, `v4_plugin.layout.plan`), and the
+core's planner (`sglang_backend.capacity.sglang_planned_capacity`, `v4_plugin.cache.layout.plan`), and the
 bytes the pool really allocates against the planned ones. No weights, no engine: the configurator
 reads only the checkpoint's config.json (the real Flash / Pro configs from the presets)."""
 
@@ -12,11 +12,12 @@ import torch
 
 pytest.importorskip("sglang")
 
-from sglang_backend import pools, settings  # noqa: E402
-from v4_plugin.capacity import sglang_planned_capacity  # noqa: E402
-from v4_plugin.config import PRESET_DIR, LayerType, parse_config, preset_config  # noqa: E402
-from v4_plugin.layout import IndexerCache, plan  # noqa: E402
-from v4_plugin.tiny import TINY_PRESETS  # noqa: E402
+from sglang_backend import pools  # noqa: E402
+from sglang_backend.capacity import sglang_planned_capacity  # noqa: E402
+from v4_plugin.serving import settings  # noqa: E402
+from v4_plugin.checkpoint.config import PRESET_DIR, LayerType, parse_config, preset_config  # noqa: E402
+from v4_plugin.cache.layout import IndexerCache, plan  # noqa: E402
+from v4_plugin.checkpoint.tiny import TINY_PRESETS  # noqa: E402
 
 PAGE = 128
 GIB = 2**30
@@ -70,7 +71,7 @@ def test_drafter_windows_are_charged_per_swa_slot(model, flag, windows, tmp_path
     block's; DSpark's three stages', served as EAGLE, which is what the configurator sees): SGLang's
     configurator path charges one more 584-B window entry per SWA slot and window, and fewer tokens fit;
     `kv-plan --speculative-algorithm` says the same."""
-    from v4_plugin.layout import main_entry_bytes
+    from v4_plugin.cache.layout import main_entry_bytes
 
     model_dir = _model_dir(tmp_path, model)
     sglang_args(model_dir, "--kv-cache-dtype", "fp8_e4m3")

@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("sglang")
 
-from v4_plugin.tiny import make_tiny  # noqa: E402
+from v4_plugin.checkpoint.tiny import make_tiny  # noqa: E402
 
 PROBE = r"""
 import json, os, sys

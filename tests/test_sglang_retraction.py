@@ -18,8 +18,8 @@ import pytest
 
 pytest.importorskip("sglang")
 
-from sglang_backend import testing as T  # noqa: E402
-from v4_plugin.tiny import make_tiny  # noqa: E402
+import sglang_harness as T  # noqa: E402
+from v4_plugin.checkpoint.tiny import make_tiny  # noqa: E402
 
 VOCAB = 384
 PAGE = 128

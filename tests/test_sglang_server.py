@@ -21,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import pytest
 pytest.importorskip("sglang")
 requests = pytest.importorskip("requests")
 
-from v4_plugin.tiny import make_tiny  # noqa: E402
+from v4_plugin.checkpoint.tiny import make_tiny  # noqa: E402
 
 SERVED_NAME = "deepseek-v4-tiny"
 BROKEN_TENSOR = "layers.2.attn.compressor.ape"
@@ -256,7 +255,7 @@ def test_unknown_effort_is_a_400_listing_the_allowed_ones(servers, which, allowe
 def test_effort_none_turns_thinking_off_for_prompt_and_parser(servers):
     """`reasoning_effort="none"`: the prompt opens the answer with `</think>` and the reasoning parser
     does not put the completion into `reasoning_content` (it did when SGLang decided alone)."""
-    from v4_plugin.chat import ASSISTANT, THINK_END
+    from v4_plugin.text.chat import ASSISTANT, THINK_END
 
     r = requests.post(servers["url"] + "/tokenize", timeout=60,
                       json={"model": SERVED_NAME, "messages": MESSAGES, "reasoning_effort": "none"})
@@ -272,7 +271,7 @@ def test_effort_none_turns_thinking_off_for_prompt_and_parser(servers):
 def test_refresh_checkpoint_serves_the_04_24_tokens_and_the_reference(servers):
     """Same seed, same main weights: greedy tokens of the -0731 server == the 04-24 server == the
     reference model (the DSpark drafter is not used without speculative decoding)."""
-    from sglang_backend.testing import prompt_ids, reference_greedy, reference_model
+    from sglang_harness import prompt_ids, reference_greedy, reference_model
 
     prompts = [prompt_ids(n, 384, seed) for n, seed in ((7, 1), (40, 2), (150, 3))]
     served = {}

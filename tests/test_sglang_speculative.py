@@ -26,8 +26,8 @@ import pytest
 
 pytest.importorskip("sglang")
 
-from sglang_backend import testing as T  # noqa: E402
-from v4_plugin.tiny import make_tiny  # noqa: E402
+import sglang_harness as T  # noqa: E402
+from v4_plugin.checkpoint.tiny import make_tiny  # noqa: E402
 
 NEW_TOKENS = 12
 VOCAB = 384
@@ -66,7 +66,7 @@ def checkpoints(tmp_path_factory):
 def served(request, checkpoints):
     """(drafting, engine, log, expected): expected maps (length, seed) to (prompt, the core's speculative
     run in the same quantization mode: tokens == plain greedy, accepted drafts per step)."""
-    from v4_plugin.drafting import DSparkDrafter, MTPDrafter, speculative_generate
+    from v4_plugin.runtime.drafting import DSparkDrafter, MTPDrafter, speculative_generate
 
     name, mode = request.param
     drafting = DRAFTING[name]

@@ -11,16 +11,17 @@ import math
 import pytest
 import torch
 
-from v4_plugin.config import LayerType, parse_config, preset_config
-from v4_plugin.model import QuantSim, ReferenceModel
-from v4_plugin.ops import attention as attn_ops
-from v4_plugin.ops import compressor as comp_ops
-from v4_plugin.ops import indexer as index_ops
-from v4_plugin.ops import mhc
-from v4_plugin.ops.moe import ExpertWeights, expert, route
-from v4_plugin.ops.rope import Rope, rope_frequencies
-from v4_plugin.quant import fake_quant_fp8, hadamard
-from v4_plugin.tiny import TINY_PRESETS, random_weights
+from v4_plugin.checkpoint.config import LayerType, parse_config, preset_config
+from v4_plugin.runtime.model import V4Model
+from v4_plugin.checkpoint.quant import QuantSim
+from v4_plugin.runtime.ops import attention as attn_ops
+from v4_plugin.runtime.ops import compressor as comp_ops
+from v4_plugin.runtime.ops import indexer as index_ops
+from v4_plugin.runtime.ops import mhc
+from v4_plugin.runtime.ops.moe import ExpertWeights, expert, route
+from v4_plugin.runtime.ops.rope import Rope, rope_frequencies
+from v4_plugin.checkpoint.quant import fake_quant_fp8, hadamard
+from v4_plugin.checkpoint.tiny import TINY_PRESETS, random_weights
 
 g = torch.Generator().manual_seed(1234)
 
@@ -33,7 +34,7 @@ def randn(*shape: int) -> torch.Tensor:
 def test_04_query_has_weightless_per_head_norm():
     cfg = parse_config(TINY_PRESETS["flash"])
     w = random_weights(cfg, seed=3)
-    model = ReferenceModel(cfg, w, quant=QuantSim.off())
+    model = V4Model(cfg, w, quant=QuantSim.off())
     x = randn(5, cfg.hidden_size)
     c_q, q = model.blocks[0]._query(x, torch.zeros(5, dtype=torch.long))  # position 0: RoPE is the identity
     a = x @ w["layers.0.attn.wq_a.weight"].T
@@ -98,7 +99,7 @@ def test_09_output_is_derotated_relative_positions_only():
     """K = V carries RoPE at the key position; rotating the output by -t leaves a function of p - t:
     an SWA layer's attention over the same tokens is unchanged when every position shifts by 1000."""
     cfg = parse_config(TINY_PRESETS["flash"])
-    block = ReferenceModel(cfg, random_weights(cfg, seed=5), quant=QuantSim.off()).blocks[0]
+    block = V4Model(cfg, random_weights(cfg, seed=5), quant=QuantSim.off()).blocks[0]
     x, local = randn(9, cfg.hidden_size), torch.arange(9)
     indices = attn_ops.window_positions(local, cfg.sliding_window)
 
@@ -117,7 +118,7 @@ def test_12_window_and_ring():
     assert w[1, -6:].tolist() == [0, 1, 2, 3, 4, 5] and (w[1, :-6] == -1).all()
     assert w[2].tolist() == list(range(73, 201))
     cfg = parse_config(TINY_PRESETS["flash"])
-    model = ReferenceModel(cfg, random_weights(cfg, seed=1), quant=QuantSim.off())
+    model = V4Model(cfg, random_weights(cfg, seed=1), quant=QuantSim.off())
     block, cache, x = model.blocks[0], model.blocks[0].new_cache("cpu"), randn(130, cfg.hidden_size)
     block.attention_step(x, 0, cache)
     kv = block._window_kv(x, torch.arange(130))
@@ -135,9 +136,9 @@ def test_13_first_compressed_entry_reaches_the_logits_exactly_at_its_last_token(
     cfg = parse_config(TINY_PRESETS["flash"])
     w = random_weights(cfg, seed=2)
     ids = torch.randint(0, cfg.vocab_size, (first + 2,), generator=g)
-    base = ReferenceModel(cfg, w, quant=QuantSim.off()).forward(ids).logits
+    base = V4Model(cfg, w, quant=QuantSim.off()).forward(ids).logits
     name = f"layers.{layer}.attn.compressor.wkv.weight"
-    bumped = ReferenceModel(cfg, w | {name: w[name] * 1.5}, quant=QuantSim.off()).forward(ids).logits
+    bumped = V4Model(cfg, w | {name: w[name] * 1.5}, quant=QuantSim.off()).forward(ids).logits
     assert torch.equal(base[:first], bumped[:first])
     assert not torch.allclose(base[first], bumped[first])
 
@@ -281,7 +282,7 @@ def test_30_swiglu_clamps():
 def test_39_mtp_block_is_swa_with_plain_rope_and_shares_embedding_and_head():
     cfg = parse_config(TINY_PRESETS["flash"])
     w = random_weights(cfg, seed=4)
-    model = ReferenceModel(cfg, w, quant=QuantSim.off())
+    model = V4Model(cfg, w, quant=QuantSim.off())
     block = model.mtp_blocks[0]
     assert block.kind is LayerType.SWA and torch.equal(block.rope.freqs, Rope.for_layer(cfg, LayerType.SWA).freqs)
     ids = torch.randint(0, cfg.vocab_size, (12,), generator=g)
@@ -290,5 +291,5 @@ def test_39_mtp_block_is_swa_with_plain_rope_and_shares_embedding_and_head():
     assert draft.logits.shape == (11, cfg.vocab_size)
     w2 = dict(w)
     w2["head.weight"] = w["head.weight"].flip(0)  # the shared head: flipping its rows flips the MTP logits
-    flipped = ReferenceModel(cfg, w2, quant=QuantSim.off()).mtp_forward(out.streams[:-1], ids[1:])
+    flipped = V4Model(cfg, w2, quant=QuantSim.off()).mtp_forward(out.streams[:-1], ids[1:])
     torch.testing.assert_close(flipped.logits, draft.logits.flip(-1))

@@ -16,8 +16,8 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 from transformers import AutoTokenizer  # noqa: E402
 
 from chat_corpus import official_encoder  # noqa: E402
-from v4_plugin.chat import encode_messages  # noqa: E402
-from v4_plugin.tokenizer import write_tokenizer  # noqa: E402
+from v4_plugin.text.chat import encode_messages  # noqa: E402
+from v4_plugin.text.tokenizer import write_tokenizer  # noqa: E402
 
 EXPECTED_IDS = {
     "<｜begin▁of▁sentence｜>": 0,
@@ -212,7 +212,7 @@ HOSTILE_TOOL = {"type": "function", "function": {"name": "f", "description": "a 
 def _rendered_ids(framework: str, tok, thinking: bool) -> list[int]:
     """Prompt ids of HOSTILE as the framework's chat path renders them with the plugin (vLLM's
     `deepseek_v4` tokenizer mode; SGLang's `v4_plugin` chat encoding adapter)."""
-    from v4_plugin.chat import PREVIEW_PROFILE
+    from v4_plugin.text.chat import PREVIEW_PROFILE
 
     pytest.importorskip(framework)
     if framework == "vllm":
@@ -266,7 +266,7 @@ def test_plain_setting_tokenizes_special_strings_in_client_text_as_text(tok, mon
 
 
 def test_plain_setting_rejects_unknown_values(tok, monkeypatch) -> None:
-    from v4_plugin.chat import encode_request_ids
+    from v4_plugin.text.chat import encode_request_ids
 
     monkeypatch.setenv("V4_PLUGIN_SPECIAL_TOKENS_IN_TEXT", "escape")
     with pytest.raises(ValueError, match="V4_PLUGIN_SPECIAL_TOKENS_IN_TEXT='escape'"):

@@ -21,11 +21,12 @@ import pytest
 import torch
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
-from v4_plugin import hf_dialect
-from v4_plugin.checkpoint import load_checkpoint
-from v4_plugin.config import load_config, parse_config
-from v4_plugin.model import QuantSim, ReferenceModel
-from v4_plugin.tiny import TINY_PRESETS, random_weights
+from v4_plugin.checkpoint import hf_config, hf_tensors
+from v4_plugin.checkpoint.loader import load_checkpoint
+from v4_plugin.checkpoint.config import load_config, parse_config
+from v4_plugin.runtime.model import V4Model
+from v4_plugin.checkpoint.quant import QuantSim
+from v4_plugin.checkpoint.tiny import TINY_PRESETS, random_weights
 
 LENGTH = 300  # > 2 HCA blocks and 75 CSA entries
 
@@ -34,17 +35,17 @@ LENGTH = 300  # > 2 HCA blocks and 75 CSA entries
 def pair(request):
     cfg = parse_config(TINY_PRESETS[request.param] | {"index_topk": LENGTH}, f"tiny-{request.param}")
     weights = random_weights(cfg, seed=11)
-    hf_config = DeepseekV4Config(**hf_dialect.config_to_transformers(cfg.to_dict()))
-    hf_config._attn_implementation = "eager"
-    hf_model = DeepseekV4ForCausalLM(hf_config).eval()
-    hf_model.load_state_dict(hf_dialect.state_dict_to_transformers(weights, cfg.to_dict()), strict=True)
+    transformers_config = DeepseekV4Config(**hf_config.config_to_transformers(cfg.to_dict()))
+    transformers_config._attn_implementation = "eager"
+    hf_model = DeepseekV4ForCausalLM(transformers_config).eval()
+    hf_model.load_state_dict(hf_tensors.state_dict_to_transformers(weights, cfg.to_dict()), strict=True)
     return cfg, weights, hf_model
 
 
 def test_logits_match_transformers(pair):
     cfg, weights, hf_model = pair
     ids = torch.randint(0, cfg.vocab_size, (LENGTH,), generator=torch.Generator().manual_seed(3))
-    ours = ReferenceModel(cfg, weights, quant=QuantSim.off()).forward(ids).logits
+    ours = V4Model(cfg, weights, quant=QuantSim.off()).forward(ids).logits
     with torch.no_grad():
         theirs = hf_model(ids[None], use_cache=False).logits[0].float()
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-5)  # measured: 8e-6 (flash), 1.2e-5 (pro)

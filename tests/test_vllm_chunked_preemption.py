@@ -14,8 +14,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from vllm_backend.testing import (EnvPatch, compare_with_reference, counters, engine_core, make_llm,
-                                  random_prompt, reference_model, sampled_logprobs)
+from vllm_harness import (EnvPatch, compare_with_reference, counters, engine_core, make_llm,
+                          random_prompt, reference_model, sampled_logprobs)
 
 CHUNK = 64
 BLOCKS = 72  # blocks of 256 tokens shared by all cache groups: room for about two running requests
@@ -24,7 +24,7 @@ NEW = 100  # tokens generated per request in the preemption test
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from v4_plugin.tiny import make_tiny
+    from v4_plugin.checkpoint.tiny import make_tiny
 
     model_dir = make_tiny(tmp_path_factory.mktemp("vllm-chunk") / "pro", preset="pro", seed=3)
     with EnvPatch(V4_PLUGIN_QUANT_SIM="off"):

@@ -11,21 +11,22 @@ import torch
 
 pytest.importorskip("vllm")
 
-from vllm_backend.testing import EnvPatch, compare_with_reference, make_llm, random_prompt, sampled_logprobs
+from vllm_harness import EnvPatch, compare_with_reference, make_llm, random_prompt, sampled_logprobs
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from v4_plugin.checkpoint import load_checkpoint
-    from v4_plugin.config import load_config
-    from v4_plugin.model import QuantSim, ReferenceModel
-    from v4_plugin.tiny import make_tiny
+    from v4_plugin.checkpoint.loader import load_checkpoint
+    from v4_plugin.checkpoint.config import load_config
+    from v4_plugin.runtime.model import V4Model
+    from v4_plugin.checkpoint.quant import QuantSim
+    from v4_plugin.checkpoint.tiny import make_tiny
 
     model_dir = make_tiny(tmp_path_factory.mktemp("vllm-fp8") / "flash", preset="flash", seed=5)
     with EnvPatch(V4_PLUGIN_QUANT_SIM="on", V4_PLUGIN_INDEXER_CACHE="fp4"):
         llm = make_llm(model_dir, kv_cache_dtype="fp8", max_model_len=512)
     cfg = load_config(model_dir)
-    ref = ReferenceModel(cfg, load_checkpoint(model_dir, cfg, dtype=torch.float32, include_mtp=False),
+    ref = V4Model(cfg, load_checkpoint(model_dir, cfg, dtype=torch.float32, include_mtp=False),
                          dtype=torch.float32, quant=QuantSim())
     yield llm, ref
     del llm
@@ -33,9 +34,9 @@ def engine(tmp_path_factory):
 
 
 def test_caches_hold_fp8_records_and_fp4_keys(engine):
-    from vllm_backend.testing import engine_core
+    from vllm_harness import engine_core
 
-    from v4_plugin.layout import IndexerCache, indexer_entry_bytes, main_entry_bytes
+    from v4_plugin.cache.layout import IndexerCache, indexer_entry_bytes, main_entry_bytes
 
     llm, ref = engine
     model = engine_core(llm).model_executor.driver_worker.worker.model_runner.model

@@ -14,8 +14,8 @@ pytest.importorskip("vllm")
 
 import re
 
-from vllm_backend.testing import (KV_LOGGER, PLUGIN_LOGGER, EnvPatch, LogCapture, compare_with_reference,
-                                  make_llm, random_prompt, reference_model, sampled_logprobs)
+from vllm_harness import (KV_LOGGER, PLUGIN_LOGGER, EnvPatch, LogCapture, compare_with_reference,
+                          make_llm, random_prompt, reference_model, sampled_logprobs)
 
 LENGTHS = [1, 3, 4, 5, 127, 128, 129, 511, 513]
 NEW_TOKENS = 6
@@ -23,7 +23,7 @@ NEW_TOKENS = 6
 
 @pytest.fixture(scope="module", params=["flash", "pro"])
 def engine(request, tmp_path_factory):
-    from v4_plugin.tiny import make_tiny
+    from v4_plugin.checkpoint.tiny import make_tiny
 
     model_dir = make_tiny(tmp_path_factory.mktemp(f"vllm-gen-{request.param}") / request.param,
                           preset=request.param, seed=1)

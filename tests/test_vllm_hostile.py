@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("vllm")
 requests = pytest.importorskip("requests")
 
-from vllm_backend.testing import VllmServer, vllm_cli  # noqa: E402
+from vllm_harness import VllmServer, vllm_cli  # noqa: E402
 
 MODEL = "tiny-v4"
 MAX_MODEL_LEN = 256
@@ -42,7 +42,7 @@ class Served(NamedTuple):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Served:
     """One `vllm serve` of the tiny 04-24 checkpoint (exact mode, parser flags) for the module."""
-    from v4_plugin.tiny import make_tiny
+    from v4_plugin.checkpoint.tiny import make_tiny
 
     root = tmp_path_factory.mktemp("vllm-hostile")
     model_dir = make_tiny(root / "flash", preset="flash", seed=16)
@@ -195,7 +195,7 @@ def test_startup_log_says_what_happens(server):
 def test_bad_config_fails_before_any_engine_starts(tmp_path):
     """A config.json whose `compress_ratios` does not list one ratio per layer: `vllm serve` exits with the
     plugin's message naming the file and the field, and no engine core was started."""
-    from v4_plugin.tiny import make_tiny
+    from v4_plugin.checkpoint.tiny import make_tiny
 
     model_dir = make_tiny(tmp_path / "bad", preset="flash", seed=16)
     config_path = model_dir / "config.json"

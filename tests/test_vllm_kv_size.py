@@ -1,7 +1,7 @@
 """KV size through vLLM's own KV-cache config code, for the real Flash and Pro configs (no weights):
 our per-layer specs -> vLLM's grouping/packing (`get_kv_cache_configs`) -> bytes per block and the
 capacity vLLM would log. (a) bytes per token within 2 % of the planner (here: exact, no page padding);
-(b) the closed-form planner model of vLLM's capacity (`v4_plugin.capacity.vllm_planned_capacity`) and
+(b) the closed-form planner model of vLLM's capacity (`vllm_backend.capacity.vllm_planned_capacity`) and
 what `v4-plugin kv-plan --framework vllm` prints equal vLLM's within 1 %. The live engines' logged
 capacity is checked in test_vllm_generate.py."""
 
@@ -16,9 +16,9 @@ import torch
 pytest.importorskip("vllm")
 
 from test_layout import kv_plan
-from v4_plugin.capacity import vllm_planned_capacity
-from v4_plugin.config import preset_config
-from v4_plugin.layout import IndexerCache, plan
+from vllm_backend.capacity import vllm_planned_capacity
+from v4_plugin.checkpoint.config import preset_config
+from v4_plugin.cache.layout import IndexerCache, plan
 from vllm_backend.kv_specs import model_kv_specs, vllm_capacity
 
 PLANNER = {  # spec §5.5 / issue 5: bytes per token, FP8 / FP4 indexer keys

@@ -20,7 +20,7 @@ ARCH = "DeepseekV4ForCausalLM"
 
 @pytest.fixture(scope="module")
 def tiny_flash(tmp_path_factory):
-    from v4_plugin.tiny import make_tiny
+    from v4_plugin.checkpoint.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("vllm-reg") / "flash", preset="flash", seed=0)
 
@@ -121,7 +121,7 @@ def test_broken_checkpoint_is_refused_when_vllm_builds_its_config(tiny_flash, tm
     CheckpointError in its config's pydantic ValidationError)."""
     import shutil
 
-    from v4_plugin.checkpoint import INDEX_FILE
+    from v4_plugin.checkpoint.loader import INDEX_FILE
 
     model_dir = shutil.copytree(tiny_flash, tmp_path / "broken")
     index = json.loads((model_dir / INDEX_FILE).read_text())
@@ -147,8 +147,8 @@ def test_model_class_loads_weights_through_core_loader(tiny_flash, tmp_path, dia
     from safetensors.torch import save_file
     from vllm.config import set_current_vllm_config
 
-    from v4_plugin import hf_dialect
-    from v4_plugin.checkpoint import load_checkpoint
+    from v4_plugin.checkpoint import hf_config, hf_tensors
+    from v4_plugin.checkpoint.loader import load_checkpoint
 
     from vllm_backend.model import DeepseekV4ForCausalLM
 
@@ -158,9 +158,9 @@ def test_model_class_loads_weights_through_core_loader(tiny_flash, tmp_path, dia
         model_dir = tmp_path / "hf"
         model_dir.mkdir()
         raw = json.loads((tiny_flash / "config.json").read_text())
-        hf_config = hf_dialect.config_to_transformers(raw)
-        (model_dir / "config.json").write_text(json.dumps(hf_config))
-        save_file({k: v.contiguous() for k, v in hf_dialect.state_dict_to_transformers(official, raw).items()},
+        transformers_config = hf_config.config_to_transformers(raw)
+        (model_dir / "config.json").write_text(json.dumps(transformers_config))
+        save_file({k: v.contiguous() for k, v in hf_tensors.state_dict_to_transformers(official, raw).items()},
                   model_dir / "model.safetensors")
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(tiny_flash / name, model_dir / name)

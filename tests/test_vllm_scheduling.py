@@ -14,13 +14,13 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from vllm_backend.testing import (EnvPatch, compare_with_reference, counters, make_llm, random_prompt,
-                                  reference_model, sampled_logprobs)
+from vllm_harness import (EnvPatch, compare_with_reference, counters, make_llm, random_prompt,
+                          reference_model, sampled_logprobs)
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from v4_plugin.tiny import make_tiny
+    from v4_plugin.checkpoint.tiny import make_tiny
 
     model_dir = make_tiny(tmp_path_factory.mktemp("vllm-sched") / "flash", preset="flash", seed=2)
     with EnvPatch(V4_PLUGIN_QUANT_SIM="off"):

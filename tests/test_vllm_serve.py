@@ -25,7 +25,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from vllm_backend.testing import VllmServer, healthy  # noqa: E402
+from vllm_harness import VllmServer, healthy  # noqa: E402
 
 MAX_MODEL_LEN = 2048
 STARTUP_TIMEOUT = 420
@@ -56,7 +56,7 @@ def _post(url: str, body: dict, timeout: float = 120) -> tuple[int, dict | str]:
 def servers(tmp_path_factory):
     """The tiny 04-24 ("flash") and -0731 checkpoints of one seed, served side by side with the
     parser flags: {"flash": (base URL, model dir, log), "flash-0731": ...}."""
-    from v4_plugin.tiny import make_tiny
+    from v4_plugin.checkpoint.tiny import make_tiny
 
     root = tmp_path_factory.mktemp("vllm-serve")
     running, out = [], {}
@@ -93,11 +93,11 @@ def test_server_runs_our_plugin(server):
 
 def test_chat_completion_uses_checkpoint_chat_encoding(server):
     """vLLM renders V4 chats in its deepseek_v4 tokenizer mode, which the plugin serves with
-    `v4_plugin.chat` (thinking mode by default); in chat mode the prompt is exactly the checkpoint's
+    `v4_plugin.text.chat` (thinking mode by default); in chat mode the prompt is exactly the checkpoint's
     encoding."""
     from tokenizers import Tokenizer
 
-    from v4_plugin.chat import encode_messages
+    from v4_plugin.text.chat import encode_messages
 
     base, model_dir, _ = server
     chat_mode = {"thinking": False}
@@ -236,7 +236,7 @@ def test_unknown_effort_is_a_400_listing_the_allowed_ones(servers, preset, allow
 def test_refresh_checkpoint_serves_the_04_24_tokens_and_the_reference(servers):
     """Same seed, same main weights: greedy tokens of the -0731 server == the 04-24 server == the
     reference model (the DSpark drafter is not used without speculative decoding)."""
-    from vllm_backend.testing import compare_with_reference, random_prompt, reference_model
+    from vllm_harness import compare_with_reference, random_prompt, reference_model
 
     prompts = [random_prompt(n, seed) for n, seed in ((7, 1), (40, 2), (150, 3))]
     served = {}

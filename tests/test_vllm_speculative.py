@@ -20,9 +20,9 @@ pytest.importorskip("vllm")
 
 from recording import recording
 
-from v4_plugin.drafting import DSparkDrafter, MTPDrafter, speculative_generate
-from vllm_backend.testing import (EnvPatch, ReplayProposer, counters, engine_core, make_llm, random_prompt,
-                                  reference_model)
+from v4_plugin.runtime.drafting import DSparkDrafter, MTPDrafter, speculative_generate
+from vllm_harness import (EnvPatch, ReplayProposer, counters, engine_core, make_llm, random_prompt,
+                          reference_model)
 
 LENGTHS = [1, 3, 4, 5, 126, 127, 128, 129]  # drafts cross the 4- and 128-token edges
 NEW_TOKENS = 12
@@ -30,7 +30,7 @@ NEW_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    from v4_plugin.tiny import make_tiny
+    from v4_plugin.checkpoint.tiny import make_tiny
 
     root = tmp_path_factory.mktemp("vllm-spec")
     return {preset: make_tiny(root / preset, preset=preset, seed=1) for preset in ("flash", "flash-0731")}
@@ -138,7 +138,7 @@ def test_full_acceptance_emits_k_plus_one_tokens_per_step(checkpoints, reference
     greedy = [reference.generate(p, NEW_TOKENS + k + 1) for p in prompts]
     ReplayProposer.continuations = {tuple(p): g for p, g in zip(prompts, greedy)}
     llm = _engine(checkpoints["flash"], {"method": "custom_class", "num_speculative_tokens": k,
-                                            "model": "vllm_backend.testing.ReplayProposer"})
+                                            "model": "vllm_harness.ReplayProposer"})
     try:
         assert _greedy(llm, prompts) == [g[:NEW_TOKENS] for g in greedy]
         c = counters(llm)

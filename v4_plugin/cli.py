@@ -1,9 +1,9 @@
-"""`v4-plugin` command line: KV planning, tiny checkpoints and reference generation.
+"""`v4-plugin` command line: KV planning, tiny checkpoints and greedy generation with the core model.
 
     v4-plugin kv-plan --model {flash,pro,flash-0731,pro-0813,v3.2,PATH} [--indexer-cache fp8|fp4] [--context N]
                       [--gpu-memory GIB] [--json]
     v4-plugin kv-plan --framework vllm --model {flash,...,PATH} --kv-cache-memory BYTES --max-num-batched-tokens N
-                      [--max-model-len N] [--kv-cache-dtype auto|fp8|fp8_e4m3|fp8_ds_mla] [--indexer-cache fp8|fp4]
+                      [--max-model-len N] [--kv-cache-dtype auto|fp8|fp8_e4m3|fp8_ds_mla|...] [--indexer-cache fp8|fp4]
                       [--dtype auto|bfloat16|float16|float32] [--device gpu|cpu] [--[no-]async-scheduling]
                       [--block-size N] [--json]
     v4-plugin kv-plan --framework sglang --model {flash,...,PATH} --kv-cache-memory BYTES [--page-size N]
@@ -24,12 +24,17 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from . import __version__
-from .capacity import (BLOCK, VLLM_CACHE_DTYPES, VLLM_FP8_CACHE_DTYPES, sglang_planned_capacity,
-                       vllm_planned_capacity)
-from .config import PRESETS, ConfigError, V4Config, load_config, preset_config
-from .drafting import Method, draft_layer_types, plan_speculation
-from .layout import IndexerCache, KVPlan, checkpoint_bytes, main_entry_bytes, plan, plan_v32
+from tokenizers import Tokenizer
+
+import sglang_backend.capacity as sglang_capacity
+import vllm_backend.capacity as vllm_capacity
+from v4_plugin import __version__
+from v4_plugin.cache.layout import IndexerCache, KVPlan, checkpoint_bytes, plan, plan_v32
+from v4_plugin.checkpoint.config import PRESETS, ConfigError, V4Config, load_config, preset_config
+from v4_plugin.checkpoint.tiny import make_tiny
+from v4_plugin.runtime.model import V4Model
+from v4_plugin.serving.settings import KV_CACHE_DTYPES
+from v4_plugin.text.chat import BOS, encode_messages
 
 GIB = 1 << 30
 _SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -113,132 +118,13 @@ def _print_rows(rows: list[tuple[str, str]]) -> None:
 
 
 # ---- kv-plan --framework: the capacity a serving framework logs for a cache budget --------------------
-# Each framework mode reads the parsed flags and returns (JSON fields, rows of the table, the log line the
-# framework prints at startup). A new framework adds its flags in `build_parser` and one entry here.
+# Each framework's planner lives in its adapter (`vllm_backend.capacity`, `sglang_backend.capacity`, both
+# importable without the framework): it reads the parsed flags and returns (JSON fields, rows of the
+# table, the log line the framework prints at startup). A new framework adds its flags in `build_parser`
+# and one entry here.
 FrameworkPlan = Callable[[argparse.Namespace, V4Config, str], tuple[dict, list[tuple[str, str]], str]]
-
-_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-
-
-def _vllm_plan(args: argparse.Namespace, cfg: V4Config, name: str) -> tuple[dict, list[tuple[str, str]], str]:
-    """vLLM's startup capacity for our KV specs (`v4_plugin.capacity.vllm_planned_capacity`)."""
-    if args.max_num_batched_tokens is None:
-        raise ValueError("--framework vllm needs --max-num-batched-tokens (vLLM's default depends on the device: "
-                         "`vllm serve` uses 8192 on H100/H200, 16384 on GPUs of 160 GB or more, 2048 on CPU)")
-    fp8 = args.kv_cache_dtype in VLLM_FP8_CACHE_DTYPES
-    if args.indexer_cache is not None and not fp8:
-        raise ValueError(f"--indexer-cache applies to FP8 KV caches (--kv-cache-dtype "
-                         f"{'|'.join(VLLM_FP8_CACHE_DTYPES)}); with {args.kv_cache_dtype!r} the indexer keys are "
-                         "stored in the model dtype")
-    indexer = IndexerCache(args.indexer_cache or "fp8") if fp8 else None
-    dtype = "bfloat16" if args.dtype == "auto" else args.dtype  # every V4 checkpoint's torch_dtype
-    max_model_len = args.max_model_len or cfg.max_position_embeddings
-    for flag, value in (("--kv-cache-memory", args.kv_cache_memory), ("--max-model-len", max_model_len),
-                        ("--max-num-batched-tokens", args.max_num_batched_tokens)):
-        if value <= 0:
-            raise ValueError(f"{flag} must be positive, got {value}")
-    async_scheduling = args.device == "gpu" if args.async_scheduling is None else args.async_scheduling
-    in_flight = 2 if async_scheduling else 1  # VllmConfig.max_concurrent_batches without pipeline parallelism
-    draft_layers, drafting = _vllm_drafting(args.speculative_config, cfg)
-    cap = vllm_planned_capacity(cfg, args.kv_cache_memory, max_model_len=max_model_len,
-                                max_num_batched_tokens=args.max_num_batched_tokens, fp8=fp8, indexer=indexer,
-                                dtype_bytes=_DTYPE_BYTES[dtype], in_flight_batches=in_flight, draft_layers=draft_layers)
-    line = (f"{args.device.upper()} KV cache size: {cap.tokens:,} tokens, Maximum concurrency for "
-            f"{max_model_len:,} tokens per request: {cap.max_concurrency:.2f}x")
-    block_note = "fixed by the plugin"
-    if args.block_size is not None and args.block_size != BLOCK:
-        block_note += f"; --block-size {args.block_size} is overridden, as the plugin logs"
-    fields = {
-        "framework": "vllm", "model": name, "kv_cache_memory_bytes": args.kv_cache_memory, "block_size": BLOCK,
-        "kv_cache_dtype": args.kv_cache_dtype, "indexer_cache": indexer.value if indexer else "float",
-        "dtype": dtype, "max_model_len": max_model_len, "max_num_batched_tokens": args.max_num_batched_tokens,
-        "async_scheduling": async_scheduling, "draft_layers": draft_layers, "bytes_per_block": cap.slab_bytes,
-        "bytes_per_token": cap.bytes_per_token, "num_blocks": cap.num_blocks,
-        "blocks_per_request": cap.blocks_per_request, "kv_cache_size_tokens": cap.tokens,
-        "max_concurrency": cap.max_concurrency, "log_line": line,
-    }
-    entries = (f"{main_entry_bytes(cfg)}-B FP8 records, {indexer.value} indexer keys" if fp8
-               else f"{dtype} entries and indexer keys")
-    rows = [
-        ("model", name),
-        ("framework", "vLLM 0.32 / 0.33 with deepseek-v4-plugin's KV specs"),
-        ("KV cache memory", f"{args.kv_cache_memory:,} B ({args.kv_cache_memory / GIB:,.2f} GiB)"),
-        ("block size", f"{BLOCK} tokens ({block_note})"),
-        ("KV cache dtype", f"{args.kv_cache_dtype} ({entries})"),
-        ("speculative decoding", drafting),
-        ("bytes per block", f"{cap.slab_bytes:,} B = {cap.bytes_per_token:,.4f} B per token"),
-        ("blocks", f"{cap.num_blocks:,}"),
-        ("blocks per request", f"{cap.blocks_per_request:,} (compressed caches of {max_model_len:,} tokens + "
-                               f"window/state reserve for {in_flight} x {args.max_num_batched_tokens:,} tokens "
-                               "in flight)"),
-    ]
-    return fields, rows, line
-
-
-def _vllm_drafting(spec: dict | None, cfg: V4Config) -> tuple[int, str]:
-    """--speculative-config -> (drafter blocks whose window caches vLLM allocates, a description)."""
-    if spec is None:
-        return 0, "off"
-    if not isinstance(spec, dict) or "method" not in spec:
-        raise ValueError(f"--speculative-config must be a JSON object with a 'method', got {spec!r}")
-    plan = plan_speculation(cfg, str(spec["method"]), spec.get("num_speculative_tokens"))
-    n = cfg.num_nextn_predict_layers if plan.method is Method.MTP else cfg.dspark.num_stages
-    what = "MTP block" if plan.method is Method.MTP else "DSpark stage"
-    return n, (f"{plan.method.value}, {plan.num_speculative_tokens} drafts per step (+{n} window cache{'s' * (n > 1)}, "
-               f"one per {what})")
-
-
-SGLANG_PAGE_SIZE = 128  # the plugin's default --page-size (any multiple of 128 works)
-SGLANG_SWA_RATIO = 0.8  # SGLang's fallback --swa-full-tokens-ratio
-
-
-def _sglang_plan(args: argparse.Namespace, cfg: V4Config, name: str) -> tuple[dict, list[tuple[str, str]], str]:
-    """SGLang's pool sizes for our hybrid-SWA pools (`v4_plugin.capacity.sglang_planned_capacity`)."""
-    fp8 = args.kv_cache_dtype in VLLM_FP8_CACHE_DTYPES
-    if args.indexer_cache is not None and not fp8:
-        raise ValueError(f"--indexer-cache applies to FP8 KV caches (--kv-cache-dtype {'|'.join(VLLM_FP8_CACHE_DTYPES)})")
-    if args.swa_tokens is not None and args.swa_full_tokens_ratio is not None:
-        raise ValueError("give --swa-full-tokens-ratio or --swa-tokens, not both")
-    page = args.page_size or SGLANG_PAGE_SIZE
-    indexer = IndexerCache(args.indexer_cache or "fp8") if fp8 else None
-    dtype = "bfloat16" if args.dtype == "auto" else args.dtype
-    ratio = None if args.swa_tokens is not None else (args.swa_full_tokens_ratio or SGLANG_SWA_RATIO)
-    draft_layers = 0
-    if args.speculative_algorithm is not None:
-        plan_speculation(cfg, args.speculative_algorithm)  # the checkpoint carries this drafter
-        draft_layers = len(draft_layer_types(cfg))  # the drafter's windows on each SWA slot
-    cap = sglang_planned_capacity(cfg, args.kv_cache_memory, page_size=page, swa_full_tokens_ratio=ratio,
-                                  swa_tokens=args.swa_tokens, max_full_tokens=args.max_total_tokens, fp8=fp8,
-                                  indexer=indexer, dtype_bytes=_DTYPE_BYTES[dtype], draft_layers=draft_layers)
-    line = f"max_total_num_tokens={cap.full_tokens}, SWA pool {cap.swa_tokens} tokens"
-    mode = f"--swa-tokens {args.swa_tokens}" if ratio is None else f"--swa-full-tokens-ratio {ratio:g}"
-    fields = {
-        "framework": "sglang", "model": name, "kv_cache_memory_bytes": args.kv_cache_memory, "page_size": page,
-        "kv_cache_dtype": args.kv_cache_dtype, "indexer_cache": indexer.value if indexer else "float",
-        "dtype": dtype, "swa_full_tokens_ratio": ratio, "full_bytes_per_token": cap.full_bytes_per_token,
-        "swa_bytes_per_token": cap.swa_bytes_per_token, "max_total_num_tokens": cap.full_tokens,
-        "swa_tokens": cap.swa_tokens, "draft_layers": draft_layers, "log_line": line,
-    }
-    rows = [
-        ("model", name),
-        ("framework", "SGLang 0.5.23 with deepseek-v4-plugin's hybrid-SWA pools"),
-        ("KV cache memory", f"{args.kv_cache_memory:,} B ({args.kv_cache_memory / GIB:,.2f} GiB)"),
-        ("page size", f"{page} tokens"),
-        ("SWA sizing", mode),
-        ("full slot", f"{cap.full_bytes_per_token:,.4f} B (compressed entries + indexer keys)"),
-        ("SWA slot", f"{cap.swa_bytes_per_token:,} B (window entries + compressor rows"
-                     f"{_drafter_windows(cfg, draft_layers)})"),
-    ]
-    return fields, rows, line
-
-
-def _drafter_windows(cfg: V4Config, n: int) -> str:
-    if not n:
-        return ""
-    return " + the MTP draft window" if cfg.dspark is None else f" + {n} DSpark stage windows"
-
-
-FRAMEWORKS: dict[str, FrameworkPlan] = {"vllm": _vllm_plan, "sglang": _sglang_plan}
+FRAMEWORKS: dict[str, FrameworkPlan] = {"vllm": vllm_capacity.kv_plan, "sglang": sglang_capacity.kv_plan}
+MODEL_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def _framework_plan(args: argparse.Namespace) -> int:
@@ -283,27 +169,20 @@ def _kv_plan(args: argparse.Namespace) -> int:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from .tiny import make_tiny
-
     out = make_tiny(Path(args.out), preset=args.preset, seed=args.seed)
     print(f"wrote tiny DeepSeek-V4 ({args.preset}, seed {args.seed}) checkpoint to {out}")
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from tokenizers import Tokenizer
-
-    from .chat import BOS, encode_messages
-    from .model import ReferenceModel
-
     model_dir = Path(args.model)
     cfg = load_config(model_dir)
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     text = BOS + args.prompt if args.raw else encode_messages([{"role": "user", "content": args.prompt}])
     prompt_ids = tokenizer.encode(text, add_special_tokens=False).ids
-    model = ReferenceModel.from_checkpoint(model_dir)
+    model = V4Model.from_checkpoint(model_dir)
     new_ids = model.generate(prompt_ids, args.max_tokens, stop_ids=(cfg.eos_token_id,))
-    print(f"reference model: {len(prompt_ids)} prompt tokens -> {len(new_ids)} new tokens {new_ids}", file=sys.stderr)
+    print(f"V4Model: {len(prompt_ids)} prompt tokens -> {len(new_ids)} new tokens {new_ids}", file=sys.stderr)
     print(tokenizer.decode(new_ids, skip_special_tokens=False))
     return 0
 
@@ -328,8 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="KV cache budget per replica: bytes, 80G (GiB, as vLLM's --kv-cache-memory-bytes "
                               "reads it), 80GiB or 80GB")
     serving.add_argument("--max-model-len", type=parse_tokens, help="default: the config's max_position_embeddings")
-    serving.add_argument("--kv-cache-dtype", choices=list(VLLM_CACHE_DTYPES), default="auto")
-    serving.add_argument("--dtype", choices=["auto", *_DTYPE_BYTES], default="auto",
+    serving.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default="auto",
+                         help="auto (entries in the model dtype) or an FP8 name (584-byte records); the spellings "
+                              "both adapters accept")
+    serving.add_argument("--dtype", choices=["auto", *MODEL_DTYPES], default="auto",
                          help="model dtype; auto = bfloat16 (entries of --kv-cache-dtype auto)")
     serving.add_argument("--block-size", type=int, help="accepted and ignored: the plugin fixes 256-token blocks")
     vllm = kv.add_argument_group("vLLM (--framework vllm)")
@@ -343,9 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="vLLM's flag, e.g. '{\"method\": \"mtp\", \"num_speculative_tokens\": 3}': the "
                            "drafter's window caches (MTP block or DSpark stages) are charged too")
     sglang = kv.add_argument_group("SGLang (--framework sglang)")
-    sglang.add_argument("--page-size", type=int, help=f"tokens per page, a multiple of 128 (default {SGLANG_PAGE_SIZE})")
+    sglang.add_argument("--page-size", type=int,
+                        help=f"tokens per page, a multiple of 128 (default {sglang_capacity.PAGE_SIZE})")
     sglang.add_argument("--swa-full-tokens-ratio", type=float,
-                        help=f"SWA pool tokens per full-pool token (SGLang's flag; default {SGLANG_SWA_RATIO})")
+                        help="SWA pool tokens per full-pool token (SGLang's flag; default "
+                             f"{sglang_capacity.SWA_RATIO})")
     sglang.add_argument("--swa-tokens", type=parse_tokens, help="a fixed SWA pool instead of the ratio")
     sglang.add_argument("--max-total-tokens", type=parse_tokens, help="SGLang's cap on the full pool")
     sglang.add_argument("--speculative-algorithm", metavar="NAME",
@@ -358,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_make_tiny)
 
-    gen = sub.add_parser("generate", help="greedy generation with the reference model")
+    gen = sub.add_parser("generate", help="greedy generation with the core model (V4Model, torch)")
     gen.add_argument("--model", required=True, help="checkpoint directory")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-tokens", type=int, default=32)

@@ -1,7 +1,7 @@
 """The attention backend our cache layers return: it carries specs and metadata, no compute.
 
 As upstream does for DeepSeek-V4, the compute runs in the model layer (here: the core's
-`forward_paged`); the backend only tells vLLM the supported layouts/block sizes and turns vLLM's
+`streams_paged`); the backend only tells vLLM the supported layouts/block sizes and turns vLLM's
 per-group `CommonAttentionMetadata` into the block table and batch shape the core needs. Cache
 layers return it from `get_attn_backend()`, so vLLM's selector (which on CPU refuses sparse MLA) is
 never consulted.

@@ -1,4 +1,4 @@
-"""vLLM's chat path for DeepSeek-V4: prompts rendered by `v4_plugin.chat` with the checkpoint's
+"""vLLM's chat path for DeepSeek-V4: prompts rendered by `v4_plugin.text.chat` with the checkpoint's
 reasoning-effort profile.
 
 vLLM picks `--tokenizer-mode deepseek_v4` for the `DeepseekV4ForCausalLM` architecture (also when
@@ -6,8 +6,8 @@ the user passes it) and renders chats with its copy of DeepSeek's refreshed enco
 mapping is the -0731 / -0813 one: a 04-24 checkpoint would get the "Absolute maximum" preamble for
 the default effort, one tier too strong. :func:`install_chat_encoding` points that tokenizer mode at
 :class:`DeepseekV4PluginTokenizer`: the checkpoint's Hugging Face tokenizer whose
-`apply_chat_template` is :func:`v4_plugin.chat.encode_request` with the profile of the checkpoint
-(:func:`v4_plugin.chat.detect_profile`; override with `V4_PLUGIN_EFFORT_PROFILE`). Real checkpoints
+`apply_chat_template` is :func:`v4_plugin.text.chat.encode_request` with the profile of the checkpoint
+(:func:`v4_plugin.text.chat.detect_profile`; override with `V4_PLUGIN_EFFORT_PROFILE`). Real checkpoints
 ship no Jinja template, so this is also what supplies one. vLLM's `DeepseekV4Renderer` (FIM
 completions included) stays in place: it calls the tokenizer's `apply_chat_template`.
 
@@ -25,8 +25,8 @@ import os
 from functools import cache
 from typing import Any
 
-from v4_plugin.chat import EffortProfile, detect_profile, encode_request, encode_request_ids
-from v4_plugin.tools import check_tool_schemas
+from v4_plugin.text.chat import EffortProfile, detect_profile, encode_request, encode_request_ids
+from v4_plugin.text.tools import check_tool_schemas
 
 TOKENIZER_MODE = "deepseek_v4"
 """The vLLM tokenizer mode (and renderer) vLLM uses for DeepSeek-V4 checkpoints."""
@@ -67,7 +67,7 @@ def _with_request_effort(build_chat_params):
 
 def with_v4_chat_encoding(tokenizer: Any, profile: EffortProfile) -> Any:
     """A copy of a Hugging Face `tokenizer` whose `apply_chat_template` renders with
-    :func:`v4_plugin.chat.encode_request` and `profile` (any Jinja template it carries is unused)."""
+    :func:`v4_plugin.text.chat.encode_request` and `profile` (any Jinja template it carries is unused)."""
     wrapped = copy.copy(tokenizer)
 
     class _V4PluginChatTokenizer(tokenizer.__class__):  # type: ignore[misc, name-defined]

@@ -8,15 +8,17 @@ proposer hook (`plugin.check_speculation` rewrites the config when vLLM builds i
 * the target model (`model.DeepseekV4ForCausalLM`) captures the streams of `dspark_target_layer_ids`
   in every step and writes each DSpark stage's context KV for every scheduled row into that stage's
   window cache, one more vLLM cache layer per stage, allocated and charged by vLLM's block manager
-  (`v4_plugin.paged.dspark_context_paged`); rejected rows are overwritten like the main windows;
+  (`v4_plugin.runtime.paged.dspark_context_paged`); rejected rows are overwritten like the main windows;
 * `DSparkProposer` then drafts one block per request after its newest token
-  (`v4_plugin.paged.dspark_draft_paged`); vLLM verifies the drafts and counts acceptance as for any
+  (`v4_plugin.runtime.paged.dspark_draft_paged`); vLLM verifies the drafts and counts acceptance as for any
   drafter.
 """
 
 from __future__ import annotations
 
 from vllm.config import VllmConfig
+
+from v4_plugin.runtime.paged import dspark_draft_paged
 
 PROPOSER = "vllm_backend.dspark.DSparkProposer"  # `speculative_config.model` of the rewritten config
 
@@ -43,8 +45,6 @@ class DSparkProposer:
         """Per request of the step (batch order): k drafts after its newest token, or none while its
         prompt is still being prefilled (no token sampled). `num_tokens_no_spec[i]` counts the request's
         tokens, the newest included, so that token sits at position `num_tokens_no_spec[i] - 1`."""
-        from v4_plugin.paged import dspark_draft_paged
-
         wanted = [i for i, sampled in enumerate(sampled_token_ids) if sampled]
         drafts: list[list[int]] = [[] for _ in sampled_token_ids]
         if not wanted:

@@ -12,8 +12,8 @@ apply unchanged (no core patches, no spec registration):
 | index_state  (CSA)            | SlidingWindowMLASpec     | 4              | 4             | last 8          |
 | index_keys   (CSA)            | MLAAttentionSpec, r=4    | 256            | 64            | whole context   |
 
-Entry widths and element types come from the core (`v4_plugin.paged.cache_entry`, which takes every
-byte count from `v4_plugin.layout`). Pages are not padded (`alignment=None`): our kernels need no
+Entry widths and element types come from the core (`v4_plugin.cache.formats.cache_entry`, which takes every
+byte count from `v4_plugin.cache.layout`). Pages are not padded (`alignment=None`): our kernels need no
 TMA-friendly strides, so a block of 256 tokens costs exactly the planner's bytes per token.
 A block id always covers 256 logical tokens; a ratio-r cache stores 256/r entries per block
 (`tokens_per_state=r`), so the scheduler never sees compression.
@@ -21,51 +21,40 @@ A block id always covers 256 logical tokens; a ratio-r cache stores 256/r entrie
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from v4_plugin.capacity import BLOCK as BLOCK_SIZE
-from v4_plugin.capacity import STATE_BLOCK, VLLM_CACHE_DTYPES, VLLM_FP8_CACHE_DTYPES, WINDOW_BLOCK, VllmCapacity
-from v4_plugin.config import LayerType, V4Config
-from v4_plugin.layout import IndexerCache
+from v4_plugin.cache.formats import CacheFormat, cache_entry
+from v4_plugin.cache.layout import IndexerCache
+from v4_plugin.checkpoint.config import LayerType, V4Config
+from v4_plugin.serving.settings import Settings, cache_format
+
+from .capacity import BLOCK as BLOCK_SIZE
+from .capacity import STATE_BLOCK, WINDOW_BLOCK, VllmCapacity
 
 CACHE_NAMES = ("window", "state", "compressed", "index_state", "index_keys")
-INDEXER_ENV = "V4_PLUGIN_INDEXER_CACHE"  # fp8 (default) | fp4, for FP8 KV caches
 
 
-def validate_cache_dtype(cache_dtype: str) -> None:
-    if cache_dtype not in VLLM_CACHE_DTYPES and cache_dtype not in ("bfloat16", "float16", "float32"):
-        raise ValueError(
-            f"deepseek-v4-plugin: --kv-cache-dtype {cache_dtype!r} is not supported; use 'auto' (entries in the "
-            f"model dtype, exact) or one of {', '.join(VLLM_FP8_CACHE_DTYPES)} (584-byte FP8 records)"
-        )
-
-
-def indexer_cache_choice(vllm_config=None) -> IndexerCache:
-    """FP8 (132-B) or FP4 (68-B) indexer keys: `--attention-config '{"use_fp4_indexer_cache": true}'`
-    (vLLM's own flag) or V4_PLUGIN_INDEXER_CACHE=fp4|fp8 (the env var wins)."""
-    env = os.environ.get(INDEXER_ENV, "").strip().lower()
-    if env:
-        try:
-            return IndexerCache(env)
-        except ValueError:
-            raise ValueError(f"{INDEXER_ENV}={env!r}: choose 'fp8' or 'fp4'") from None
+def indexer_cache_choice(vllm_config=None, settings: Settings | None = None) -> IndexerCache:
+    """FP8 (132-B) or FP4 (68-B) indexer keys of an FP8 cache: V4_PLUGIN_INDEXER_CACHE=fp4|fp8 when set
+    (`settings`, default `Settings.from_env()`), else vLLM's own flag
+    `--attention-config '{"use_fp4_indexer_cache": true}'`, else FP8."""
+    settings = Settings.from_env() if settings is None else settings
+    if settings.indexer_cache is not None:
+        return settings.indexer_cache
     attn = getattr(vllm_config, "attention_config", None) if vllm_config is not None else None
     if attn is not None and getattr(attn, "use_fp4_indexer_cache", False):
         return IndexerCache.FP4
     return IndexerCache.FP8
 
 
-def cache_format(cache_dtype: str, indexer: IndexerCache = IndexerCache.FP8):
-    """vLLM's --kv-cache-dtype -> the core's `CacheFormat`."""
-    from v4_plugin.paged import CacheFormat, KVStorage
-
-    validate_cache_dtype(cache_dtype)
-    if cache_dtype in VLLM_FP8_CACHE_DTYPES:
-        return CacheFormat(KVStorage.FP8, indexer)
-    return CacheFormat(KVStorage.FLOAT, None)
+def serving_format(vllm_config, settings: Settings | None = None) -> CacheFormat:
+    """The cache format vLLM serves with: `--kv-cache-dtype` (`v4_plugin.serving.settings.cache_format`)
+    with the indexer keys of `indexer_cache_choice`."""
+    settings = Settings.from_env() if settings is None else settings
+    return cache_format(vllm_config.cache_config.cache_dtype,
+                        replace(settings, indexer_cache=indexer_cache_choice(vllm_config, settings)))
 
 
 @dataclass(frozen=True)
@@ -80,10 +69,8 @@ class CacheDecl:
     window: int | None  # tokens kept behind the current position (sliding-window caches)
 
 
-def layer_caches(cfg: V4Config, kind: LayerType, fmt, dtype: torch.dtype) -> list[CacheDecl]:
+def layer_caches(cfg: V4Config, kind: LayerType, fmt: CacheFormat, dtype: torch.dtype) -> list[CacheDecl]:
     """The caches of one layer type, in `CACHE_NAMES` order."""
-    from v4_plugin.paged import cache_entry
-
     entry = cache_entry(cfg, kind, fmt, dtype)
     c = 2 if kind is LayerType.CSA else 1
     out = []
@@ -121,7 +108,7 @@ def model_kv_specs(cfg: V4Config, cache_dtype: str = "auto", dtype: torch.dtype 
                    indexer: IndexerCache = IndexerCache.FP8, draft_layers: int = 0) -> dict:
     """layer name -> spec for every cache of the main layers and of `draft_layers` drafter blocks (the
     MTP block or the DSpark stages: one window cache each), as the models' cache layers report them."""
-    fmt = cache_format(cache_dtype, indexer)
+    fmt = cache_format(cache_dtype, Settings(indexer_cache=indexer))  # `indexer` given: no switch applies
     specs = {}
     for i in range(cfg.num_hidden_layers + draft_layers):
         for decl in layer_caches(cfg, cfg.layer_type(i), fmt, dtype):

@@ -3,7 +3,7 @@
 The adapter only: parameters (official names, loaded by the core's loader), one cache layer per
 paged cache (specs from `kv_specs`), and each step's vLLM metadata turned into the core's
 `BatchPlan` + `LayerCaches` views over the tensors vLLM allocated. The math is
-`v4_plugin.paged.forward_paged` over `v4_plugin.model.ReferenceModel`'s blocks.
+`v4_plugin.runtime.paged.streams_paged` over `v4_plugin.runtime.model.V4Model`'s blocks.
 
 `forward` returns the last layer's pre-hc_head streams of every scheduled token, flat [T, hc * D]
 (vLLM's hidden states); `compute_logits` runs the head on the rows vLLM samples. With MTP drafting
@@ -12,9 +12,7 @@ the same streams feed the draft model (`mtp.py`), which runs the MTP block of th
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -24,41 +22,24 @@ from vllm.logger import init_logger
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.v1.kv_cache_interface import KVCacheSpec
 
-from v4_plugin import __version__, dispatch
-from v4_plugin.config import LayerType, V4Config, load_config
-from v4_plugin.model import QuantSim, ReferenceModel
-from v4_plugin.drafting import DSparkHead, dspark_features
-from v4_plugin.paged import BatchPlan, CacheFormat, LayerCaches, PagedCache, dspark_context_paged, streams_paged
+from v4_plugin import __version__
+from v4_plugin.cache.formats import CacheFormat
+from v4_plugin.checkpoint.config import LayerType, V4Config, load_config
+from v4_plugin.checkpoint.loader import load_checkpoint
+from v4_plugin.runtime import dispatch
+from v4_plugin.runtime.drafting import DSparkHead, Method, dspark_features
+from v4_plugin.runtime.model import V4Model
+from v4_plugin.runtime.paged import BatchPlan, LayerCaches, PagedCache, dspark_context_paged, streams_paged
+from v4_plugin.runtime.warmup import warm_up
+from v4_plugin.serving.settings import Settings, quant_sim, register_tensors, resolve_model_dir
 
 from .backend import BACKEND_NAME, V4PagedBackend
+from .capacity import method_of
 from .dspark import drafts_with_dspark
-from .kv_specs import CacheDecl, attn_prefix, cache_format, indexer_cache_choice, layer_caches, make_spec
+from .kv_specs import CacheDecl, attn_prefix, layer_caches, make_spec, serving_format
 from .plugin import check_parallelism
 
 logger = init_logger("vllm.deepseek_v4_plugin")
-
-QUANT_SIM_ENV = "V4_PLUGIN_QUANT_SIM"  # on (default) | off
-
-
-def quant_sim_from_env() -> QuantSim:
-    value = os.environ.get(QUANT_SIM_ENV, "on").strip().lower()
-    if value in ("on", "1", "true", "yes", ""):
-        return QuantSim()
-    if value in ("off", "0", "false", "no"):
-        return QuantSim.off()
-    raise ValueError(f"{QUANT_SIM_ENV}={value!r}: choose 'on' or 'off'")
-
-
-def resolve_model_dir(model: str, revision: str | None = None) -> Path:
-    """A local checkpoint directory for vLLM's `--model` (a path, or a hub id already downloaded or
-    downloadable by huggingface_hub: config, tokenizer and safetensors only)."""
-    path = Path(model)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(model, revision=revision,
-                                  allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
 
 
 class V4CacheLayer(nn.Module, AttentionLayerBase):
@@ -87,25 +68,12 @@ class V4CacheLayer(nn.Module, AttentionLayerBase):
         raise NotImplementedError
 
 
-def add_parameter(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    """Register `tensor` under its official checkpoint name (`layers.3.attn.wq_a.weight`, ...), creating
-    the intermediate modules, so that `root.named_parameters()` yields the official names."""
-    module = root
-    *path, leaf = name.split(".")
-    for part in path:
-        child = module._modules.get(part)
-        if child is None:
-            child = nn.Module()
-            module.add_module(part, child)
-        module = child
-    module.register_parameter(leaf, nn.Parameter(tensor, requires_grad=False))
-
-
 class CacheLayers(nn.Module):
     """The cache layers of some V4 blocks (layer ids into the main stack, or past it for MTP blocks), and
     each step's views of them for the core: one `V4CacheLayer` per paged cache of every block."""
 
-    def __init__(self, cfg: V4Config, layer_ids: Iterable[int], fmt, dtype: torch.dtype, cache_dtype: str):
+    def __init__(self, cfg: V4Config, layer_ids: Iterable[int], fmt: CacheFormat, dtype: torch.dtype,
+                 cache_dtype: str):
         super().__init__()
         self.layers = nn.ModuleList()
         self.names: list[dict[str, str]] = []  # per block: cache name -> layer name
@@ -147,18 +115,18 @@ def step_metadata() -> dict | None:
 def drafts_with_mtp(vllm_config: VllmConfig) -> bool:
     """Whether vLLM's speculative config drafts with the MTP block (then the target loads it, once)."""
     spec = vllm_config.speculative_config
-    return spec is not None and spec.method in ("mtp", "deepseek_mtp")
+    return spec is not None and method_of(spec.method) is Method.MTP
 
 
 class CoreHandle(nn.Module):
     """The target's `model.embed_tokens` as vLLM sees it: no parameters of its own, it carries the core.
 
     vLLM's proposer gives every MTP draft model the target's `model.embed_tokens`
-    (`_maybe_share_embeddings`); our draft model runs its MTP block from the `ReferenceModel` this
+    (`_maybe_share_embeddings`); our draft model runs its MTP block from the `V4Model` this
     handle carries, so the embedding, head and MTP weights are loaded once, by the target.
     """
 
-    def __init__(self, core: ReferenceModel):
+    def __init__(self, core: V4Model):
         super().__init__()
         self.core = core
 
@@ -184,8 +152,9 @@ class DeepseekV4ForCausalLM(nn.Module):
         self.device_type = vllm_config.device_config.device_type
         self.device = torch.device(self.device_type)  # where the weights go (the core computes there)
         cache_dtype = vllm_config.cache_config.cache_dtype
-        self.fmt = cache_format(cache_dtype, indexer_cache_choice(vllm_config))
-        self.quant = quant_sim_from_env()
+        self.settings = Settings.from_env()
+        self.fmt = serving_format(vllm_config, self.settings)
+        self.quant = quant_sim(self.fmt, self.settings)
         self.vocab_size = self.cfg.vocab_size
 
         n = self.cfg.num_hidden_layers
@@ -209,7 +178,7 @@ class DeepseekV4ForCausalLM(nn.Module):
             "dtype %s, quantization simulation %s",
             self.cfg.num_hidden_layers, self.cfg.count(LayerType.SWA), self.cfg.count(LayerType.CSA),
             self.cfg.count(LayerType.HCA), self.fmt.kv.value, indexer, self.dtype,
-            "on" if self.quant != QuantSim.off() else "off",
+            "on" if self.settings.simulate_quantization else "off",
         )
 
     # ---- weights -----------------------------------------------------------------------------------
@@ -217,16 +186,13 @@ class DeepseekV4ForCausalLM(nn.Module):
         """Load through the core's loader (official FP8/FP4 format, tiny checkpoints, transformers'
         save_pretrained dialect); vLLM's own weight iterator is not consumed (no second read). Where the
         GEMM kernels run (`dispatch.keep_quantized`), FP8/FP4 linears stay in their file format."""
-        from v4_plugin.checkpoint import load_checkpoint
-
         drafting = self.serve_mtp or self.dspark_caches is not None
         tensors = load_checkpoint(self.model_dir, self.cfg, dtype=self.dtype, include_mtp=drafting,
                                   keep_quantized=dispatch.keep_quantized(self.device_type), device=self.device)
-        for name, tensor in tensors.items():
-            add_parameter(self, name, tensor)
+        register_tensors(self, tensors)
         params = dict(self.named_parameters())
-        self.core = ReferenceModel(self.cfg, {n: params[n].data for n in tensors}, dtype=self.dtype, quant=self.quant)
-        dispatch.warmup(self.core, self.fmt)  # compiles the decode shapes' kernels on GPUs (logged); no-op on CPU
+        self.core = V4Model(self.cfg, {n: params[n].data for n in tensors}, dtype=self.dtype, quant=self.quant)
+        warm_up(self.core, self.fmt)  # compiles the decode shapes' kernels on GPUs (logged); no-op on CPU
         self.model.embed_tokens = CoreHandle(self.core)
         if self.dspark_caches is not None:
             self.dspark_head = DSparkHead(self.core)

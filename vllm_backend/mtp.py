@@ -7,7 +7,7 @@ needs the native main model (and raises NotImplementedError on CPU), so the plug
 vLLM's proposer drives it like every MTP draft (spec §10): a first pass over the step's rows with the
 target's hidden states (our flat pre-hc_head streams) and the token one position later, then
 `num_speculative_tokens - 1` one-row passes fed the draft's own streams. The math is
-`v4_plugin.paged.mtp_streams_paged` on the target's core (`CoreHandle`, shared by vLLM as the target's
+`v4_plugin.runtime.paged.mtp_streams_paged` on the target's core (`CoreHandle`, shared by vLLM as the target's
 `model.embed_tokens`); the block's window cache is one more vLLM cache layer, so vLLM's block manager
 allocates and charges it like the main layers' windows. Rows are position-indexed: rejected drafts
 are overwritten by the next pass, no rollback.
@@ -19,11 +19,12 @@ import torch
 from torch import nn
 from vllm.config import VllmConfig
 
-from v4_plugin.config import load_config
-from v4_plugin.paged import mtp_streams_paged
+from v4_plugin.checkpoint.config import load_config
+from v4_plugin.runtime.paged import mtp_streams_paged
+from v4_plugin.serving.settings import resolve_model_dir
 
-from .kv_specs import cache_format, indexer_cache_choice
-from .model import CacheLayers, pad_rows, resolve_model_dir
+from .kv_specs import serving_format
+from .model import CacheLayers, pad_rows
 
 
 class DeepseekV4MTP(nn.Module):
@@ -35,7 +36,7 @@ class DeepseekV4MTP(nn.Module):
         model_config = vllm_config.speculative_config.draft_model_config
         self.cfg = load_config(resolve_model_dir(model_config.model, getattr(model_config, "revision", None)))
         cache_dtype = vllm_config.cache_config.cache_dtype
-        self.fmt = cache_format(cache_dtype, indexer_cache_choice(vllm_config))
+        self.fmt = serving_format(vllm_config)
         n = self.cfg.num_hidden_layers
         self.caches = CacheLayers(self.cfg, range(n, n + self.cfg.num_nextn_predict_layers), self.fmt,
                                   vllm_config.model_config.dtype, cache_dtype)

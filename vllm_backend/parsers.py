@@ -1,5 +1,5 @@
 """vLLM tool-call and reasoning parsers for DeepSeek-V4: thin adapters over
-:class:`v4_plugin.dsml.StreamParser`.
+:class:`v4_plugin.text.dsml.StreamParser`.
 
 Select them with::
 
@@ -16,7 +16,7 @@ tool call is released).
 
 Thinking mode (does the completion start inside ``<think>``?) comes from the
 prompt when vLLM passes it (streaming: the last think token of the prompt), else
-from the chat-template kwargs by :func:`v4_plugin.chat.request_thinking` (``thinking`` /
+from the chat-template kwargs by :func:`v4_plugin.text.chat.request_thinking` (``thinking`` /
 ``enable_thinking``, ``reasoning_effort="none"`` off) with the default of the prompt
 renderer in use (:func:`default_thinking`: on for the ``deepseek_v4`` tokenizer mode,
 which the plugin renders with :mod:`vllm_backend.chat`; off for our Jinja template).
@@ -24,13 +24,13 @@ which the plugin renders with :mod:`vllm_backend.chat`; off for our Jinja templa
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from functools import cache
 from typing import Any
 
-from v4_plugin.chat import ASSISTANT, TEMPLATE_HEADER, THINK_END, THINK_START, request_thinking
-from v4_plugin.dsml import Delta, StreamParser
-from v4_plugin.tools import forced_call_structural_tag, forced_tools
+from v4_plugin.text.chat import ASSISTANT, TEMPLATE_HEADER, THINK_END, THINK_START, request_thinking
+from v4_plugin.text.dsml import Delta, StreamParser
+from v4_plugin.text.tools import forced_call_structural_tag, forced_tools
 
 PARSER_NAME = "deepseek_v4_plugin"
 """The ``--tool-call-parser`` and ``--reasoning-parser`` name."""
@@ -53,7 +53,7 @@ def default_thinking(tokenizer: Any, model_config: Any = None) -> bool:
 
     vLLM's ``deepseek_v4`` tokenizer mode (rendered by :mod:`vllm_backend.chat`, as DeepSeek's
     encoder does) defaults to thinking; our Hugging Face template
-    (:func:`v4_plugin.chat.build_chat_template`, any profile) defaults to chat; anything else: thinking."""
+    (:func:`v4_plugin.text.chat.build_chat_template`, any profile) defaults to chat; anything else: thinking."""
     if getattr(model_config, "tokenizer_mode", None) == "deepseek_v4":
         return True
     return not (getattr(tokenizer, "chat_template", None) or "").startswith(TEMPLATE_HEADER)
@@ -207,7 +207,7 @@ def _classes() -> dict[str, type]:
         when the completion ends (only then is the block known to be valid).
 
         ``tool_choice`` "required" or a named function: vLLM constrains the completion after the
-        reasoning with the structural tag of :func:`v4_plugin.tools.forced_call_structural_tag` (a DSML
+        reasoning with the structural tag of :func:`v4_plugin.text.tools.forced_call_structural_tag` (a DSML
         block calling the tools, or the named one, with arguments valid against each tool's
         ``parameters``, in the official layout), and this parser reads the calls from it."""
 

@@ -1,8 +1,8 @@
 """`vllm.general_plugins` entry point: make vLLM serve DeepSeek-V4 with this project's implementation.
 
 `register()` runs in every vLLM process (API server, engine core, workers, the registry's
-inspection subprocess), so it is cheap, idempotent, and imports no model code: the model class is
-registered by string and loads only where the model is built.
+inspection subprocess), so it is cheap and idempotent, and it imports none of the adapter's model
+classes: they are registered by string and load only where the model is built.
 
 What it does, unless `V4_PLUGIN_DISABLE=1` (then vLLM's native `DeepseekV4ForCausalLM` serves):
 
@@ -21,7 +21,7 @@ What it does, unless `V4_PLUGIN_DISABLE=1` (then vLLM's native `DeepseekV4ForCau
   and mutes that platform's lines that would say otherwise (or name a block size the user never gave);
 * makes vLLM's "Loading weights took N seconds" true for our models (`_time_weight_loading`), and
   answers `/detokenize` ids outside the vocabulary with HTTP 400 (`_check_detokenize_ids`);
-* renders chats with `v4_plugin.chat` and the checkpoint's effort profile: the `deepseek_v4`
+* renders chats with `v4_plugin.text.chat` and the checkpoint's effort profile: the `deepseek_v4`
   tokenizer mode (vLLM's default for the architecture) loads `chat.DeepseekV4PluginTokenizer`.
 
 The tool-call and reasoning parsers (`parsers.py`, name `deepseek_v4_plugin`) are offered even when
@@ -31,10 +31,17 @@ disabled: they are selected by name on the command line.
 from __future__ import annotations
 
 import logging
-import os
+import time
+from pathlib import Path
 
-from v4_plugin.logs import MutedLines
+from v4_plugin.checkpoint.config import load_config
+from v4_plugin.checkpoint.loader import validate_checkpoint
+from v4_plugin.runtime.drafting import Method
+from v4_plugin.serving.logs import MutedLines
+from v4_plugin.serving.settings import Settings, kv_storage, resolve_model_dir
 
+from .capacity import BLOCK as BLOCK_SIZE
+from .capacity import method_of, plan_vllm_speculation
 from .chat import install_chat_encoding
 from .parsers import register_parsers
 
@@ -45,15 +52,14 @@ PLUGIN_ARCH = "DeepseekV4PluginForCausalLM"
 MODEL_CLASS = "vllm_backend.model:DeepseekV4ForCausalLM"
 MTP_ARCH = "DeepSeekV4MTPModel"  # the draft architecture vLLM resolves for method "mtp" on DeepSeek-V4
 MTP_CLASS = "vllm_backend.mtp:DeepseekV4MTP"
-DISABLE_ENV = "V4_PLUGIN_DISABLE"
 TESTED_VLLM = ((0, 32), (0, 33))  # minor versions whose internals this adapter was written against
 
 _state = {"registered": False}
 
 
 def disabled() -> bool:
-    """True when the user handed DeepSeek-V4 back to vLLM's native implementation."""
-    return os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    """True when the user handed DeepSeek-V4 back to vLLM's native implementation (V4_PLUGIN_DISABLE)."""
+    return Settings.from_env().disabled
 
 
 def served_architectures() -> tuple[str, ...]:
@@ -126,24 +132,14 @@ def check_parallelism(parallel_config) -> None:
 def check_speculation(vllm_config) -> None:
     """Validate `--speculative-config` against the checkpoint when vLLM builds its config (before its
     own model-runner checks): MTP on a DSpark checkpoint, DSpark on a 04-24 checkpoint, or more drafts
-    than `dspark_block_size` raise `v4_plugin.drafting.SpeculativeConfigError` naming the fields. A
+    than `dspark_block_size` raise `v4_plugin.runtime.drafting.SpeculativeConfigError` naming the fields. A
     valid DSpark request is rewritten to vLLM's `custom_class` proposer hook (`dspark.py`)."""
-    from v4_plugin.drafting import METHOD_NAMES, Method, plan_speculation
-
     spec = vllm_config.speculative_config
-    if spec is None or spec.method not in METHOD_NAMES:  # ngram, suffix, ...: no V4 drafter involved
+    if spec is None or method_of(spec.method) is None:  # ngram, suffix, ...: no V4 drafter involved
         return
-    from pathlib import Path
-
-    from v4_plugin.config import load_config
-
     model_config = vllm_config.model_config
-    path = Path(model_config.model)
-    if not path.is_dir():
-        from huggingface_hub import hf_hub_download
-
-        path = Path(hf_hub_download(model_config.model, "config.json", revision=model_config.revision))
-    plan = plan_speculation(load_config(path), spec.method, spec.num_speculative_tokens)
+    cfg = load_config(resolve_model_dir(model_config.model, model_config.revision, config_only=True))
+    plan = plan_vllm_speculation(cfg, spec.method, spec.num_speculative_tokens)
     if plan.method is Method.DSPARK:
         from .dspark import PROPOSER
 
@@ -157,20 +153,12 @@ def check_speculation(vllm_config) -> None:
 def validate_checkpoint_of(model_config) -> None:
     """Check the served checkpoint while vLLM builds its model config, in the API process before any
     engine or worker starts: `config.json` and, for a local directory, its index against the shards'
-    headers (`v4_plugin.checkpoint.validate_checkpoint`: errors name the file, field or tensor). A hub
+    headers (`v4_plugin.checkpoint.loader.validate_checkpoint`: errors name the file, field or tensor). A hub
     id's config.json is checked here; its weights are checked when the worker has downloaded them."""
-    from pathlib import Path
-
-    from v4_plugin.checkpoint import validate_checkpoint
-    from v4_plugin.config import load_config
-
-    path = Path(model_config.model)
-    if path.is_dir():
-        validate_checkpoint(path)
+    if Path(model_config.model).is_dir():
+        validate_checkpoint(Path(model_config.model))
         return
-    from huggingface_hub import hf_hub_download
-
-    load_config(hf_hub_download(model_config.model, "config.json", revision=model_config.revision))
+    load_config(resolve_model_dir(model_config.model, model_config.revision, config_only=True))
 
 
 # ---- per-architecture config hook ------------------------------------------------------------------
@@ -204,8 +192,6 @@ def _config_hook_class():
 
         @staticmethod
         def verify_and_update_config(vllm_config) -> None:
-            from v4_plugin.capacity import BLOCK as BLOCK_SIZE
-
             check_parallelism(vllm_config.parallel_config)
             cache_config = vllm_config.cache_config
             if cache_config.user_specified_block_size and cache_config.block_size != BLOCK_SIZE:
@@ -213,9 +199,7 @@ def _config_hook_class():
                                cache_config.block_size, BLOCK_SIZE)
             cache_config.block_size = BLOCK_SIZE
             cache_config.user_specified_block_size = True
-            from .kv_specs import validate_cache_dtype
-
-            validate_cache_dtype(cache_config.cache_dtype)
+            kv_storage(cache_config.cache_dtype)  # a --kv-cache-dtype the plugin does not serve: an error naming it
             check_speculation(vllm_config)
 
     _HOOK.append(DeepseekV4PluginConfig)
@@ -279,8 +263,6 @@ def _time_weight_loading() -> None:
     models. vLLM starts that timer when its weight iterator first runs; our models load through the core
     and never run it, so the timer stayed at 0 and the line printed the process's clock. For our models
     the timer starts here, when their `load_weights` is about to run."""
-    import time
-
     from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
     original = DefaultModelLoader.load_weights

@@ -2,10 +2,10 @@
 
 References (core functions these kernels replace):
 
-* `pool_finish(...)`       <- `v4_plugin.ops.compressor.finish_entries(pool_blocks(kv, score, overlap,
+* `pool_finish(...)`       <- `v4_plugin.runtime.ops.compressor.finish_entries(pool_blocks(kv, score, overlap,
                               prev_kv, prev_score), block_ids, ...)`: pooled, normed, rotated (and,
                               with simulate_quant, quantization-simulated) entries [nb, e];
-* `pool_finish_store(...)` <- the same with simulate_quant=True, then `v4_plugin.kvcache.pack_main`
+* `pool_finish_store(...)` <- the same with simulate_quant=True, then `v4_plugin.cache.records.pack_main`
                               (main compressor) or `pack_indexer` (indexer compressor) and
                               `cache[slots] = records`. Nothing but the records is written to memory.
 
@@ -44,9 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from v4_plugin.config import FP8_KV_BLOCK
-from v4_plugin.layout import IndexerCache
-from v4_plugin.ops.rope import Rope
+from v4_plugin.checkpoint.config import FP8_KV_BLOCK
+from v4_plugin.cache.layout import IndexerCache
 
 from ..formats import round_bf16
 from ..kv_store.kernel import (fp4_fake_pairs, fp8_fake_pairs, indexer_record_bytes, main_record_bytes, next_pow2,
@@ -231,10 +230,11 @@ def _compress_kernel(
 
 # ---- Python wrappers (signatures mirror the core functions) --------------------------------------
 def _cos_sin(rope, block_ids: torch.Tensor, ratio: int) -> tuple[torch.Tensor, torch.Tensor, bool, int]:
-    """(cos, sin, indexed by position?, rope dim) from a `Rope` (rows computed here, one per entry) or
+    """(cos, sin, indexed by position?, rope dim) from a rope (`v4_plugin.runtime.ops.rope.Rope`, or any object
+    with its `cos_sin(positions)` and `dim`: rows computed here, one per entry) or
     a (cos, sin) table [max_position, rope_dim / 2] read at row j*m in the kernel (no host work; the
     table must cover every position: not checked, to keep the launch free of device syncs)."""
-    if isinstance(rope, Rope):
+    if not isinstance(rope, tuple):
         cos, sin = rope.cos_sin(block_ids.to(torch.int64) * ratio)
         return cos.float().contiguous(), sin.float().contiguous(), False, rope.dim
     cos, sin = rope
@@ -338,7 +338,7 @@ def pool_finish_store(
     if indexer:
         rb, mode = indexer_record_bytes(e, fmt), (OUT_INDEXER_FP8 if fmt is IndexerCache.FP8 else OUT_INDEXER_FP4)
     else:
-        rope_dim = rope.dim if isinstance(rope, Rope) else 2 * rope[0].shape[1]
+        rope_dim = 2 * rope[0].shape[1] if isinstance(rope, tuple) else rope.dim
         rb, mode = main_record_bytes(e, rope_dim), OUT_MAIN
     recs = records_view(cache, rb, 1 if mode == OUT_INDEXER_FP4 else 4)
     if slots.shape != (nb,) or slots.dtype not in (torch.int32, torch.int64):

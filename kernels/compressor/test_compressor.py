@@ -1,4 +1,4 @@
-"""Tests of the fused compressor kernel against the core: `pool_blocks` + `finish_entries` (+ `kvcache.pack_*`).
+"""Tests of the fused compressor kernel against the core: `pool_blocks` + `finish_entries` (+ `records.pack_*`).
 
 Tolerances (fresh random inputs each case; measured rates are far below the bounds):
 
@@ -34,13 +34,13 @@ if not torch.cuda.is_available():  # read when @triton.jit decorates, so before 
 
 from v4_kernels.compressor.kernel import pool_finish, pool_finish_store  # noqa: E402
 from v4_kernels.testing import DEVICES, assert_close, on_device, run_compile_check, sm90_compile_check  # noqa: E402
-from v4_plugin import kvcache  # noqa: E402
-from v4_plugin.config import LayerType, V4Config, parse_config, preset_config  # noqa: E402
-from v4_plugin.layout import IndexerCache, indexer_entry_bytes, main_entry_bytes  # noqa: E402
-from v4_plugin.ops.compressor import finish_entries, pool_blocks  # noqa: E402
-from v4_plugin.ops.rope import Rope  # noqa: E402
-from v4_plugin.quant import e8m0_to_float  # noqa: E402
-from v4_plugin.tiny import TINY_PRESETS  # noqa: E402
+from v4_plugin.cache import records  # noqa: E402
+from v4_plugin.checkpoint.config import LayerType, V4Config, parse_config, preset_config  # noqa: E402
+from v4_plugin.cache.layout import IndexerCache, indexer_entry_bytes, main_entry_bytes  # noqa: E402
+from v4_plugin.runtime.ops.compressor import finish_entries, pool_blocks  # noqa: E402
+from v4_plugin.runtime.ops.rope import Rope  # noqa: E402
+from v4_plugin.checkpoint.quant import e8m0_to_float  # noqa: E402
+from v4_plugin.checkpoint.tiny import TINY_PRESETS  # noqa: E402
 
 pool_finish, pool_finish_store = on_device(pool_finish), on_device(pool_finish_store)  # CPU-built inputs
 CFGS = {"tiny": parse_config(TINY_PRESETS["flash"]), "flash": preset_config("flash")}
@@ -107,7 +107,7 @@ def _reference(pool: dict, finish: dict, simulate_quant: bool) -> torch.Tensor:
 
 
 def _pack(entries: torch.Tensor, cfg: V4Config, indexer: bool, fmt: IndexerCache) -> torch.Tensor:
-    return kvcache.pack_indexer(entries, cfg, fmt) if indexer else kvcache.pack_main(entries, cfg)
+    return records.pack_indexer(entries, cfg, fmt) if indexer else records.pack_main(entries, cfg)
 
 
 # ---- "within one quantization step" --------------------------------------------------------------
@@ -140,7 +140,7 @@ def _assert_records_close(got: torch.Tensor, ref: torch.Tensor, cfg: V4Config, i
                           fmt: IndexerCache, min_same: float = 0.97) -> None:
     same = (got == ref).float().mean().item()
     assert same >= min_same, f"only {same:.4f} of the record bytes identical"
-    unpack = ((lambda r: kvcache.unpack_indexer(r, cfg, fmt)) if indexer else (lambda r: kvcache.unpack_main(r, cfg)))
+    unpack = ((lambda r: records.unpack_indexer(r, cfg, fmt)) if indexer else (lambda r: records.unpack_main(r, cfg)))
     a, b = unpack(got), unpack(ref)
     s = torch.maximum(_scales(got, cfg, indexer, fmt), _scales(ref, cfg, indexer, fmt))
     v = torch.maximum(a.abs(), b.abs()) / s
@@ -204,8 +204,8 @@ def test_pool_finish_store_matches_pack(case, fmt, dtype, device):
     assert torch.equal(cache[untouched], before[untouched])
     # exact: the records hold the kernel's own simulated entries, bit for bit
     mine = pool_finish(**pool, **finish, simulate_quant=True).float().cpu()
-    unpack = kvcache.unpack_indexer(cache[slots[keep]], cfg, fmt) if case.indexer else \
-        kvcache.unpack_main(cache[slots[keep]], cfg)
+    unpack = records.unpack_indexer(cache[slots[keep]], cfg, fmt) if case.indexer else \
+        records.unpack_main(cache[slots[keep]], cfg)
     assert torch.equal(unpack, mine[keep])
 
 
@@ -252,7 +252,7 @@ def test_per_entry_previous_blocks(case):
                       cache=cache, slots=torch.arange(case.nb), fmt=IndexerCache.FP8)
     mine = pool_finish(**dict(pool, prev_kv=prev_kv, prev_score=prev_score), **dict(finish, block_ids=block_ids),
                        simulate_quant=True).float()
-    unpack = kvcache.unpack_indexer(cache, cfg, IndexerCache.FP8) if case.indexer else kvcache.unpack_main(cache, cfg)
+    unpack = records.unpack_indexer(cache, cfg, IndexerCache.FP8) if case.indexer else records.unpack_main(cache, cfg)
     assert torch.equal(unpack, mine)
 
 

@@ -2,7 +2,7 @@
 or FP8 ones (the `-Base` checkpoints).
 
 Reference: `fp4_moe(x, weights, ids, experts, shared, limit=..., quantize_input=...)` ->
-`v4_plugin.ops.moe.moe(x, weights, ids, experts_dequantized, shared_dequantized, limit=..., quantize_input=...)`,
+`v4_plugin.runtime.ops.moe.moe(x, weights, ids, experts_dequantized, shared_dequantized, limit=..., quantize_input=...)`,
 with the routed experts in their checkpoint format, stacked over experts: `FP4Experts` (int8 [out, in/2]
 e2m1 pairs, low nibble = even k, E8M0 per 32 along k) or `FP8Experts` (e4m3 [out, in], E8M0 or fp32
 scales per 128x128 block); the shared expert in FP8 128x128 blocks (`FP8Expert`). Returns x.dtype like the core.
@@ -333,7 +333,7 @@ def fp4_moe(
     x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: FP4Experts | FP8Experts,
     shared: FP8Expert | None, *, limit: float, quantize_input: bool = False,
 ) -> torch.Tensor:
-    """Triton `v4_plugin.ops.moe.moe`: x [T, D] (bf16/fp32), weights fp32 [T, k], ids [T, k] -> [T, D] x.dtype.
+    """Triton `v4_plugin.runtime.ops.moe.moe`: x [T, D] (bf16/fp32), weights fp32 [T, k], ids [T, k] -> [T, D] x.dtype.
 
     Routed experts: packed FP4 (`FP4Experts`, W4A16) or FP8 (`FP8Experts`, W8A16). `quantize_input=True`
     gives the reference's FP8 activation rounding (x per 128 of D, h per 128 of I). `shared=None` skips

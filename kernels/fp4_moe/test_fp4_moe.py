@@ -28,8 +28,8 @@ import triton.language as tl  # noqa: E402
 from v4_kernels.fp4_moe import kernel as K  # noqa: E402
 from v4_kernels.testing import DEVICE, ON_GPU, assert_close, dtype_id, gpu_only  # noqa: E402
 from v4_kernels.testing import one_cpu_thread  # noqa: E402, F401  # autouse: importing it applies it here
-from v4_plugin import quant  # noqa: E402
-from v4_plugin.ops.moe import ExpertWeights, moe, route  # noqa: E402
+from v4_plugin.checkpoint import quant  # noqa: E402
+from v4_plugin.runtime.ops.moe import ExpertWeights, moe, route  # noqa: E402
 
 
 def _fp4(out_f: int, in_f: int, gen: torch.Generator, std: float):

@@ -2,13 +2,13 @@
 
 References (the core functions these wrappers replace):
 
-* `fp8_linear(x, weight, scale, quantize_input)` -> `v4_plugin.ops.linear.linear(x, W, quantize_input)`
-  with W = `v4_plugin.quant.dequantize_weight_fp8(weight, scale)`: the weight stays in its
+* `fp8_linear(x, weight, scale, quantize_input)` -> `v4_plugin.runtime.ops.linear.linear(x, W, quantize_input)`
+  with W = `v4_plugin.checkpoint.quant.dequantize_weight_fp8(weight, scale)`: the weight stays in its
   checkpoint format (e4m3 [out, in] + E8M0 [ceil(out/128), ceil(in/128)], partial edge blocks
   allowed) and is never dequantized in memory. Returns x.dtype, like the core.
-* `act_quant(x)` -> `v4_plugin.quant.quantize_fp8(x, 128)`: e4m3 per token per 128 channels with
+* `act_quant(x)` -> `v4_plugin.checkpoint.quant.quantize_fp8(x, 128)`: e4m3 per token per 128 channels with
   the power-of-two scale 2^ceil(log2(amax / 448)), amax >= 1e-4.
-* `fake_quant_act(x)` -> `v4_plugin.quant.fake_quant_fp8(x, 128)`.
+* `fake_quant_act(x)` -> `v4_plugin.checkpoint.quant.fake_quant_fp8(x, 128)`.
 
 Two GEMMs:
 
@@ -311,13 +311,13 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton `v4_plugin.quant.quantize_fp8(x, 128)`: (e4m3 [..., K], fp32 pow2 scales [..., ceil(K/128)])."""
+    """Triton `v4_plugin.checkpoint.quant.quantize_fp8(x, 128)`: (e4m3 [..., K], fp32 pow2 scales [..., ceil(K/128)])."""
     q, s = _act_quant(_rows(x), dequant=False)
     return q.view(x.shape), s.view(*x.shape[:-1], s.shape[-1])
 
 
 def fake_quant_act(x: torch.Tensor) -> torch.Tensor:
-    """Triton `v4_plugin.quant.fake_quant_fp8(x, 128)` for bf16 / fp32 x (exact: e4m3 x pow2 fits both)."""
+    """Triton `v4_plugin.checkpoint.quant.fake_quant_fp8(x, 128)` for bf16 / fp32 x (exact: e4m3 x pow2 fits both)."""
     if x.dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"fake_quant_act needs bf16 or fp32 input, got {x.dtype}")
     out, _ = _act_quant(_rows(x), dequant=True)
@@ -340,7 +340,7 @@ def fp8_linear(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, quantize_input: bool, *,
     fp8_dot: bool | None = None, fast_accum: bool = FP8_FAST_ACCUM,
 ) -> torch.Tensor:
-    """Triton `v4_plugin.ops.linear.linear(x, dequantize_weight_fp8(weight, scale), quantize_input)`.
+    """Triton `v4_plugin.runtime.ops.linear.linear(x, dequantize_weight_fp8(weight, scale), quantize_input)`.
 
     x [..., in] (bf16, fp16 or fp32); weight e4m3 [out, in]; scale E8M0 (or fp32) [ceil(out/128), ceil(in/128)].
     Returns [..., out] in x.dtype. `fp8_dot` picks W8A8 (True) or W8A16 (False); default: W8A8 when

@@ -26,8 +26,8 @@ import triton.language as tl  # noqa: E402
 from v4_kernels.fp8_linear import kernel as K  # noqa: E402
 from v4_kernels.testing import DEVICE, ON_GPU, assert_close, dtype_id, gpu_only  # noqa: E402
 from v4_kernels.testing import one_cpu_thread  # noqa: E402, F401  # autouse: importing it applies it here
-from v4_plugin import quant  # noqa: E402
-from v4_plugin.ops.linear import linear  # noqa: E402
+from v4_plugin.checkpoint import quant  # noqa: E402
+from v4_plugin.runtime.ops.linear import linear  # noqa: E402
 
 
 FAST_ACCUM_HW = ON_GPU and torch.cuda.get_device_capability() == (9, 0)  # where fast accumulation is real

@@ -1,9 +1,9 @@
 """Lightning-indexer scores over cached keys, and an exact top-k (spec §4.6, §5.3).
 
 References:
-* `index_scores` mirrors `v4_plugin.ops.indexer.index_scores` (keys read from the cache through
-  `v4_plugin.kvcache.unpack_indexer`); it additionally masks invisible entries to -inf;
-* `select_topk` mirrors `v4_plugin.ops.indexer.select_topk` exactly, output order included;
+* `index_scores` mirrors `v4_plugin.runtime.ops.indexer.index_scores` (keys read from the cache through
+  `v4_plugin.cache.records.unpack_indexer`); it additionally masks invisible entries to -inf;
+* `select_topk` mirrors `v4_plugin.runtime.ops.indexer.select_topk` exactly, output order included;
 * `index_topk` is the two chained (scores are written once, fp32, then selected).
 
 Scores: I[t, j] = sum_h w[t, h] * relu(q[t, h] . k_j), fp32 accumulation, with keys read from
@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from v4_kernels.formats import e2m1_value, e4m3_to_f32, e8m0_value
-from v4_plugin.config import FP4_BLOCK
+from v4_plugin.checkpoint.config import FP4_BLOCK
 
 __all__ = ["index_scores", "select_topk", "index_topk", "indexer_record_format", "scores_tiles", "topk_tiles"]
 
@@ -167,7 +167,7 @@ def index_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor
                  slots: torch.Tensor | None = None, visible: torch.Tensor | None = None,
                  query_start: torch.Tensor | None = None, max_queries: int | None = None,
                  fp8_hw: bool | None = None) -> torch.Tensor:
-    """Triton `v4_plugin.ops.indexer.index_scores` over cached keys; fp32 [T, N], invisible = -inf.
+    """Triton `v4_plugin.runtime.ops.indexer.index_scores` over cached keys; fp32 [T, N], invisible = -inf.
 
     q [T, Hi, di]; head_weights [T, Hi] (already scaled); keys: uint8 records [num_slots, 132 | 68]
     (FP8 | FP4, from the width) or float [num_slots, di]. slots: None (entry j = key row j), [T, N]
@@ -324,7 +324,7 @@ def topk_tiles(n: int, k_pad: int, on_gpu: bool, chunk: int | None = None) -> tu
 
 
 def select_topk(scores: torch.Tensor, visible: torch.Tensor, k: int, *, chunk: int | None = None) -> torch.Tensor:
-    """Triton `v4_plugin.ops.indexer.select_topk`: int64 [T, min(k, N)], identical output.
+    """Triton `v4_plugin.runtime.ops.indexer.select_topk`: int64 [T, min(k, N)], identical output.
 
     scores fp32 [T, N]; visible int [T] (entries j < visible[t]). chunk forces the pass size (tests).
     """

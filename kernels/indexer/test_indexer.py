@@ -19,12 +19,12 @@ if not torch.cuda.is_available():  # tests/conftest.py does not cover kernels/; 
 
 from v4_kernels.indexer.kernel import index_scores, index_topk, indexer_record_format, select_topk
 from v4_kernels.testing import assert_close, gpu_only, on_device
-from v4_plugin.config import parse_config, preset_config
-from v4_plugin.kvcache import pack_indexer, unpack_indexer
-from v4_plugin.layout import IndexerCache, indexer_entry_bytes
-from v4_plugin.ops.indexer import index_scores as core_index_scores
-from v4_plugin.ops.indexer import select_topk as core_select_topk
-from v4_plugin.tiny import TINY_PRESETS
+from v4_plugin.checkpoint.config import parse_config, preset_config
+from v4_plugin.cache.records import pack_indexer, unpack_indexer
+from v4_plugin.cache.layout import IndexerCache, indexer_entry_bytes
+from v4_plugin.runtime.ops.indexer import index_scores as core_index_scores
+from v4_plugin.runtime.ops.indexer import select_topk as core_select_topk
+from v4_plugin.checkpoint.tiny import TINY_PRESETS
 
 index_scores, index_topk, select_topk = map(on_device, (index_scores, index_topk, select_topk))  # CPU-built inputs
 ATOL = RTOL = 1e-5

@@ -2,14 +2,14 @@
 
 References (core functions these kernels replace; same byte format, bit for bit):
 
-* `store_main(kv, cache, slots)`     <- `cache[slots] = v4_plugin.kvcache.pack_main(kv, cfg)`
-* `store_indexer(keys, cache, slots, fmt)` <- `cache[slots] = v4_plugin.kvcache.pack_indexer(keys, cfg, fmt)`
-* `load_main(cache, slots)`          <- `v4_plugin.kvcache.unpack_main(cache[slots], cfg)` (fp32)
-* `load_indexer(cache, slots, fmt)`  <- `v4_plugin.kvcache.unpack_indexer(cache[slots], cfg, fmt)` (fp32)
+* `store_main(kv, cache, slots)`     <- `cache[slots] = v4_plugin.cache.records.pack_main(kv, cfg)`
+* `store_indexer(keys, cache, slots, fmt)` <- `cache[slots] = v4_plugin.cache.records.pack_indexer(keys, cfg, fmt)`
+* `load_main(cache, slots)`          <- `v4_plugin.cache.records.unpack_main(cache[slots], cfg)` (fp32)
+* `load_indexer(cache, slots, fmt)`  <- `v4_plugin.cache.records.unpack_indexer(cache[slots], cfg, fmt)` (fp32)
 
 Negative slots are skipped by the stores and give zero rows from the loads.
 
-Record formats (see `v4_plugin/kvcache.py`):
+Record formats (see `v4_plugin/cache/records.py`):
 
 * main, 584 B for V4: e4m3 of dims [0, nope) | bf16 rope dims (little endian) | one E8M0 byte per
   64 FP8 values | zero pad to a multiple of 8;
@@ -39,9 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
-from v4_plugin import quant
-from v4_plugin.config import FP4_BLOCK, FP8_KV_BLOCK
-from v4_plugin.layout import BF16_BYTES, FP32_BYTES, SCALE_SECTION_ALIGN, IndexerCache
+from v4_plugin.checkpoint import quant
+from v4_plugin.checkpoint.config import FP4_BLOCK, FP8_KV_BLOCK
+from v4_plugin.cache.layout import BF16_BYTES, FP32_BYTES, SCALE_SECTION_ALIGN, IndexerCache
 
 from ..formats import bf16_bits, e2m1_code, e2m1_value, e4m3_code, e4m3_value, e8m0_value, exp2i, pow2_ceil_exp
 
@@ -51,7 +51,7 @@ __all__ = [
     "load_indexer_tile",
 ]
 
-# The quantizer constants of `v4_plugin.quant`, as constexprs the kernels can read.
+# The quantizer constants of `v4_plugin.checkpoint.quant`, as constexprs the kernels can read.
 FP8_MAX = tl.constexpr(quant.FP8_MAX)
 FP4_MAX = tl.constexpr(quant.FP4_MAX)
 FP8_AMAX_FLOOR = tl.constexpr(quant.FP8_AMAX_FLOOR)

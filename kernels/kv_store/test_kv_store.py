@@ -1,8 +1,8 @@
-"""Tests of kernels/kv_store against the core byte format (`v4_plugin.kvcache`).
+"""Tests of kernels/kv_store against the core byte format (`v4_plugin.cache.records`).
 
 Tolerance: none. The kernels round with integer arithmetic on fp32 bit patterns (not with the
 interpreter's round-toward-zero casts), so every record must be byte-identical to
-`kvcache.pack_main` / `pack_indexer` on any finite input, and every load bit-identical to
+`records.pack_main` / `pack_indexer` on any finite input, and every load bit-identical to
 `unpack_main` / `unpack_indexer`. Untouched cache rows must keep their bytes.
 """
 
@@ -23,12 +23,13 @@ import triton.language as tl  # noqa: E402
 
 from v4_kernels.formats import e2m1_value, e4m3_value, e8m0_value  # noqa: E402
 from v4_kernels.testing import DEVICES, on_device, run_compile_check, sm90_compile_check  # noqa: E402
-from v4_plugin import kvcache, quant  # noqa: E402
-from v4_plugin.config import parse_config, preset_config  # noqa: E402
-from v4_plugin.layout import IndexerCache, indexer_entry_bytes, main_entry_bytes  # noqa: E402
-from v4_plugin.ops.compressor import simulate_kv_storage  # noqa: E402
-from v4_plugin.quant import fake_quant_fp4, hadamard  # noqa: E402
-from v4_plugin.tiny import TINY_PRESETS  # noqa: E402
+from v4_plugin.cache import records  # noqa: E402
+from v4_plugin.checkpoint import quant  # noqa: E402
+from v4_plugin.checkpoint.config import parse_config, preset_config  # noqa: E402
+from v4_plugin.cache.layout import IndexerCache, indexer_entry_bytes, main_entry_bytes  # noqa: E402
+from v4_plugin.runtime.ops.compressor import simulate_kv_storage  # noqa: E402
+from v4_plugin.checkpoint.quant import fake_quant_fp4, hadamard  # noqa: E402
+from v4_plugin.checkpoint.tiny import TINY_PRESETS  # noqa: E402
 
 # CPU-built inputs (caches written in place come back)
 store_main, store_indexer, load_main, load_indexer = map(on_device, (store_main, store_indexer, load_main,
@@ -106,7 +107,7 @@ def test_store_main_matches_pack_main(cfg_name, n, kind, device):
     before = cache.clone()
     out = store_main(x.to(device), cache, slots.to(device), rope_dim=cfg.qk_rope_head_dim)
     assert out is cache
-    _check_written(cache.cpu(), before.cpu(), slots, kvcache.pack_main(x, cfg))
+    _check_written(cache.cpu(), before.cpu(), slots, records.pack_main(x, cfg))
 
 
 def _e4m3_edge_values() -> torch.Tensor:
@@ -144,7 +145,7 @@ def test_store_main_rounding_edges():
     cache = torch.zeros(rows, main_entry_bytes(cfg), dtype=torch.uint8)
     slots = torch.arange(rows)
     store_main(x, cache, slots)
-    assert torch.equal(cache, kvcache.pack_main(x, cfg))
+    assert torch.equal(cache, records.pack_main(x, cfg))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -161,7 +162,7 @@ def test_load_main_round_trip(cfg_name, device):
     gather = torch.cat((slots, torch.tensor([-1, 0, 0, n + 8]), torch.randperm(n + 9, generator=g)[:5]))
     got = load_main(cache, gather.to(device), rope_dim=cfg.qk_rope_head_dim).cpu()
     keep = gather >= 0
-    ref = kvcache.unpack_main(cache.cpu()[gather[keep].long()], cfg)
+    ref = records.unpack_main(cache.cpu()[gather[keep].long()], cfg)
     _assert_same_bits(got[keep], ref)
     assert torch.equal(got[~keep], torch.zeros_like(got[~keep]))
     stored = slots >= 0
@@ -203,10 +204,10 @@ def test_store_indexer_matches_pack_indexer(cfg_name, n, kind, fmt, device):
     before = cache.clone()
     slots = _slots(n, 3 * n + 1, g).to(torch.int32 if fmt is IndexerCache.FP8 else torch.int64)
     store_indexer(x.to(device), cache, slots.to(device), fmt)
-    _check_written(cache.cpu(), before.cpu(), slots.long(), kvcache.pack_indexer(x, cfg, fmt))
+    _check_written(cache.cpu(), before.cpu(), slots.long(), records.pack_indexer(x, cfg, fmt))
     got = load_indexer(cache, slots.to(device), fmt).cpu()
     keep = slots >= 0
-    ref = kvcache.unpack_indexer(cache.cpu()[slots[keep].long()], cfg, fmt)
+    ref = records.unpack_indexer(cache.cpu()[slots[keep].long()], cfg, fmt)
     _assert_same_bits(got[keep], ref)
     assert torch.equal(got[~keep], torch.zeros_like(got[~keep]))
 

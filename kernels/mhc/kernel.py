@@ -2,9 +2,9 @@
 
 References (the core functions these wrappers replace, same signatures and return values):
 
-* `hc_pre`  -> `v4_plugin.ops.mhc.hc_pre`
-* `hc_post` -> `v4_plugin.ops.mhc.hc_post`
-* `hc_head` -> `v4_plugin.ops.mhc.hc_head`
+* `hc_pre`  -> `v4_plugin.runtime.ops.mhc.hc_pre`
+* `hc_post` -> `v4_plugin.runtime.ops.mhc.hc_post`
+* `hc_head` -> `v4_plugin.runtime.ops.mhc.hc_head`
 * `hc_post_pre(y, x, post, comb, fn, scale, base, ...)` == `hc_pre(hc_post(y, x, post, comb), fn, scale, base, ...)`
   with the two kernels fused: the next site's norm/mix accumulation runs on the fresh streams while
   they are still in registers, so the streams are read once less.
@@ -288,7 +288,7 @@ def hc_pre(
     x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *,
     norm_eps: float, hc_eps: float, sinkhorn_iters: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton `v4_plugin.ops.mhc.hc_pre`: x [T, hc, D] -> (u [T, D] x.dtype, post [T, hc], comb [T, hc, hc] fp32)."""
+    """Triton `v4_plugin.runtime.ops.mhc.hc_pre`: x [T, hc, D] -> (u [T, D] x.dtype, post [T, hc], comb [T, hc, hc] fp32)."""
     t, hc, d = _check_streams(x)
     if fn.shape != ((2 + hc) * hc, hc * d):
         raise ValueError(f"fn must be [{(2 + hc) * hc}, {hc * d}], got {tuple(fn.shape)}")
@@ -302,7 +302,7 @@ def hc_pre(
 
 def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *,
             norm_eps: float, hc_eps: float) -> torch.Tensor:
-    """Triton `v4_plugin.ops.mhc.hc_head`: x [T, hc, D], fn [hc, hc*D] -> [T, D] x.dtype."""
+    """Triton `v4_plugin.runtime.ops.mhc.hc_head`: x [T, hc, D], fn [hc, hc*D] -> [T, D] x.dtype."""
     t, hc, d = _check_streams(x)
     if fn.shape != (hc, hc * d):
         raise ValueError(f"fn must be [{hc}, {hc * d}], got {tuple(fn.shape)}")
@@ -339,7 +339,7 @@ def _post(y, x, post, comb, fn):
 
 
 def hc_post(y: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    """Triton `v4_plugin.ops.mhc.hc_post`: X'_j = post_j y + sum_i comb[i, j] X_i; [T, hc, D] in y.dtype."""
+    """Triton `v4_plugin.runtime.ops.mhc.hc_post`: X'_j = post_j y + sum_i comb[i, j] X_i; [T, hc, D] in y.dtype."""
     t, hc, d = _check_streams(x)
     if t == 0:
         return torch.empty((0, hc, d), dtype=y.dtype, device=y.device)

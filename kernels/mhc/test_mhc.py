@@ -1,4 +1,4 @@
-"""Fused mHC kernels vs the core (`v4_plugin.ops.mhc`) on fresh random inputs.
+"""Fused mHC kernels vs the core (`v4_plugin.runtime.ops.mhc`) on fresh random inputs.
 
 Tolerances: fp32 streams: rtol = atol = 1e-5 on u, X', post and comb (the kernels differ from the core
 only in summation order; observed errors are a few 1e-7 to 5e-6). bf16 streams: u and X' within one
@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 from v4_kernels.mhc import kernel as K  # noqa: E402
 from v4_kernels.testing import DEVICE, assert_close, dtype_id  # noqa: E402
 from v4_kernels.testing import one_cpu_thread  # noqa: E402, F401  # autouse: importing it applies it here
-from v4_plugin.ops import mhc as ref  # noqa: E402
+from v4_plugin.runtime.ops import mhc as ref  # noqa: E402
 
 HC = 4
 EPS = dict(norm_eps=1e-6, hc_eps=1e-6)

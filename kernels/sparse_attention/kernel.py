@@ -1,6 +1,6 @@
 """Sparse attention over a slot list of KV entries, read straight from the cache (spec §4.7, §5.3).
 
-Reference: `v4_plugin.ops.attention.sparse_attention` (with `v4_plugin.kvcache.unpack_main` for the
+Reference: `v4_plugin.runtime.ops.attention.sparse_attention` (with `v4_plugin.cache.records.unpack_main` for the
 FP8 cache). `sparse_attention` below has the same signature and meaning; `kv` may be
 
 * the quantized cache, uint8 [num_slots, main_entry_bytes] (584-B records: e4m3 of dims [0, nope),
@@ -42,8 +42,8 @@ import triton
 import triton.language as tl
 
 from v4_kernels.formats import e4m3_to_f32, e8m0_value
-from v4_plugin.config import FP8_KV_BLOCK
-from v4_plugin.layout import BF16_BYTES, SCALE_SECTION_ALIGN
+from v4_plugin.checkpoint.config import FP8_KV_BLOCK
+from v4_plugin.cache.layout import BF16_BYTES, SCALE_SECTION_ALIGN
 
 LOG2E = 1.4426950408889634
 
@@ -280,7 +280,7 @@ def _row_align(stride: int) -> int:
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor, scale: float,
                      *, rope_dim: int = 64, num_splits: int | None = None, fp8_hw: bool | None = None,
                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton `v4_plugin.ops.attention.sparse_attention`, reading KV from the cache by slot.
+    """Triton `v4_plugin.runtime.ops.attention.sparse_attention`, reading KV from the cache by slot.
 
     q [T, H, d]; kv uint8 [num_slots, record_bytes] (FP8 main records, `rope_dim` bf16 dims) or
     float [num_slots, d]; indices int32/int64 [T, S] slots, -1 = skip; sink fp32 [H] (not scaled;

@@ -1,4 +1,4 @@
-"""Sparse attention kernel vs the core: `unpack_main` + `v4_plugin.ops.attention.sparse_attention`.
+"""Sparse attention kernel vs the core: `unpack_main` + `v4_plugin.runtime.ops.attention.sparse_attention`.
 
 Fresh random inputs each run (seeded per test for reproducibility of failures). Tolerances:
 fp32 q (fp32 dots in the interpreter): atol = rtol = 2e-5 on outputs of magnitude ~1; bf16 q: the
@@ -18,11 +18,11 @@ if not torch.cuda.is_available():  # tests/conftest.py does not cover kernels/; 
 
 from v4_kernels.sparse_attention.kernel import main_record_layout, sparse_attention
 from v4_kernels.testing import assert_close, gpu_only, on_device
-from v4_plugin.config import parse_config, preset_config
-from v4_plugin.kvcache import pack_main, unpack_main
-from v4_plugin.layout import main_entry_bytes
-from v4_plugin.ops.attention import sparse_attention as core_sparse_attention
-from v4_plugin.tiny import TINY_PRESETS
+from v4_plugin.checkpoint.config import parse_config, preset_config
+from v4_plugin.cache.records import pack_main, unpack_main
+from v4_plugin.cache.layout import main_entry_bytes
+from v4_plugin.runtime.ops.attention import sparse_attention as core_sparse_attention
+from v4_plugin.checkpoint.tiny import TINY_PRESETS
 
 sparse_attention = on_device(sparse_attention)  # CPU-built inputs and references
 ATOL = RTOL = 2e-5

@@ -8,7 +8,7 @@ plugin's `configure_model_config`). The worker drives it in two kinds of step:
   at t+1. Every row's context KV goes into the stages' window caches in the draft worker's pool (rows
   of rejected drafts are overwritten later, like the main windows); then each sequence's anchor row, the
   one whose next token the target chose last (prefill: its last row; draft extend: its last accepted
-  row), drafts one block after that token (`v4_plugin.paged.dspark_blocks_paged`). The output is the
+  row), drafts one block after that token (`v4_plugin.runtime.paged.dspark_blocks_paged`). The output is the
   first draft's logits (block row 0 + the Markov bias of the anchor) and, as hidden states, the block's
   rows for the later drafts (1 ... k-1, zero-padded to [block_size*D]; a draft extend returns every row,
   zeros off the anchors, and the worker picks the anchor rows);
@@ -20,19 +20,20 @@ from __future__ import annotations
 
 import torch
 
+from v4_plugin.runtime.drafting import DSparkHead
+from v4_plugin.runtime.paged import dspark_blocks_paged, dspark_context_paged
+
 from .deepseek_v4_mtp import DeepseekV4PluginForCausalLMNextN
 
 
 class DeepseekV4PluginForCausalLMDSpark(DeepseekV4PluginForCausalLMNextN):
     """The DSpark stages (mtp.0 ... mtp.{S-1}) over their context windows in the draft worker's pool
-    (`v4_plugin.drafting.draft_layer_types`), sharing the target's embedding and head."""
+    (`v4_plugin.runtime.drafting.draft_layer_types`), sharing the target's embedding and head."""
 
-    _dspark = (None, None)  # (the reference model in use, its DSparkHead)
+    _dspark = (None, None)  # (the core model in use, its DSparkHead)
 
     def _head(self, ref):
-        """The `DSparkHead` of the reference model in use (rebuilt when that is)."""
-        from v4_plugin.drafting import DSparkHead
-
+        """The `DSparkHead` of the core model in use (rebuilt when that is)."""
         if self._dspark[0] is not ref:
             self._dspark = (ref, DSparkHead(ref))
         return self._dspark[1]
@@ -63,8 +64,6 @@ class DeepseekV4PluginForCausalLMDSpark(DeepseekV4PluginForCausalLMNextN):
         (int64 [num_seqs]), the first draft's logits fp32 [num_seqs, V] and the block's rows for the later
         drafts [num_seqs, block_size, D] (zero-padded)."""
         from sglang.srt.runtime_context import get_spec
-
-        from v4_plugin.paged import dspark_blocks_paged, dspark_context_paged
 
         features = forward_batch.spec_info.hidden_states.to(head.model.dtype)
         dspark_context_paged(head, features, meta.plan, meta.caches, fmt)

@@ -1,7 +1,7 @@
-"""DeepSeek-V4 for SGLang, served by the core reference model over SGLang's memory pools.
+"""DeepSeek-V4 for SGLang, served by the core's `V4Model` over SGLang's memory pools.
 
 The class holds the checkpoint as the core loader returns it (dequantized, in the model dtype, under
-the official tensor names) and runs every step through `v4_plugin`'s `ReferenceModel.forward_paged`;
+the official tensor names) and runs every step through `v4_plugin.runtime.paged.streams_paged`;
 the `v4_plugin` attention backend supplies the batch plan and the per-layer paged caches.
 
 Two names, one implementation: `DeepseekV4PluginForCausalLM` (what SGLang sees once the plugin
@@ -25,6 +25,15 @@ import torch
 from torch import nn
 
 from sglang_backend import BACKEND_NAME, NATIVE_ARCH, PROJECT, __version__
+from v4_plugin.cache.formats import EXACT, CacheFormat
+from v4_plugin.checkpoint.config import load_config
+from v4_plugin.checkpoint.loader import load_checkpoint
+from v4_plugin.runtime import dispatch
+from v4_plugin.runtime.drafting import dspark_features
+from v4_plugin.runtime.model import V4Model
+from v4_plugin.runtime.paged import streams_paged
+from v4_plugin.runtime.warmup import warm_up
+from v4_plugin.serving.settings import Settings, quant_sim, register_tensors, resolve_model_dir
 
 logger = logging.getLogger("sglang_backend")
 
@@ -34,10 +43,8 @@ def device_type() -> str:
 
 
 def implementation() -> str:
-    """Which kernels run the core's math in this process (`v4_plugin.dispatch`): 'triton' on a GPU
+    """Which kernels run the core's math in this process (`v4_plugin.runtime.dispatch`): 'triton' on a GPU
     where the kernels load, else 'torch'."""
-    from v4_plugin import dispatch
-
     return dispatch.backend_name(device_type())
 
 
@@ -70,47 +77,25 @@ def _require_single_rank() -> None:
                          "V4_PLUGIN_DISABLE=1 to serve with SGLang's native DeepSeek-V4.")
 
 
-class _Tree(nn.Module):
-    """Container so that every checkpoint tensor is registered under its official dotted name."""
-
-
-def _register(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    *path, leaf = name.split(".")
-    mod = root
-    for part in path:
-        child = mod._modules.get(part)
-        if child is None:
-            child = _Tree()
-            mod.add_module(part, child)
-        mod = child
-    if tensor.is_floating_point():
-        mod.register_parameter(leaf, nn.Parameter(tensor, requires_grad=False))
-    else:
-        mod.register_buffer(leaf, tensor)
-
-
 class DeepseekV4PluginForCausalLM(nn.Module):
     def __init__(self, config, quant_config=None, prefix: str = ""):
         super().__init__()
-        from v4_plugin.config import load_config
-
-        from sglang_backend import settings
-
         _require_single_rank()
         self.config = config
         self.model_dir = Path(getattr(config, "_name_or_path", "") or ".")
         self.dtype = torch.get_default_dtype()  # SGLang sets the model dtype around construction
         self.cfg = load_config(self._resolved_dir())
-        self.quant = settings.quant_sim()
-        self.ref = None  # ReferenceModel, built in load_weights
+        self.settings = Settings.from_env()
+        # The pool, and with it the cache format, is built after the weights: until the first step the
+        # model simulates as over exact caches; `_bind_cache_format` settles both, once.
+        self.fmt: CacheFormat | None = None
+        self.quant = quant_sim(EXACT, self.settings)
+        self.ref = None  # V4Model, built in load_weights
         logger.info(startup_line(_configured_backend()))
 
     def _resolved_dir(self) -> Path:
-        if self.model_dir.is_dir():
-            return self.model_dir
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(str(self.model_dir), local_files_only=True))
+        """The checkpoint directory (a hub id: the snapshot SGLang downloaded)."""
+        return resolve_model_dir(self.model_dir, local_files_only=True)
 
     def get_attention_sliding_window_size(self) -> int:
         """SGLang's sliding window (positions kept in the SWA pool before a step's first token)."""
@@ -120,52 +105,34 @@ class DeepseekV4PluginForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load through the core: validated, dequantized, official names (`CheckpointError` names the
         tensor and shard). SGLang's raw file iterator is not consumed."""
-        from v4_plugin.model import ReferenceModel
-
         tensors = self._load_tensors()
-        for name, t in tensors.items():
-            _register(self, name, t)
+        register_tensors(self, tensors)
         self.tensors = tensors
-        self.ref = ReferenceModel(self.cfg, tensors, dtype=self.dtype, quant=self.quant)
-        from v4_plugin import dispatch
-        from v4_plugin.paged import CacheFormat
-
-        dispatch.warmup(self.ref, CacheFormat())  # decode-shape kernels on GPUs (logged; the pool's format comes later)
+        self.ref = V4Model(self.cfg, tensors, dtype=self.dtype, quant=self.quant)
+        warm_up(self.ref, CacheFormat())  # decode-shape kernels on GPUs (logged; the pool's format comes later)
 
     def _load_tensors(self) -> dict[str, torch.Tensor]:
         """The checkpoint tensors this model holds: the main model's (mtp.* skipped); FP8/FP4 linears in
         their file format where the GEMM kernels run (`dispatch.keep_quantized`)."""
-        from v4_plugin import dispatch
-        from v4_plugin.checkpoint import load_checkpoint
-
         return load_checkpoint(self._resolved_dir(), self.cfg, dtype=self.dtype, include_mtp=False,
                                keep_quantized=dispatch.keep_quantized(device_type()), device=device_type())
 
-    def _reference_for(self, fmt):
-        """The reference model whose quantization simulation matches the cache storage: FP8 records hold
-        simulated KV values, FP4 indexer records simulated keys (otherwise storing would round again)."""
-        from dataclasses import replace
-
-        from v4_plugin.layout import IndexerCache
-        from v4_plugin.model import ReferenceModel
-        from v4_plugin.paged import KVStorage
-
-        want = self.quant
-        if fmt.kv is KVStorage.FP8 and not want.kv_cache:
-            want = replace(want, kv_cache=True)
-        if fmt.indexer is IndexerCache.FP4 and not want.indexer:
-            want = replace(want, indexer=True)
-        if want != self.ref.quant:
-            logger.info("deepseek-v4-plugin: %s storage -> reference quantization %s", fmt, want)
-            self.ref = ReferenceModel(self.cfg, self.tensors, dtype=self.dtype, quant=want)
-        return self.ref
+    def _bind_cache_format(self, fmt: CacheFormat) -> None:
+        """At the first step, the pool's cache format and the quantization simulation that matches it
+        (`v4_plugin.serving.settings.quant_sim`: a quantized cache holds simulated values, so storing
+        never rounds twice); the core model is rebuilt if its simulation differs."""
+        self.fmt = fmt
+        self.quant = quant_sim(fmt, self.settings)
+        if self.quant != self.ref.quant:
+            logger.info("deepseek-v4-plugin: %s storage -> model quantization %s", fmt, self.quant)
+            self.ref = V4Model(self.cfg, self.tensors, dtype=self.dtype, quant=self.quant)
 
     def get_embed_and_head(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The embedding and output head SGLang's EAGLE worker shares with the draft model."""
         return self.tensors["embed.weight"], self.tensors["head.weight"]
 
     # ---- forward --------------------------------------------------------------------------------
-    HEAD_PREFIX = ""  # the head that finishes this model's streams (`ReferenceModel.logits`)
+    HEAD_PREFIX = ""  # the head that finishes this model's streams (`V4Model.logits`)
 
     @torch.no_grad()  # not inference_mode: SGLang's sampler scales the logits in place
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch, input_embeds=None,
@@ -176,8 +143,9 @@ class DeepseekV4PluginForCausalLM(nn.Module):
         meta = getattr(backend, "forward_metadata", None)
         if meta is None:  # idle batch
             return idle_output(self.cfg.vocab_size, input_ids.device)
-        fmt = backend.token_to_kv_pool.st.cache_format()
-        return self._output(self._reference_for(fmt), input_ids.to(torch.long), forward_batch, meta, fmt)
+        if self.fmt is None:
+            self._bind_cache_format(backend.token_to_kv_pool.st.cache_format())
+        return self._output(self.ref, input_ids.to(torch.long), forward_batch, meta, self.fmt)
 
     def _output(self, ref, input_ids: torch.Tensor, forward_batch, meta, fmt):
         """SGLang's `LogitsProcessorOutput` of a step with tokens (`meta`: the backend's plan and caches)."""
@@ -188,9 +156,6 @@ class DeepseekV4PluginForCausalLM(nn.Module):
         """This step's pre-hc_head streams [T, hc, D] (the main layers over the paged caches) and what a
         draft model reads of them [T, W]: the flat streams (MTP) or, when a DSpark checkpoint drafts,
         the `dspark_features` of its target layers."""
-        from v4_plugin.drafting import dspark_features
-        from v4_plugin.paged import streams_paged
-
         drafting = forward_batch.spec_algorithm is not None and not forward_batch.spec_algorithm.is_none()
         if self.cfg.dspark is not None and drafting:
             capture = self.cfg.dspark.target_layer_ids

@@ -1,0 +1,534 @@
+"""The DeepSeek-V4 model (`V4Model`): the model both servers run, and in its whole-sequence form the
+oracle every kernel and backend is tested against.
+
+Readable and eager. Two entry points share the ops in `v4_plugin.runtime.ops`:
+
+* `forward(ids)`: the whole sequence from position 0 at once (the prefill form: banded window
+  indices, every complete compressed block pooled in one go); the oracle;
+* `step(ids, cache)`: the next chunk of any length, carrying an explicit `SequenceCache` (window
+  ring, compressor partial blocks, compressed entries, indexer keys). `SequenceCache.checkpoint`
+  and `rollback` undo the tail of a step exactly (speculative verification, `v4_plugin.runtime.drafting`).
+
+Hot ops go through `dispatch` (Triton kernels for CUDA tensors, the torch ops otherwise; set
+V4_PLUGIN_KERNELS=torch for the torch ops alone on a GPU). Weights are the checkpoint tensors under
+their official names (spec §9): dequantized, or the FP8/FP4 linears' file entries, which the GEMM
+kernels read as they are (`Weights`). The quantization
+the model was trained with is simulated (FP8 activations in FP8/FP4 linears, FP8 KV entries,
+Hadamard + FP4 indexer q/k), each switchable through `QuantSim` for exact comparisons against
+implementations that skip it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from v4_plugin.checkpoint.loader import dequantize_linear, load_checkpoint
+from v4_plugin.checkpoint.config import LayerType, V4Config, load_config
+from v4_plugin.checkpoint.quant import QuantSim
+from v4_plugin.runtime import dispatch
+from v4_plugin.runtime.ops import attention as attn_ops
+from v4_plugin.runtime.ops import compressor as comp_ops
+from v4_plugin.runtime.ops import indexer as index_ops
+from v4_plugin.runtime.ops.linear import LinearWeight, linear
+from v4_plugin.runtime.ops.invariant import rows_times_transposed
+from v4_plugin.runtime.ops.moe import ExpertWeights, MoEWeights, route
+from v4_plugin.runtime.ops.norm import rms_norm
+from v4_plugin.runtime.ops.rope import Rope
+
+
+class Weights:
+    """Read-only view of the checkpoint tensors by official name, cast to the compute dtype on demand.
+
+    The tensors are `load_checkpoint`'s: dequantized, or with `keep_quantized` the FP8 / FP4 linears as
+    their file entries `<name>.weight` + `<name>.scale`, which are dequantized on first use (cached)
+    and reach the GEMM kernels as they are through `linear` and `moe`.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype):
+        self._tensors, self.dtype = tensors, dtype
+        self._dequantized: dict[str, torch.Tensor] = {}
+        self._stacks: dict[str, tuple[torch.Tensor, ...]] = {}  # shared expert prefix -> routed FP4 stack
+
+    def _get(self, name: str) -> torch.Tensor:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise KeyError(f"checkpoint tensor '{name}' is missing") from None
+
+    def _scale(self, name: str) -> torch.Tensor | None:
+        """The E8M0 scales of `name` (`<linear>.weight`) if that linear is kept quantized, else None."""
+        return self._tensors.get(name.removesuffix(".weight") + ".scale") if name.endswith(".weight") else None
+
+    def __call__(self, name: str, *, keep_dtype: bool = False) -> torch.Tensor:
+        t = self._get(name)
+        scale = self._scale(name)
+        if scale is not None:
+            if name not in self._dequantized:
+                self._dequantized[name] = dequantize_linear(t, scale, self.dtype)
+            return self._dequantized[name]
+        return t if keep_dtype or not t.is_floating_point() else t.to(self.dtype)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def linear(self, name: str) -> LinearWeight:
+        """The linear `name` (`<linear>.weight`) for `dispatch.linear`: with its FP8 entries if kept so."""
+        weight, scale = self._get(name), self._scale(name)
+        fp8 = (weight, scale) if scale is not None and weight.dtype == torch.float8_e4m3fn else None
+        return LinearWeight(lambda: self(name), fp8)
+
+    def moe(self, prefix: str, n_routed: int) -> MoEWeights:
+        """The experts `{prefix}.experts.{0 ... n_routed-1}` and `{prefix}.shared_experts` for `dispatch.moe`:
+        packed when the routed experts are kept in FP4 (or FP8, `-Base`) and the shared one in FP8."""
+        routed, shared = [f"{prefix}.experts.{e}" for e in range(n_routed)], f"{prefix}.shared_experts"
+        w1 = self._get(f"{routed[0]}.w1.weight")
+        packed = w1.dtype in (torch.int8, torch.float8_e4m3fn) and self._scale(f"{shared}.w1.weight") is not None
+        return MoEWeights(lambda: ([self._expert(p) for p in routed], self._expert(shared)),
+                          (lambda: self._packed_experts(routed, shared)) if packed else None)
+
+    def _expert(self, prefix: str) -> ExpertWeights:
+        return ExpertWeights(*(self(f"{prefix}.w{i}.weight") for i in (1, 2, 3)))
+
+    def _entries(self, prefix: str) -> tuple[torch.Tensor, ...]:
+        """An expert's file entries (w1, w1_scale, w2, w2_scale, w3, w3_scale)."""
+        return tuple(self._get(f"{prefix}.w{i}.{part}") for i in (1, 2, 3) for part in ("weight", "scale"))
+
+    def _packed_experts(self, routed: list[str],
+                        shared: str) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """`MoEWeights.packed`: the routed experts' entries stacked over E (built once per layer), the shared one's."""
+        if shared not in self._stacks:
+            entries = [self._entries(p) for p in routed]
+            self._stacks[shared] = tuple(_stacked([e[i] for e in entries]) for i in range(6))
+        return self._stacks[shared], self._entries(shared)
+
+
+def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack(parts), without a copy when the parts already lie back to back in one storage (the
+    loader's expert stacks)."""
+    first = parts[0]
+    size, storage = first.numel() * first.element_size(), first.untyped_storage().data_ptr()
+    if size and all(p.is_contiguous() and p.untyped_storage().data_ptr() == storage
+                    and p.data_ptr() == first.data_ptr() + e * size for e, p in enumerate(parts)):
+        return first.as_strided((len(parts), *first.shape), (first.numel(), *first.stride()))
+    return torch.stack(parts)
+
+
+@dataclass
+class _LayerMark:
+    """One layer's state at `SequenceCache.checkpoint`, and the compressor input fed since then."""
+
+    ring: torch.Tensor  # [window, head_dim] copy of the ring
+    # The compressor states themselves: `CompressorState.append` rebinds its tensors, never writes into them.
+    compressor: comp_ops.CompressorState | None
+    index_compressor: comp_ops.CompressorState | None
+    fed: dict[bool, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]  # indexer? -> [(kv, gate, ape)]
+
+
+@dataclass
+class LayerCache:
+    """Per-layer state of one sequence."""
+
+    ring: torch.Tensor  # [window, head_dim]: raw KV of position p in slot p mod window
+    compressed: torch.Tensor  # [entries, head_dim]: compressed KV, entry j covers positions j*m ... j*m+m-1
+    index_keys: torch.Tensor | None  # [entries, index_head_dim] (CSA)
+    compressor: comp_ops.CompressorState | None
+    index_compressor: comp_ops.CompressorState | None
+    mark: _LayerMark | None = None
+
+    def feed(self, indexer: bool, kv: torch.Tensor, gate: torch.Tensor,
+             ape: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`CompressorState.append` on the main (or the indexer's) compressor, journalled after a checkpoint."""
+        if self.mark is not None:
+            self.mark.fed[indexer].append((kv, gate, ape))
+        return (self.index_compressor if indexer else self.compressor).append(kv, gate, ape)
+
+    def set_mark(self) -> None:
+        self.mark = _LayerMark(self.ring.clone(), copy.copy(self.compressor), copy.copy(self.index_compressor),
+                               {False: [], True: []})
+
+    def roll_back(self, marked: int, keep: int, current: int) -> None:
+        """Return to the state after `keep` tokens, from the mark taken after `marked` (marked <= keep <= current).
+
+        Ring slots of the dropped positions get back what they held at the mark (positions - window);
+        compressed entries and indexer keys are cut to the blocks complete at `keep` (those entries do
+        not depend on later tokens); each compressor is the marked state fed the first `keep - marked`
+        journalled rows again, which is the state the tokens up to `keep` leave.
+        """
+        mark, win = self.mark, self.ring.shape[0]
+        dropped = torch.arange(keep, current, device=self.ring.device) % win
+        self.ring[dropped] = mark.ring[dropped]
+        if self.compressor is not None:
+            self.compressed = self.compressed[: keep // self.compressor.ratio]
+            self.compressor = _replay(mark.compressor, mark.fed[False], keep - marked)
+        if self.index_compressor is not None:
+            self.index_keys = self.index_keys[: keep // self.index_compressor.ratio]
+            self.index_compressor = _replay(mark.index_compressor, mark.fed[True], keep - marked)
+        self.mark = None
+
+
+def _replay(state: comp_ops.CompressorState, fed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+            count: int) -> comp_ops.CompressorState:
+    """A copy of `state` after appending the first `count` journalled rows (kv, gate fp32 [n, c*e])."""
+    state = copy.copy(state)
+    if count:
+        kv = torch.cat([f[0] for f in fed])[:count]
+        gate = torch.cat([f[1] for f in fed])[:count]
+        state.append(kv, gate, fed[0][2])
+    return state
+
+
+@dataclass
+class SequenceCache:
+    """Everything the model carries for one sequence between `step` calls."""
+
+    layers: list[LayerCache]
+    num_tokens: int = 0
+    marked_tokens: int | None = None  # num_tokens at the open checkpoint
+
+    @torch.inference_mode()
+    def checkpoint(self) -> None:
+        """Remember the current state, so that `rollback` can later drop tokens stepped after this point."""
+        for layer in self.layers:
+            layer.set_mark()
+        self.marked_tokens = self.num_tokens
+
+    @torch.inference_mode()
+    def rollback(self, num_tokens: int) -> None:
+        """Keep the first `num_tokens` tokens: the cache becomes exactly what stepping only those leaves.
+
+        Needs an open `checkpoint` taken at or before `num_tokens` and at most one window (the ring
+        size) of tokens stepped since; closes the checkpoint. `rollback(cache.num_tokens)` keeps all.
+        """
+        marked = self.marked_tokens
+        if marked is None:
+            raise ValueError("SequenceCache.rollback: no open checkpoint (call checkpoint() before the step)")
+        if not marked <= num_tokens <= self.num_tokens:
+            raise ValueError(f"SequenceCache.rollback: can keep {marked} ... {self.num_tokens} tokens "
+                             f"(checkpoint ... now), not {num_tokens}")
+        window = self.layers[0].ring.shape[0] if self.layers else 0
+        if self.num_tokens - marked > window:
+            raise ValueError(f"SequenceCache.rollback: {self.num_tokens - marked} tokens were stepped since the "
+                             f"checkpoint; at most the sliding window ({window}) can be rolled back")
+        for layer in self.layers:
+            layer.roll_back(marked, num_tokens, self.num_tokens)
+        self.num_tokens, self.marked_tokens = num_tokens, None
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # fp32 [T, vocab]
+    streams: torch.Tensor  # [T, hc, D]: the residual streams before hc_head (the MTP input)
+    # layer id -> [T, hc, D]: the streams that main layer outputs, for the layers asked for with `capture`
+    captured: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class Block:
+    """One decoder block: mHC around attention and MoE (spec §3)."""
+
+    def __init__(self, cfg: V4Config, w: Weights, prefix: str, layer_id: int, quant: QuantSim):
+        self.cfg, self.w, self.p, self.layer_id, self.quant = cfg, w, prefix, layer_id, quant
+        self.kind = cfg.layer_type(layer_id)
+        self.ratio = self.kind.ratio
+        self.rope = Rope.for_layer(cfg, self.kind)
+        self.act_q = quant.activations and cfg.quantized
+
+    # ---- shared pieces ---------------------------------------------------------------------------
+    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return dispatch.linear(x, self.w.linear(f"{self.p}.{name}.weight"), self.act_q)
+
+    def _query(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (c_q [T, R_q], q [T, H, d]): low-rank query, weightless per-head norm, RoPE."""
+        cfg = self.cfg
+        c_q = rms_norm(self._linear(x, "attn.wq_a"), self.w(f"{self.p}.attn.q_norm.weight"), cfg.rms_norm_eps)
+        q = self._linear(c_q, "attn.wq_b").unflatten(-1, (cfg.num_attention_heads, cfg.head_dim))
+        q = rms_norm(q, None, cfg.rms_norm_eps)
+        return c_q, self.rope.rotate(q, positions)
+
+    def _window_kv(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [T, D] -> raw KV entries [T, d]: normed, rotated at t, rounded as the cache record stores them."""
+        cfg = self.cfg
+        kv = rms_norm(self._linear(x, "attn.wkv"), self.w(f"{self.p}.attn.kv_norm.weight"), cfg.rms_norm_eps)
+        kv = self.rope.rotate(kv, positions)
+        return comp_ops.simulate_kv_storage(kv, cfg.qk_rope_head_dim) if self.quant.kv_cache else kv
+
+    def finish_args(self, indexer: bool) -> dict:
+        """The keywords of `ops.compressor.finish_entries` for this layer's main or indexer compressor."""
+        prefix = f"{self.p}.attn.indexer.compressor" if indexer else f"{self.p}.attn.compressor"
+        return dict(ratio=self.ratio, norm_weight=self.w(f"{prefix}.norm.weight"), eps=self.cfg.rms_norm_eps,
+                    rope=self.rope, dtype=self.w.dtype, indexer=indexer,
+                    simulate_quant=self.quant.indexer if indexer else self.quant.kv_cache)
+
+    def _finish(self, pooled: torch.Tensor, block_ids: torch.Tensor, indexer: bool) -> torch.Tensor:
+        return comp_ops.finish_entries(pooled, block_ids, **self.finish_args(indexer))
+
+    def _projections(self, x: torch.Tensor, indexer: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        prefix = f"{self.p}.attn.indexer.compressor" if indexer else f"{self.p}.attn.compressor"
+        kv, gate = comp_ops.project(x, self.w(f"{prefix}.wkv.weight"), self.w(f"{prefix}.wgate.weight"))
+        return kv, gate, self.w(f"{prefix}.ape").float()
+
+    def _index_topk(self, x: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor,
+                    keys: torch.Tensor) -> torch.Tensor:
+        """CSA selection: indices into the compressed entries [T, min(topk, N)], -1 = none."""
+        cfg = self.cfg
+        q = self._linear(c_q, "attn.indexer.wq_b").unflatten(-1, (cfg.index_n_heads, cfg.index_head_dim))
+        q = index_ops.index_queries(q, positions, self.rope, self.quant.indexer)
+        head_w = linear(x, self.w(f"{self.p}.attn.indexer.weights_proj.weight"), False).float()
+        head_w = head_w * (cfg.index_head_dim**-0.5 * cfg.index_n_heads**-0.5)
+        scores = dispatch.index_scores(q, head_w, keys)
+        return dispatch.select_topk(scores, attn_ops.visible_entries(positions, self.ratio), cfg.index_topk)
+
+    def _compressed_indices(self, x: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor,
+                            num_entries: int, index_keys: torch.Tensor | None) -> torch.Tensor:
+        """Compressed entries each query attends to, as entry numbers [T, S] (-1 = none)."""
+        if self.kind is LayerType.CSA:
+            return self._index_topk(x, c_q, positions, index_keys)
+        entries = torch.arange(num_entries, device=positions.device)
+        visible = entries[None, :] < attn_ops.visible_entries(positions, self.ratio)[:, None]
+        return torch.where(visible, entries[None, :], torch.full_like(visible, -1, dtype=torch.long))
+
+    def _attend(self, q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
+                positions: torch.Tensor) -> torch.Tensor:
+        """Sparse attention, de-rotation of the output and the grouped low-rank projection -> [T, D]."""
+        cfg = self.cfg
+        o = dispatch.sparse_attention(q, kv, indices, self.w(f"{self.p}.attn.attn_sink").float(), cfg.head_dim**-0.5)
+        o = self.rope.rotate(o, positions, inverse=True)
+        z = attn_ops.grouped_output_projection(o, self.w(f"{self.p}.attn.wo_a.weight"), cfg.o_groups)
+        return self._linear(z, "attn.wo_b")
+
+    # ---- attention, whole sequence ---------------------------------------------------------------
+    def attention_full(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, D] at positions 0 ... T-1 -> [T, D]."""
+        t = x.shape[0]
+        positions = torch.arange(t, device=x.device)
+        c_q, q = self._query(x, positions)
+        kv = self._window_kv(x, positions)
+        indices = attn_ops.window_positions(positions, self.cfg.sliding_window)
+        if self.kind is not LayerType.SWA:
+            kv_c, gate, ape = self._projections(x, indexer=False)
+            pooled = comp_ops.compress_sequence(kv_c, gate, ape, overlap=self.kind is LayerType.CSA)
+            block_ids = torch.arange(pooled.shape[0], device=x.device)
+            entries = self._finish(pooled, block_ids, indexer=False)
+            keys = None
+            if self.kind is LayerType.CSA:
+                k_i, g_i, ape_i = self._projections(x, indexer=True)
+                keys = self._finish(comp_ops.compress_sequence(k_i, g_i, ape_i, overlap=True), block_ids, indexer=True)
+            chosen = self._compressed_indices(x, c_q, positions, entries.shape[0], keys)
+            indices = torch.cat((indices, torch.where(chosen >= 0, chosen + t, chosen)), dim=1)
+            kv = torch.cat((kv, entries))
+        return self._attend(q, kv, indices, positions)
+
+    # ---- attention, next chunk with a carried cache ----------------------------------------------
+    def new_cache(self, device: torch.device | str) -> LayerCache:
+        cfg, e = self.cfg, self.cfg.head_dim
+        ring = torch.zeros(cfg.sliding_window, e, dtype=self.w.dtype, device=device)
+        empty = torch.zeros(0, e, dtype=self.w.dtype, device=device)
+        if self.kind is LayerType.SWA:
+            return LayerCache(ring, empty, None, None, None)
+        csa = self.kind is LayerType.CSA
+        main = comp_ops.CompressorState(self.ratio, csa, (2 if csa else 1) * e, device)
+        if not csa:
+            return LayerCache(ring, empty, None, main, None)
+        di = cfg.index_head_dim
+        keys = torch.zeros(0, di, dtype=self.w.dtype, device=device)
+        return LayerCache(ring, empty, keys, main, comp_ops.CompressorState(self.ratio, True, 2 * di, device))
+
+    def attention_step(self, x: torch.Tensor, start: int, cache: LayerCache) -> torch.Tensor:
+        """x [n, D] at positions start ... start+n-1, with the layer's cache of positions < start."""
+        n, win = x.shape[0], self.cfg.sliding_window
+        positions = torch.arange(start, start + n, device=x.device)
+        c_q, q = self._query(x, positions)
+        kv_new = self._window_kv(x, positions)
+
+        # Local KV: the cached window positions start-win+1 ... start-1 (ring order), then the chunk.
+        past = torch.arange(max(0, start - win + 1), start, device=x.device)
+        kv = torch.cat((cache.ring[past % win], kv_new))
+        first = past[0].item() if len(past) else start
+        window = attn_ops.window_positions(positions, win)
+        indices = torch.where(window >= 0, window - first, window)
+
+        recent = positions[-win:]
+        cache.ring[recent % win] = kv_new[-win:]
+        if self.kind is not LayerType.SWA:
+            pooled, block_ids = cache.feed(False, *self._projections(x, indexer=False))
+            cache.compressed = torch.cat((cache.compressed, self._finish(pooled, block_ids, indexer=False)))
+            if self.kind is LayerType.CSA:
+                pooled_i, ids_i = cache.feed(True, *self._projections(x, indexer=True))
+                cache.index_keys = torch.cat((cache.index_keys, self._finish(pooled_i, ids_i, indexer=True)))
+            chosen = self._compressed_indices(x, c_q, positions, cache.compressed.shape[0], cache.index_keys)
+            indices = torch.cat((indices, torch.where(chosen >= 0, chosen + kv.shape[0], chosen)), dim=1)
+            kv = torch.cat((kv, cache.compressed))
+        return self._attend(q, kv, indices, positions)
+
+    # ---- the block -------------------------------------------------------------------------------
+    def _hc_pre(self, x: torch.Tensor, site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        return dispatch.hc_pre(
+            x, self.w(f"{self.p}.hc_{site}_fn", keep_dtype=True), self.w(f"{self.p}.hc_{site}_scale", keep_dtype=True),
+            self.w(f"{self.p}.hc_{site}_base", keep_dtype=True),
+            norm_eps=cfg.rms_norm_eps, hc_eps=cfg.hc_eps, sinkhorn_iters=cfg.hc_sinkhorn_iters,
+        )
+
+    def _moe(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        cfg, p = self.cfg, f"{self.p}.ffn"
+        hashed = self.layer_id < cfg.num_hidden_layers and cfg.is_hash_layer(self.layer_id)
+        weights, ids = route(
+            x, self.w(f"{p}.gate.weight"), top_k=cfg.num_experts_per_tok, scaling=cfg.routed_scaling_factor,
+            bias=None if hashed else self.w(f"{p}.gate.bias", keep_dtype=True),
+            tid2eid=self.w(f"{p}.gate.tid2eid") if hashed else None, token_ids=token_ids,
+        )
+        return dispatch.moe(x, weights, ids, self.w.moe(p, cfg.n_routed_experts), limit=cfg.swiglu_limit,
+                            quantize_input=self.act_q)
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor,
+                attention: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Streams x [T, hc, D] -> [T, hc, D], with `attention` mapping the normed input [T, D] to [T, D]
+        (`attention_full`, `attention_step` or the paged form)."""
+        eps = self.cfg.rms_norm_eps
+        u, post, comb = self._hc_pre(x, "attn")
+        u = rms_norm(u, self.w(f"{self.p}.attn_norm.weight"), eps)
+        a = attention(u)
+        x = dispatch.hc_post(a, x, post, comb)
+        v, post, comb = self._hc_pre(x, "ffn")
+        f = self._moe(rms_norm(v, self.w(f"{self.p}.ffn_norm.weight"), eps), token_ids)
+        return dispatch.hc_post(f, x, post, comb)
+
+
+class V4Model:
+    """DeepSeek-V4 main model (and its MTP block) over dequantized checkpoint tensors."""
+
+    def __init__(self, cfg: V4Config, tensors: Mapping[str, torch.Tensor], *,
+                 dtype: torch.dtype = torch.float32, quant: QuantSim = QuantSim()):
+        self.cfg, self.dtype, self.quant = cfg, dtype, quant
+        self.w = Weights(tensors, dtype)
+        self.blocks = [Block(cfg, self.w, f"layers.{i}", i, quant) for i in range(cfg.num_hidden_layers)]
+        n_mtp = cfg.num_nextn_predict_layers if cfg.has_mtp else 0
+        self.mtp_blocks = [Block(cfg, self.w, f"mtp.{k}", cfg.num_hidden_layers + k, quant) for k in range(n_mtp)]
+
+    @classmethod
+    def from_checkpoint(cls, model_dir: str | Path, *, dtype: torch.dtype = torch.float32,
+                        quant: QuantSim = QuantSim(), include_mtp: bool = False) -> "V4Model":
+        """The model of a checkpoint directory (config.json, safetensors) through the core loader; its drafter
+        blocks (mtp.*) with `include_mtp`."""
+        cfg = load_config(model_dir)
+        tensors = load_checkpoint(model_dir, cfg, dtype=dtype, include_mtp=include_mtp)
+        return cls(cfg, tensors, dtype=dtype, quant=quant)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """int64 [T] -> embeddings [T, D] in the model dtype."""
+        return self.w("embed.weight")[token_ids]
+
+    def _head_hidden(self, streams: torch.Tensor, prefix: str) -> torch.Tensor:
+        """Streams [T, hc, D] -> hc_head output [T, D], before the final norm (`prefix`: "" or a draft block's)."""
+        cfg = self.cfg
+        return dispatch.hc_head(
+            streams, self.w(f"{prefix}hc_head_fn", keep_dtype=True), self.w(f"{prefix}hc_head_scale", keep_dtype=True),
+            self.w(f"{prefix}hc_head_base", keep_dtype=True), norm_eps=cfg.rms_norm_eps, hc_eps=cfg.hc_eps,
+        )
+
+    def _head_logits(self, hidden: torch.Tensor, prefix: str) -> torch.Tensor:
+        """hc_head output [T, D] -> fp32 logits [T, vocab] through `{prefix}norm` and the shared head."""
+        h = rms_norm(hidden, self.w(f"{prefix}norm.weight"), self.cfg.rms_norm_eps)
+        return rows_times_transposed(h.float(), self.w("head.weight").float())
+
+    def logits(self, streams: torch.Tensor, prefix: str = "") -> torch.Tensor:
+        """Pre-hc_head streams [T, hc, D] -> fp32 logits [T, vocab]: the main head (`prefix` "") or a
+        draft block's own hc_head and norm before the shared head (`prefix` "mtp.{k}.")."""
+        return self._head_logits(self._head_hidden(streams, prefix), prefix)
+
+    def _streams(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(token_ids).unsqueeze(1).repeat(1, self.cfg.hc_mult, 1)
+
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor, capture: Sequence[int] = ()) -> ModelOutput:
+        """Whole sequence from position 0: token_ids int64 [T] -> logits fp32 [T, vocab].
+
+        `capture`: main layer ids whose output streams to return in `ModelOutput.captured`."""
+        x, captured = self._streams(token_ids), {}
+        for i, block in enumerate(self.blocks):
+            x = block.forward(x, token_ids, block.attention_full)
+            if i in capture:
+                captured[i] = x
+        return ModelOutput(self.logits(x, ""), x, captured)
+
+    def new_cache(self, device: torch.device | str = "cpu") -> SequenceCache:
+        return SequenceCache([b.new_cache(device) for b in self.blocks])
+
+    @torch.inference_mode()
+    def step(self, token_ids: torch.Tensor, cache: SequenceCache, capture: Sequence[int] = ()) -> ModelOutput:
+        """The next chunk of a sequence: positions cache.num_tokens ... + n - 1; updates cache in place.
+
+        `capture`: main layer ids whose output streams to return in `ModelOutput.captured`."""
+        x, captured = self._streams(token_ids), {}
+        start = cache.num_tokens
+        for i, (block, layer_cache) in enumerate(zip(self.blocks, cache.layers)):
+            x = block.forward(x, token_ids, lambda u, b=block, c=layer_cache: b.attention_step(u, start, c))
+            if i in capture:
+                captured[i] = x
+        cache.num_tokens += token_ids.shape[0]
+        return ModelOutput(self.logits(x, ""), x, captured)
+
+    @torch.inference_mode()
+    def mtp_forward(self, streams: torch.Tensor, next_ids: torch.Tensor, depth: int = 0) -> ModelOutput:
+        """MTP block `depth` over a whole sequence (spec §10).
+
+        streams [T, hc, D]: the main model's pre-hc_head streams at positions 0 ... T-1; next_ids [T]:
+        the token at t+1 for each position t. Returns the draft logits for position t+2 and the MTP's
+        own pre-hc_head streams.
+        """
+        self._require_mtp()
+        block = self.mtp_blocks[depth]
+        x = block.forward(self._mtp_input(streams, next_ids, depth), next_ids, block.attention_full)
+        return ModelOutput(self.logits(x, f"mtp.{depth}."), x)
+
+    def new_mtp_cache(self, depth: int = 0, device: torch.device | str = "cpu") -> SequenceCache:
+        """The window cache of MTP block `depth` for one sequence (a one-layer `SequenceCache`)."""
+        self._require_mtp()
+        return SequenceCache([self.mtp_blocks[depth].new_cache(device)])
+
+    @torch.inference_mode()
+    def mtp_step(self, streams: torch.Tensor, next_ids: torch.Tensor, cache: SequenceCache,
+                 depth: int = 0) -> ModelOutput:
+        """MTP block `depth` over the next rows, positions cache.num_tokens ... + n - 1 (`mtp_forward`'s step form).
+
+        streams [n, hc, D] and next_ids [n] as in `mtp_forward`; updates `cache` (from `new_mtp_cache`) in place.
+        """
+        self._require_mtp()
+        block, start = self.mtp_blocks[depth], cache.num_tokens
+        x = self._mtp_input(streams, next_ids, depth)
+        x = block.forward(x, next_ids, lambda u: block.attention_step(u, start, cache.layers[0]))
+        cache.num_tokens += next_ids.shape[0]
+        return ModelOutput(self.logits(x, f"mtp.{depth}."), x)
+
+    def _require_mtp(self) -> None:
+        cfg = self.cfg
+        if not cfg.has_mtp:
+            raise ValueError(f"{cfg.source}: this checkpoint has no MTP block (its mtp.* tensors are DSpark drafter "
+                             "stages, without e_proj/h_proj/enorm/hnorm); MTP drafting is not available")
+
+    def _mtp_input(self, streams: torch.Tensor, next_ids: torch.Tensor, depth: int) -> torch.Tensor:
+        """The MTP block's input streams [T, hc, D] (spec §10 steps 1-2)."""
+        cfg, p = self.cfg, f"mtp.{depth}."
+        e = rms_norm(self.embed(next_ids), self.w(f"{p}enorm.weight"), cfg.rms_norm_eps)
+        h = rms_norm(streams, self.w(f"{p}hnorm.weight"), cfg.rms_norm_eps)
+        act_q = self.mtp_blocks[depth].act_q
+        return (dispatch.linear(e, self.w.linear(f"{p}e_proj.weight"), act_q).unsqueeze(1)
+                + dispatch.linear(h, self.w.linear(f"{p}h_proj.weight"), act_q))
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
+        """Greedy decoding: one prefill step, then one token per step. Returns the new token ids."""
+        cache = self.new_cache()
+        out = self.step(torch.tensor(prompt_ids), cache)
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            token = int(out.logits[-1].argmax())
+            new.append(token)
+            if token in stop_ids:
+                break
+            out = self.step(torch.tensor([token]), cache)
+        return new
