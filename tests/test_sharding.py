@@ -1,11 +1,17 @@
-"""v4_plugin.checkpoint.sharding: every split tensor's slices tile it exactly once, one rank's bytes are the
-published per-rank figures of the real checkpoints, and a size that does not divide is a clear error."""
+"""v4_plugin.checkpoint.sharding and `kv-plan --tp/--dp/--ep`: every split tensor's slices tile it exactly
+once, one rank's bytes are the published per-rank figures of the real checkpoints, the per-rank plan holds
+the whole KV on every TP rank, and a size that does not divide is a clear error."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+
 import pytest
 
-from v4_plugin.cache.layout import checkpoint_bytes
+from v4_plugin.cache.layout import checkpoint_bytes, plan
+from v4_plugin.cli import main
 from v4_plugin.checkpoint.config import ConfigError, parse_config, preset_config
 from v4_plugin.checkpoint.schema import Format, checkpoint_tensors
 from v4_plugin.checkpoint.sharding import (Parallelism, Split, check_parallelism, rank_weights, shard, split_of,
@@ -80,3 +86,36 @@ def test_sizes_that_do_not_divide_are_named(model, par, field):
     cfg = parse_config(TINY_PRESETS["flash"]) if model == "tiny" else preset_config(model)
     with pytest.raises(ConfigError, match=field):
         check_parallelism(cfg, par)
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["kv-plan", *args])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("model, flags, par", [
+    ("flash", ["--tp", "8"], Parallelism(8)), ("flash", ["--dp", "8", "--ep"], Parallelism(1, 8, True)),
+    ("pro", ["--tp", "4", "--dp", "2", "--ep"], Parallelism(4, 2, True)),
+])
+def test_kv_plan_per_rank(model, flags, par):
+    """`kv-plan --tp/--dp/--ep`: the rank's stored bytes, the single-rank KV bytes per token (TP ranks hold
+    copies: one KV head), and the sequences of every replica in the memory left after the weights."""
+    code, out, _ = _cli("--model", model, *flags, "--gpu-memory", "126.4", "--context", "128K", "--json")
+    assert code == 0
+    got, cfg = json.loads(out), preset_config(model)
+    weights = rank_weights(cfg, par).total
+    single = plan(cfg, context=128 * 1024)
+    assert got["weight_bytes_per_rank"] == weights
+    assert got["kv_bytes_per_token"] == single.bytes_per_token
+    budget = int(126.4 * GIB) - weights
+    assert got["kv_tokens_per_rank"] == int(budget // single.bytes_per_token)
+    assert got["sequences"] == budget // single.total_bytes_at_context * par.attn_dp > 0
+
+
+def test_kv_plan_per_rank_errors_and_table():
+    code, _, err = _cli("--model", "flash", "--tp", "3")
+    assert code == 2 and "--tp 3 --dp 1" in err and "num_attention_heads" in err
+    code, out, _ = _cli("--model", "pro", "--tp", "8", "--gpu-memory", "71.7")
+    assert code == 0 and "does not fit" not in out and "fits" in out and "no: the weights need" in out

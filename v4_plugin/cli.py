@@ -1,7 +1,7 @@
 """`v4-plugin` command line: KV planning, tiny checkpoints and greedy generation with the core model.
 
     v4-plugin kv-plan --model {flash,pro,flash-0731,pro-0813,v3.2,PATH} [--indexer-cache fp8|fp4] [--context N]
-                      [--gpu-memory GIB] [--json]
+                      [--gpu-memory GIB] [--tp N] [--dp N] [--ep] [--json]
     v4-plugin kv-plan --framework vllm --model {flash,...,PATH} --kv-cache-memory BYTES --max-num-batched-tokens N
                       [--max-model-len N] [--kv-cache-dtype auto|fp8|fp8_e4m3|fp8_ds_mla|...] [--indexer-cache fp8|fp4]
                       [--dtype auto|bfloat16|float16|float32] [--device gpu|cpu] [--[no-]async-scheduling]
@@ -29,8 +29,9 @@ from tokenizers import Tokenizer
 import sglang_backend.capacity as sglang_capacity
 import vllm_backend.capacity as vllm_capacity
 from v4_plugin import __version__
-from v4_plugin.cache.layout import IndexerCache, KVPlan, checkpoint_bytes, plan, plan_v32
+from v4_plugin.cache.layout import IndexerCache, KVPlan, RankPlan, checkpoint_bytes, plan, plan_ranks, plan_v32
 from v4_plugin.checkpoint.config import PRESETS, ConfigError, V4Config, load_config, preset_config
+from v4_plugin.checkpoint.sharding import Parallelism, check_parallelism
 from v4_plugin.checkpoint.tiny import make_tiny
 from v4_plugin.runtime.model import V4Model
 from v4_plugin.serving.settings import KV_CACHE_DTYPES
@@ -156,6 +157,8 @@ def _kv_plan(args: argparse.Namespace) -> int:
     if args.kv_cache_dtype != "auto" or args.dtype != "auto" or args.device != "gpu":
         raise ValueError("--kv-cache-dtype, --dtype and --device need --framework (e.g. --framework vllm)")
     args.context = DEFAULT_CONTEXT if args.context is None else args.context
+    if args.tp is not None or args.dp is not None or args.ep:
+        return _rank_plan(args)
     p = _plan_for(args.model, args.context, IndexerCache(args.indexer_cache or "fp8"))
     if args.json:
         out = p.to_json()
@@ -166,6 +169,50 @@ def _kv_plan(args: argparse.Namespace) -> int:
     else:
         _print_plan(p, args.gpu_memory)
     return 0
+
+
+def _rank_plan(args: argparse.Namespace) -> int:
+    """kv-plan --tp/--dp/--ep: what one rank holds (weights as stored, KV), and what fits in --gpu-memory."""
+    if args.model in ("v3.2", "v32"):
+        raise ValueError("--tp/--dp/--ep plan DeepSeek-V4 models only")
+    cfg, name = _model_config(args.model)
+    par = Parallelism(args.tp or 1, args.dp or 1, args.ep)
+    check_parallelism(cfg, par, where=f"--tp {par.attn_tp} --dp {par.attn_dp}{' --ep' if par.expert_parallel else ''}")
+    memory = None if args.gpu_memory is None else int(args.gpu_memory * GIB)
+    p = plan_ranks(cfg, par, context=args.context, indexer_cache=IndexerCache(args.indexer_cache or "fp8"),
+                   memory_bytes=memory, name=name)
+    if args.json:
+        print(json.dumps({"model": name, **p.to_json()}, indent=2))
+    else:
+        _print_rows(_rank_rows(p, name))
+    return 0
+
+
+def _rank_rows(p: RankPlan, name: str) -> list[tuple[str, str]]:
+    par, w = p.parallelism, p.weights
+    moe = f"experts by range over {par.world} ranks" if par.expert_parallel else \
+        f"experts by intermediate dim over {par.world} ranks"
+    rows = [
+        ("model", name),
+        ("ranks", f"{par.world} = TP {par.attn_tp} x DP {par.attn_dp} (attention); MoE: {moe}"),
+        ("weights per rank", f"{_human(w.total)}: routed experts {_human(w.routed_experts)}, shared "
+                             f"{_human(w.shared_experts)}, blocks {_human(w.blocks)}, embedding + head "
+                             f"{_human(w.embedding_and_head)}"),
+        ("KV per token", f"{p.kv.bytes_per_token:,.1f} B on every rank (one KV head: TP ranks hold copies)"),
+        (f"KV at {p.kv.context:,} tokens", f"{_human(p.kv.total_bytes_at_context)} per sequence (windows included)"),
+    ]
+    if p.memory_bytes is not None:
+        gib = p.memory_bytes / GIB
+        if p.kv_budget_bytes == 0:
+            rows.append(("fits", f"no: the weights need {_human(w.total)} of {gib:g} GiB per rank"))
+        else:
+            rows += [
+                (f"KV budget in {gib:g} GiB", f"{_human(p.kv_budget_bytes)} per rank"),
+                ("KV tokens per rank", f"{p.kv_tokens:,} (amortised bytes per token)"),
+                (f"sequences of {p.kv.context:,}", f"{p.sequences_per_replica:,} per replica x {par.attn_dp} = "
+                                                   f"{p.sequences:,}"),
+            ]
+    return rows
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
@@ -201,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--context", type=parse_tokens, help="tokens per sequence (e.g. 128K, 1M; default 1M)")
     kv.add_argument("--gpu-memory", type=float, help="GiB of accelerator memory, weights included")
     kv.add_argument("--json", action="store_true", help="print one JSON object")
+    ranks = kv.add_argument_group("several ranks", "weights per rank as stored (the native sharding) and the KV "
+                                                   "each rank holds; --gpu-memory is then per rank")
+    ranks.add_argument("--tp", type=int, help="tensor-parallel ranks per attention replica (heads split)")
+    ranks.add_argument("--dp", type=int, help="data-parallel attention replicas")
+    ranks.add_argument("--ep", action="store_true", help="expert parallelism: routed experts by range over all ranks "
+                                                         "(else by intermediate dimension)")
     serving = kv.add_argument_group("serving framework", "predict the KV capacity a framework logs at startup")
     serving.add_argument("--framework", choices=list(FRAMEWORKS))
     serving.add_argument("--kv-cache-memory", type=parse_bytes, metavar="BYTES",

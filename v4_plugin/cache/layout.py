@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from v4_plugin.checkpoint.config import FP4_BLOCK, FP8_KV_BLOCK, LayerType, V4Config
 from v4_plugin.checkpoint.schema import checkpoint_tensors, stored_bytes
+from v4_plugin.checkpoint.sharding import Parallelism, RankWeights, rank_weights
 
 SCALE_SECTION_ALIGN = 8  # the per-entry E8M0 scale bytes are padded to a multiple of 8
 FP32_BYTES = 4
@@ -150,6 +151,58 @@ def plan(cfg: V4Config, *, context: int, indexer_cache: IndexerCache = IndexerCa
         kv_bytes_at_context=kv_at,
         weight_bytes=weight_bytes,
     )
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """One rank of a multi-rank deployment: its share of the weights as stored and the KV it can hold in
+    `memory_bytes`. V4 attention has one KV head, so every attention tensor-parallel rank holds the whole
+    KV of its replica's sequences: KV bytes per token do not shrink with tensor parallelism."""
+
+    parallelism: Parallelism
+    weights: RankWeights
+    kv: KVPlan  # one sequence of `kv.context` tokens
+    memory_bytes: int | None  # for weights and KV, per rank
+
+    @property
+    def kv_budget_bytes(self) -> int | None:
+        return None if self.memory_bytes is None else max(0, self.memory_bytes - self.weights.total)
+
+    @property
+    def kv_tokens(self) -> int | None:
+        """Tokens of KV the budget holds at the amortised bytes per token (windows and states excluded)."""
+        budget = self.kv_budget_bytes
+        return None if budget is None else int(budget // self.kv.bytes_per_token)
+
+    @property
+    def sequences_per_replica(self) -> int | None:
+        """Whole `kv.context`-token sequences (windows and states included) one attention replica holds."""
+        budget = self.kv_budget_bytes
+        return None if budget is None else budget // self.kv.total_bytes_at_context
+
+    @property
+    def sequences(self) -> int | None:
+        """Over every data-parallel attention replica."""
+        n = self.sequences_per_replica
+        return None if n is None else n * self.parallelism.attn_dp
+
+    def to_json(self) -> dict:
+        par = self.parallelism
+        return {"tensor_parallel": par.attn_tp, "data_parallel": par.attn_dp, "expert_parallel": par.expert_parallel,
+                "weight_bytes_per_rank": self.weights.total, "weight_bytes_by_part": dict(self.weights.__dict__),
+                "kv_bytes_per_token": self.kv.bytes_per_token, "context": self.kv.context,
+                "memory_bytes_per_rank": self.memory_bytes, "kv_budget_bytes_per_rank": self.kv_budget_bytes,
+                "kv_tokens_per_rank": self.kv_tokens, "sequences_per_replica": self.sequences_per_replica,
+                "sequences": self.sequences}
+
+
+def plan_ranks(cfg: V4Config, par: Parallelism, *, context: int, indexer_cache: IndexerCache = IndexerCache.FP8,
+               memory_bytes: int | None = None, name: str = "deepseek-v4") -> RankPlan:
+    """The plan of rank 0 of `par` (every rank holds the same bytes when the sizes divide, as
+    `check_parallelism` requires)."""
+    weights = rank_weights(cfg, par)
+    kv = plan(cfg, context=context, indexer_cache=indexer_cache, name=name, weight_bytes=weights.total)
+    return RankPlan(par, weights, kv, memory_bytes)
 
 
 def checkpoint_bytes(cfg: V4Config, include_mtp: bool = True) -> int:
