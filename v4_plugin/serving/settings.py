@@ -159,10 +159,18 @@ def resolve_model_dir(model: str | os.PathLike, revision: str | None = None, *, 
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download  # a dependency of tokenizers, needed for hub ids only
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     patterns = ["config.json"] if config_only else list(CHECKPOINT_FILES)
-    return Path(snapshot_download(str(model), revision=revision, allow_patterns=patterns,
-                                  local_files_only=local_files_only))
+    try:
+        return Path(snapshot_download(str(model), revision=revision, allow_patterns=patterns,
+                                      local_files_only=local_files_only))
+    except HFValidationError:
+        raise FileNotFoundError(f"model {str(model)!r}: no such directory, and not a hub id") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError) as e:
+        where = "no downloaded snapshot of it" if local_files_only else "the hub has no such repository or revision"
+        raise FileNotFoundError(f"model {str(model)!r}: not a local checkpoint directory, and {where} "
+                                f"({type(e).__name__})") from e
 
 
 # ---- tensors on a framework's model object ----------------------------------------------------------
