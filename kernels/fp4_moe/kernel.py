@@ -270,12 +270,14 @@ def _align(ids: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.Tenso
 
     Returns (slots int32 [n_blocks * block_m]: flat slot index t*k + j, or n_slots for padding;
     block_expert int32 [n_blocks]: expert of each block, -1 for blocks past the end). No host sync:
-    n_blocks is the upper bound for min(E, T*k) non-empty experts.
+    n_blocks is the upper bound for min(E, T*k) non-empty experts. Ids outside 0 ... E-1 (experts another
+    rank holds, under expert parallelism) gather in a trailing run of idle (-1) blocks: never computed.
     """
     flat = ids.reshape(-1).long()
+    flat = torch.where((flat >= 0) & (flat < n_experts), flat, n_experts)
     n_slots = flat.numel()
     dev = flat.device
-    counts = torch.zeros(n_experts, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    counts = torch.zeros(n_experts + 1, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     ends = padded.cumsum(0)
     starts = ends - padded
@@ -283,7 +285,7 @@ def _align(ids: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.Tenso
     sorted_e = flat[order]
     first = counts.cumsum(0) - counts
     dest = starts[sorted_e] + torch.arange(n_slots, device=dev) - first[sorted_e]
-    n_blocks = triton.cdiv(n_slots, block_m) + min(n_experts, n_slots)
+    n_blocks = triton.cdiv(n_slots, block_m) + min(n_experts + 1, n_slots)
     slots = torch.full((n_blocks * block_m,), n_slots, dtype=torch.int32, device=dev)
     slots[dest] = order.to(torch.int32)
     block_start = torch.arange(n_blocks, device=dev) * block_m
@@ -337,7 +339,8 @@ def fp4_moe(
 
     Routed experts: packed FP4 (`FP4Experts`, W4A16) or FP8 (`FP8Experts`, W8A16). `quantize_input=True`
     gives the reference's FP8 activation rounding (x per 128 of D, h per 128 of I). `shared=None` skips
-    the shared expert.
+    the shared expert. Slots whose id is outside 0 ... E-1 add nothing (expert parallelism: `ids` minus the
+    rank's first expert, the others' experts out of range).
     """
     if x.dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"x must be bf16 or fp32, got {x.dtype}")

@@ -153,6 +153,20 @@ def test_no_clamp_and_no_shared():
     _check(y.cpu(), moe(x, weights, ids, deq, zero, limit=0.0, quantize_input=False))
 
 
+def test_expert_parallel_rank():
+    """A rank holding experts 4 ... 7 (ids shifted by its first expert; the others' ids fall outside its
+    stack) computes the core's `moe(..., first=4)`: its experts' share plus the shared expert."""
+    gen = torch.Generator().manual_seed(6)
+    experts, shared, deq, shared_deq = _model(128, 96, 8, gen)
+    held = K.FP4Experts(*(t[4:] for t in (experts.w1, experts.w1_scale, experts.w2, experts.w2_scale,
+                                          experts.w3, experts.w3_scale)))
+    x = torch.randn(7, 128, generator=gen)
+    weights, ids = route(x, torch.randn(8, 128, generator=gen), top_k=2, scaling=1.5, bias=torch.zeros(8))
+    assert (ids < 4).any() and (ids >= 4).any()
+    y = K.fp4_moe(x.to(DEVICE), weights.to(DEVICE), (ids - 4).to(DEVICE), held, shared, limit=10.0)
+    _check(y.cpu(), moe(x, weights, ids, deq[4:], shared_deq, limit=10.0, quantize_input=False, first=4))
+
+
 def test_gpu_tiles_in_interpreter(monkeypatch):
     """GPU tiles on bigger dims: several I tiles (64), two K steps per GEMM, a partial last I block."""
     real_tiles = K._tiles
@@ -194,6 +208,13 @@ def test_align_layout():
     owner = block_expert.long().repeat_interleave(16)
     assert torch.equal(owner[slots < n_slots], ids.reshape(-1)[real])
     assert (block_expert[block_expert >= 0].diff() >= 0).all()
+    # ids of another rank's experts (outside 0 ... 9) land in idle blocks only
+    other = torch.where(ids % 2 == 0, ids, ids + 20)
+    slots, block_expert = K._align(other, 10, 16)
+    owner = block_expert.long().repeat_interleave(16)
+    placed = slots < n_slots
+    assert torch.equal(owner[placed & (owner >= 0)], other.reshape(-1)[slots[placed & (owner >= 0)].long()])
+    assert sorted(slots[placed & (owner >= 0)].tolist()) == torch.nonzero(other.reshape(-1) < 10).flatten().tolist()
 
 
 @gpu_only

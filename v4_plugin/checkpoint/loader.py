@@ -5,7 +5,8 @@ A checkpoint is `model.safetensors.index.json` plus the shards its `weight_map` 
 `schema.checkpoint_tensors` from the safetensors headers alone (no tensor data is read), so a wrong,
 missing or corrupt tensor fails before any weight is loaded, with a message that names the tensor
 and the shard file. `load_checkpoint` then returns the dequantized tensors under their official
-names; `iter_checkpoint_files` streams the raw file tensors for framework loaders.
+names (or, with a `Parallelism` and a rank, only that rank's slices of them, read as slices);
+`iter_checkpoint_files` streams the raw file tensors for framework loaders.
 
 Checkpoints written by transformers' `save_pretrained` (recognised from `config.json`) are read,
 renamed to the official names by `hf_tensors` and validated against the same inventory.
@@ -28,9 +29,11 @@ from safetensors import SafetensorError, safe_open
 from v4_plugin.checkpoint import hf_config, hf_tensors
 
 logger = logging.getLogger(__name__)
-from v4_plugin.checkpoint.config import V4Config, load_config
+from v4_plugin.checkpoint.config import WEIGHT_BLOCK, V4Config, load_config
 from v4_plugin.checkpoint.quant import dequantize_weight_fp4, dequantize_weight_fp8
 from v4_plugin.checkpoint.schema import Format, TensorSpec, checkpoint_tensors, file_entries
+from v4_plugin.checkpoint.sharding import (Parallelism, check_parallelism, expert_range, file_slices,
+                                           fp8_block_aligned, shard)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -289,10 +292,10 @@ _ROUTED_EXPERT = re.compile(r"(?P<layer>.+\.ffn\.experts)\.(?P<e>\d+)\.(?P<entry
 class _ExpertStacks:
     """Routed experts' file entries, kept quantized, written into one [E, ...] tensor per layer and entry;
     each expert's entry is a view of it, so the GEMM kernels get the stack without a copy
-    (`model.Weights.moe`)."""
+    (`model.Weights.moe`). Under expert parallelism a rank's stack holds its experts `held` only."""
 
-    def __init__(self, num_experts: int, device: torch.device | str):
-        self.num_experts, self.device = num_experts, device
+    def __init__(self, held: range, device: torch.device | str):
+        self.held, self.device = held, device
         self.stacks: dict[str, torch.Tensor] = {}
 
     def place(self, name: str, entry: torch.Tensor) -> torch.Tensor:
@@ -302,35 +305,62 @@ class _ExpertStacks:
             return entry.to(self.device)
         key = f"{m['layer']}.{m['entry']}"
         if key not in self.stacks:
-            self.stacks[key] = torch.empty((self.num_experts, *entry.shape), dtype=entry.dtype, device=self.device)
-        slot = self.stacks[key][int(m["e"])]
+            self.stacks[key] = torch.empty((len(self.held), *entry.shape), dtype=entry.dtype, device=self.device)
+        slot = self.stacks[key][self.held.index(int(m["e"]))]
         slot.copy_(entry)
         return slot
 
 
+Reader = Callable[[str, tuple[slice, ...] | None], torch.Tensor]  # (file name, slice or None = whole) -> entry
+
+
 def _decode_all(
-    cfg: V4Config, include_mtp: bool, read: Callable[[str], torch.Tensor], dtype: torch.dtype, keep_quantized: bool,
-    only_mtp: bool, device: torch.device | str,
+    cfg: V4Config, include_mtp: bool, read: Reader, dtype: torch.dtype, keep_quantized: bool, only_mtp: bool,
+    device: torch.device | str, par: Parallelism | None = None, rank: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Decode every logical tensor, or only the `mtp.*` ones (FP8 / FP4 linears kept as their file entries if
     `keep_quantized`, routed experts' in per-layer stacks), each moved to `device` as it is done;
-    `read(file_name) -> Tensor` supplies the raw file entries."""
+    `read(file_name, index)` supplies the raw file entries, whole (index None) or the slice `index`.
+
+    With `par`, only `rank`'s slices (`sharding.shard`) are read and returned, under the same names, with
+    their local shapes; a slice of an FP8 linear that does not start on a 128-block edge is dequantized
+    even with `keep_quantized` (its local blocks would straddle stored scales; the shipped configs never
+    slice so at the TP sizes `check_parallelism` accepts, the tiny test checkpoints do)."""
     out: dict[str, torch.Tensor] = {}
-    stacks = _ExpertStacks(cfg.n_routed_experts, device)
+    stacks = _ExpertStacks(expert_range(cfg, par, rank) if par is not None else range(cfg.n_routed_experts), device)
+    straddling = []
     for spec in checkpoint_tensors(cfg, include_mtp=include_mtp):
         if only_mtp and not _is_mtp(spec.key):
             continue
         names = [name for name, _, _ in file_entries(spec)]
-        if keep_quantized and spec.format in (Format.FP8, Format.FP4):
-            out.update((name, stacks.place(name, read(name))) for name in names)
+        index = None if par is None else shard(spec, par, rank, cfg)
+        if par is not None and index is None:
+            continue  # another rank's expert
+        if index is not None and tuple(s.stop - s.start for s in index) == spec.shape:
+            index = None  # replicated, or whole on this rank
+        if index is None:
+            parts = [read(name, None) for name in names]
         else:
-            out[spec.key] = decode_tensor(spec, [read(name) for name in names], dtype).to(device)
+            parts = [read(name, part) for name, part in zip(names, file_slices(spec, index))]
+        if index is not None and spec.format is Format.FP8 and not fp8_block_aligned(index):
+            straddling.append(spec.name)
+            offset = tuple(s.start % WEIGHT_BLOCK for s in index)
+            out[spec.key] = dequantize_weight_fp8(*parts, offset=offset).to(dtype).to(device)
+        elif keep_quantized and spec.format in (Format.FP8, Format.FP4):
+            out.update((name, stacks.place(name, part)) for name, part in zip(names, parts))
+        else:
+            out[spec.key] = decode_tensor(spec, parts, dtype).to(device)
+    if straddling and keep_quantized:
+        logger.info("rank %d of %s: %d FP8 slices do not start on a 128-block edge (e.g. %s): dequantized to %s",
+                    rank, par, len(straddling), straddling[0], dtype)
     return out
 
 
-def _load_official(root: Path, cfg: V4Config, include_mtp: bool, dtype: torch.dtype,
-                   keep_quantized: bool, only_mtp: bool, device: torch.device | str) -> dict[str, torch.Tensor]:
-    """Validate from the headers, then read tensors in schema order with one shard open at a time."""
+def _load_official(root: Path, cfg: V4Config, include_mtp: bool, dtype: torch.dtype, keep_quantized: bool,
+                   only_mtp: bool, device: torch.device | str, par: Parallelism | None,
+                   rank: int) -> dict[str, torch.Tensor]:
+    """Validate from the headers, then read tensors (or `rank`'s slices) in schema order with one shard open
+    at a time."""
     inventory = inspect_checkpoint(root, cfg, include_mtp)
     skipped = sum(_is_mtp(name) for name in inventory) if not include_mtp else 0
     if skipped:
@@ -339,20 +369,23 @@ def _load_official(root: Path, cfg: V4Config, include_mtp: bool, dtype: torch.dt
     with contextlib.ExitStack() as stack:
         current: dict[str, Any] = {}  # the one open shard: file name -> safetensors handle
 
-        def read(name: str) -> torch.Tensor:
+        def read(name: str, index: tuple[slice, ...] | None) -> torch.Tensor:
             shard = inventory[name].shard
             if shard not in current:
                 stack.close()
                 current.clear()
                 current[shard] = stack.enter_context(_open_shard(root, shard, None))
-            return current[shard].get_tensor(name)
+            f = current[shard]
+            return f.get_tensor(name) if index is None else f.get_slice(name)[index]
 
-        return _decode_all(cfg, include_mtp, read, dtype, keep_quantized, only_mtp, device)
+        return _decode_all(cfg, include_mtp, read, dtype, keep_quantized, only_mtp, device, par, rank)
 
 
-def _load_transformers(root: Path, raw_config: dict, cfg: V4Config, dtype: torch.dtype,
-                       keep_quantized: bool, only_mtp: bool, device: torch.device | str) -> dict[str, torch.Tensor]:
-    """A `save_pretrained` checkpoint: read all tensors, rename to official names, validate, cast."""
+def _load_transformers(root: Path, raw_config: dict, cfg: V4Config, dtype: torch.dtype, keep_quantized: bool,
+                       only_mtp: bool, device: torch.device | str, par: Parallelism | None,
+                       rank: int) -> dict[str, torch.Tensor]:
+    """A `save_pretrained` checkpoint: read all tensors, rename to official names, validate, cast (and, with
+    `par`, keep `rank`'s slices: this dialect is converted whole in host memory first)."""
     where = f"{root} (transformers dialect, converted to official names)"
     try:
         tensors = hf_tensors.state_dict_from_transformers(dict(iter_checkpoint_files(root)), raw_config)
@@ -363,12 +396,16 @@ def _load_transformers(root: Path, raw_config: dict, cfg: V4Config, dtype: torch
         for name, t in tensors.items()
     }
     _raise_if(_inventory_problems(found, cfg, include_mtp=False), where)
-    return _decode_all(cfg, False, tensors.__getitem__, dtype, keep_quantized, only_mtp, device)
+    def read(name: str, index: tuple[slice, ...] | None) -> torch.Tensor:
+        return tensors[name] if index is None else tensors[name][index]
+
+    return _decode_all(cfg, False, read, dtype, keep_quantized, only_mtp, device, par, rank)
 
 
 def load_checkpoint(
     path: str | Path, cfg: V4Config | None = None, *, dtype: torch.dtype = torch.float32, include_mtp: bool = True,
     keep_quantized: bool = False, only_mtp: bool = False, device: torch.device | str = "cpu",
+    parallelism: Parallelism | None = None, rank: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Validate and load a checkpoint directory; returns dequantized tensors by official name, in schema order.
 
@@ -380,12 +417,24 @@ def load_checkpoint(
     moved to `device` as soon as it is decoded (official format: the host holds one at a time). `cfg` defaults
     to the directory's `config.json`. A transformers-dialect checkpoint (no MTP) is converted and
     validated against `checkpoint_tensors(cfg, include_mtp=False)`. Raises `CheckpointError`.
+
+    With `parallelism`, only what `rank` holds under it (`sharding.shard`: query heads, output groups, experts
+    or their intermediate slices, vocabulary rows) is read, through safetensors slices, so no rank reads a
+    whole tensor it does not hold; each comes back under its official name with its local shape. Kept-quantized
+    FP8 slices carry the scales of the 128 x 128 blocks they touch, FP4 expert slices whole 32-column scale
+    groups; an FP8 slice that does not start on a block edge is dequantized instead (see `_decode_all`).
+    Routed experts another rank owns are absent. `check_parallelism` runs first: a size that does not divide
+    is a `ConfigError` naming the config field, before any tensor is read.
     """
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a float dtype, got {dtype}")
     root = _checkpoint_dir(path)
     raw_config = _read_config(root)
     cfg = cfg if cfg is not None else load_config(root)
+    if parallelism is not None:
+        check_parallelism(cfg, parallelism, where=f"{root} with {parallelism}")
+        if not 0 <= rank < parallelism.world:
+            raise ValueError(f"rank {rank} is not one of the {parallelism.world} ranks of {parallelism}")
     if raw_config is not None and hf_config.is_transformers_dialect(raw_config):
-        return _load_transformers(root, raw_config, cfg, dtype, keep_quantized, only_mtp, device)
-    return _load_official(root, cfg, include_mtp, dtype, keep_quantized, only_mtp, device)
+        return _load_transformers(root, raw_config, cfg, dtype, keep_quantized, only_mtp, device, parallelism, rank)
+    return _load_official(root, cfg, include_mtp, dtype, keep_quantized, only_mtp, device, parallelism, rank)

@@ -159,11 +159,15 @@ def quantize_weight_fp8(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor
     return q.flatten(2).flatten(0, 1)[:out_f, :in_f].contiguous(), float_to_e8m0(scale)
 
 
-def dequantize_weight_fp8(w: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """Inverse of `quantize_weight_fp8`, handling partial edge blocks; fp32 [out, in]."""
+def dequantize_weight_fp8(w: torch.Tensor, scale: torch.Tensor, block: int = 128,
+                          offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """Inverse of `quantize_weight_fp8`, handling partial edge blocks; fp32 [out, in].
+
+    `offset` (row, column): where w starts inside the first block `scale` covers, for a slice of a stored
+    weight that does not start on a block edge (`scale`: the scales of every block the slice touches)."""
     s = e8m0_to_float(scale) if scale.dtype in (torch.float8_e8m0fnu, torch.uint8) else scale.float()
-    out_f, in_f = w.shape
-    full = s.repeat_interleave(block, 0).repeat_interleave(block, 1)[:out_f, :in_f]
+    (out_f, in_f), (r0, c0) = w.shape, offset
+    full = s.repeat_interleave(block, 0).repeat_interleave(block, 1)[r0:r0 + out_f, c0:c0 + in_f]
     return w.float() * full
 
 

@@ -131,6 +131,39 @@ def shard(spec: TensorSpec, par: Parallelism, rank: int, cfg: V4Config) -> tuple
     return full[:dim] + (slice(start, stop),) + full[dim + 1:]
 
 
+def expert_range(cfg: V4Config, par: Parallelism, rank: int) -> range:
+    """The global ids of the routed experts `rank` holds (whole, under expert parallelism, or a slice of each)."""
+    if not par.expert_parallel:
+        return range(cfg.n_routed_experts)
+    per_rank = cfg.n_routed_experts // par.world
+    return range(rank * per_rank, (rank + 1) * per_rank)
+
+
+def fp8_block_aligned(index: tuple[slice, ...]) -> bool:
+    """Whether a slice of an FP8 linear starts on a 128 x 128 block edge in both dims: then its weight entries
+    and the scale rows / columns of the blocks it touches form a stand-alone FP8 linear (the block grid of
+    the slice is the checkpoint's); otherwise a local block would straddle two stored scales."""
+    return all(s.start % WEIGHT_BLOCK == 0 for s in index)
+
+
+def file_slices(spec: TensorSpec, index: tuple[slice, ...]) -> list[tuple[slice, ...]]:
+    """The slices of `spec`'s file entries (in `file_entries` order) that hold `index` of the logical tensor:
+    an FP8 weight's own slice and the scales of every 128 x 128 block it touches; a packed FP4 weight's
+    bytes and E8M0 scale columns of whole 32-column groups (a ValueError if `index` cuts a group)."""
+    if spec.format is Format.FP8:
+        rows, cols = index
+        touched = tuple(slice(s.start // WEIGHT_BLOCK, -(-s.stop // WEIGHT_BLOCK)) for s in (rows, cols))
+        return [index, touched]
+    if spec.format is Format.FP4:
+        rows, cols = index
+        if cols.start % FP4_BLOCK or (cols.stop % FP4_BLOCK and cols.stop != spec.shape[1]):
+            raise ValueError(f"{spec.name}: columns {cols.start} ... {cols.stop} of an FP4 weight cut a "
+                             f"{FP4_BLOCK}-column scale group")
+        return [(rows, slice(cols.start // 2, cols.stop // 2)),
+                (rows, slice(cols.start // FP4_BLOCK, -(-cols.stop // FP4_BLOCK)))]
+    return [index]
+
+
 def stored_slice_bytes(spec: TensorSpec, index: tuple[slice, ...]) -> int:
     """Bytes of the file entries covering `index` of `spec`: its weight elements as stored and, for a
     quantized linear, the scales of every block it touches."""

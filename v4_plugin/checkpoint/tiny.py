@@ -255,9 +255,12 @@ def write_checkpoint(
     return out
 
 
-def make_tiny(out_dir: str | Path, preset: str = "flash", seed: int = 0) -> Path:
-    """Write the tiny `preset` checkpoint (see `TINY_PRESETS`) with `random_weights(cfg, seed)` to `out_dir`."""
+def make_tiny(out_dir: str | Path, preset: str = "flash", seed: int = 0,
+              overrides: Mapping[str, Any] | None = None) -> Path:
+    """Write the tiny `preset` checkpoint (see `TINY_PRESETS`) with `random_weights(cfg, seed)` to `out_dir`;
+    `overrides`: config fields to change first (e.g. a wider `moe_intermediate_size` for tensor-parallel tests)."""
     if preset not in TINY_PRESETS:
         raise ValueError(f"unknown tiny preset {preset!r}; choose one of {sorted(TINY_PRESETS)}")
-    cfg = parse_config(TINY_PRESETS[preset], f"tiny preset {preset!r}")
+    where = f"tiny preset {preset!r}" + (f" with {dict(overrides)}" if overrides else "")
+    cfg = parse_config({**TINY_PRESETS[preset], **(overrides or {})}, where)
     return write_checkpoint(cfg, random_weights(cfg, seed), out_dir)

@@ -155,13 +155,16 @@ def moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: moe_
         limit: float, quantize_input: bool) -> torch.Tensor:
     """`ops.moe.moe(x, weights, ids, *experts.dense(), ...)`: x [T, D], routing weights fp32 [T, k] and
     expert ids [T, k] -> [T, D] in x.dtype; experts kept quantized (`experts.packed`: FP4, or FP8 in the
-    `-Base` checkpoints) go to the grouped MoE kernel (the shared expert to the FP8 GEMM)."""
+    `-Base` checkpoints) go to the grouped MoE kernel (the shared expert to the FP8 GEMM). Ids are global;
+    a rank holding experts `first ...` only (expert parallelism) adds nothing for the others."""
     kernel = _count("moe", None) if experts.packed is None else _kernel_for(x, "fp4_moe", "fp4_moe", op="moe")
     if kernel is None:
-        return moe_ops.moe(x, weights, ids, *experts.dense(), limit=limit, quantize_input=quantize_input)
+        return moe_ops.moe(x, weights, ids, *experts.dense(), limit=limit, quantize_input=quantize_input,
+                           first=experts.first)
     routed, shared = experts.packed()
     stack = "FP8Experts" if routed[0].dtype == torch.float8_e4m3fn else "FP4Experts"
-    return kernel(x, weights, ids, _kernel("fp4_moe", stack)(*routed), _kernel("fp4_moe", "FP8Expert")(*shared),
+    local = ids - experts.first if experts.first else ids  # the kernel skips ids outside its stack
+    return kernel(x, weights, local, _kernel("fp4_moe", stack)(*routed), _kernel("fp4_moe", "FP8Expert")(*shared),
                   limit=limit, quantize_input=quantize_input)
 
 

@@ -183,7 +183,8 @@ class DSparkHead:
         check_method(cfg, Method.DSPARK)
         self.model, self.cfg, self.dspark = model, cfg, cfg.dspark
         n, stages = cfg.num_hidden_layers, cfg.dspark.num_stages
-        self.stages = [Block(cfg, model.w, f"mtp.{k}", n + k, model.quant) for k in range(stages)]
+        self.stages = [Block(cfg, model.w, f"mtp.{k}", n + k, model.quant, model.collectives)
+                       for k in range(stages)]
         self.capture = tuple(cfg.dspark.target_layer_ids)
         self.last = f"mtp.{stages - 1}."  # the stage whose hc_head and norm finish a block
         # The Markov head in fp32, once (every draft step reads it): embeddings w1 and output w2, [V, R] each.

@@ -16,11 +16,20 @@ kernels read as they are (`Weights`). The quantization
 the model was trained with is simulated (FP8 activations in FP8/FP4 linears, FP8 KV entries,
 Hadamard + FP4 indexer q/k), each switchable through `QuantSim` for exact comparisons against
 implementations that skip it.
+
+Tensor parallelism (`v4_plugin.checkpoint.sharding`): built over one rank's slices of the checkpoint
+(`load_checkpoint(..., parallelism=, rank=)`) with the `Collectives` of its tensor-parallel group, a
+`V4Model` computes its query heads and output groups, its routed experts (or its slice of each) and its
+slice of the shared expert and of the vocabulary, and makes them whole with one all-reduce after `wo_b`,
+one after the MoE, one after the embedding lookup and one all-gather of the logits (`runtime.parallel`).
+Everything else (`wq_a`, `wkv`, compressors, indexer, router, mHC, norms, the KV cache) is replicated.
+On one rank (`SINGLE`) nothing changes.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -30,6 +39,7 @@ import torch
 from v4_plugin.checkpoint.loader import dequantize_linear, load_checkpoint
 from v4_plugin.checkpoint.config import LayerType, V4Config, load_config
 from v4_plugin.checkpoint.quant import QuantSim
+from v4_plugin.checkpoint.sharding import Parallelism
 from v4_plugin.runtime import dispatch
 from v4_plugin.runtime.ops import attention as attn_ops
 from v4_plugin.runtime.ops import compressor as comp_ops
@@ -39,6 +49,7 @@ from v4_plugin.runtime.ops.invariant import rows_times_transposed
 from v4_plugin.runtime.ops.moe import ExpertWeights, MoEWeights, route
 from v4_plugin.runtime.ops.norm import rms_norm
 from v4_plugin.runtime.ops.rope import Rope
+from v4_plugin.runtime.parallel import SINGLE, Collectives
 
 
 class Weights:
@@ -53,6 +64,7 @@ class Weights:
         self._tensors, self.dtype = tensors, dtype
         self._dequantized: dict[str, torch.Tensor] = {}
         self._stacks: dict[str, tuple[torch.Tensor, ...]] = {}  # shared expert prefix -> routed FP4 stack
+        self._held: dict[str, range] = {}  # MoE prefix -> the routed experts present (a rank's range under EP)
 
     def _get(self, name: str) -> torch.Tensor:
         try:
@@ -76,6 +88,10 @@ class Weights:
     def __contains__(self, name: str) -> bool:
         return name in self._tensors
 
+    def shape(self, name: str) -> torch.Size:
+        """The shape of tensor `name` as held (a rank's slice under tensor parallelism), without decoding it."""
+        return self._get(name).shape
+
     def linear(self, name: str) -> LinearWeight:
         """The linear `name` (`<linear>.weight`) for `dispatch.linear`: with its FP8 entries if kept so."""
         weight, scale = self._get(name), self._scale(name)
@@ -83,13 +99,23 @@ class Weights:
         return LinearWeight(lambda: self(name), fp8)
 
     def moe(self, prefix: str, n_routed: int) -> MoEWeights:
-        """The experts `{prefix}.experts.{0 ... n_routed-1}` and `{prefix}.shared_experts` for `dispatch.moe`:
-        packed when the routed experts are kept in FP4 (or FP8, `-Base`) and the shared one in FP8."""
-        routed, shared = [f"{prefix}.experts.{e}" for e in range(n_routed)], f"{prefix}.shared_experts"
+        """The experts `{prefix}.experts.{0 ... n_routed-1}` held here (all, or under expert parallelism a
+        contiguous range of them) and `{prefix}.shared_experts` for `dispatch.moe`: packed when the routed
+        experts are kept in FP4 (or FP8, `-Base`) and the shared one in FP8."""
+        held = self._held_experts(prefix, n_routed)
+        routed, shared = [f"{prefix}.experts.{e}" for e in held], f"{prefix}.shared_experts"
         w1 = self._get(f"{routed[0]}.w1.weight")
         packed = w1.dtype in (torch.int8, torch.float8_e4m3fn) and self._scale(f"{shared}.w1.weight") is not None
         return MoEWeights(lambda: ([self._expert(p) for p in routed], self._expert(shared)),
-                          (lambda: self._packed_experts(routed, shared)) if packed else None)
+                          (lambda: self._packed_experts(routed, shared)) if packed else None, held.start)
+
+    def _held_experts(self, prefix: str, n_routed: int) -> range:
+        if prefix not in self._held:
+            ids = [e for e in range(n_routed) if f"{prefix}.experts.{e}.w1.weight" in self._tensors] or [0]
+            if ids != list(range(ids[0], ids[-1] + 1)):
+                raise ValueError(f"{prefix}: the routed experts held, {ids}, are not one contiguous range")
+            self._held[prefix] = range(ids[0], ids[-1] + 1)
+        return self._held[prefix]
 
     def _expert(self, prefix: str) -> ExpertWeights:
         return ExpertWeights(*(self(f"{prefix}.w{i}.weight") for i in (1, 2, 3)))
@@ -228,14 +254,39 @@ class ModelOutput:
 
 
 class Block:
-    """One decoder block: mHC around attention and MoE (spec §3)."""
+    """One decoder block: mHC around attention and MoE (spec §3).
 
-    def __init__(self, cfg: V4Config, w: Weights, prefix: str, layer_id: int, quant: QuantSim):
+    Over a rank's slices (`w`) with the `collectives` of its tensor-parallel group: its `heads` query heads
+    in `groups` output groups, one all-reduce after `wo_b` and one after the MoE (see the module docstring)."""
+
+    def __init__(self, cfg: V4Config, w: Weights, prefix: str, layer_id: int, quant: QuantSim,
+                 collectives: Collectives = SINGLE):
         self.cfg, self.w, self.p, self.layer_id, self.quant = cfg, w, prefix, layer_id, quant
+        self.comm = collectives
         self.kind = cfg.layer_type(layer_id)
         self.ratio = self.kind.ratio
         self.rope = Rope.for_layer(cfg, self.kind)
         self.act_q = quant.activations and cfg.quantized
+
+    # Read from the weights on first use (a model may be built before its drafter blocks' tensors are loaded).
+    @functools.cached_property
+    def heads(self) -> int:
+        """The query heads this rank computes: num_attention_heads / the tensor-parallel size."""
+        return self._local("attn.attn_sink", 1, "num_attention_heads")
+
+    @functools.cached_property
+    def groups(self) -> int:
+        """The output groups (`wo_a`) this rank computes: o_groups / the tensor-parallel size."""
+        return self._local("attn.wo_a.weight", self.cfg.o_lora_rank, "o_groups")
+
+    def _local(self, name: str, rows_each: int, field: str) -> int:
+        held, total = self.w.shape(f"{self.p}.{name}")[0] // rows_each, getattr(self.cfg, field)
+        if held * self.comm.size != total:
+            raise ValueError(
+                f"{self.p}: its weights hold {held} of the {total} {field} ({name}), but its collectives span "
+                f"{self.comm.size} rank(s): build a tensor-parallel model over one rank's slices "
+                "(load_checkpoint(..., parallelism=, rank=)) with the collectives of that rank's group")
+        return held
 
     # ---- shared pieces ---------------------------------------------------------------------------
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -245,7 +296,7 @@ class Block:
         """x [T, D] -> (c_q [T, R_q], q [T, H, d]): low-rank query, weightless per-head norm, RoPE."""
         cfg = self.cfg
         c_q = rms_norm(self._linear(x, "attn.wq_a"), self.w(f"{self.p}.attn.q_norm.weight"), cfg.rms_norm_eps)
-        q = self._linear(c_q, "attn.wq_b").unflatten(-1, (cfg.num_attention_heads, cfg.head_dim))
+        q = self._linear(c_q, "attn.wq_b").unflatten(-1, (self.heads, cfg.head_dim))
         q = rms_norm(q, None, cfg.rms_norm_eps)
         return c_q, self.rope.rotate(q, positions)
 
@@ -293,12 +344,13 @@ class Block:
 
     def _attend(self, q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
                 positions: torch.Tensor) -> torch.Tensor:
-        """Sparse attention, de-rotation of the output and the grouped low-rank projection -> [T, D]."""
+        """Sparse attention, de-rotation of the output and the grouped low-rank projection -> [T, D]
+        (this rank's heads' share, summed over the tensor-parallel ranks)."""
         cfg = self.cfg
         o = dispatch.sparse_attention(q, kv, indices, self.w(f"{self.p}.attn.attn_sink").float(), cfg.head_dim**-0.5)
         o = self.rope.rotate(o, positions, inverse=True)
-        z = attn_ops.grouped_output_projection(o, self.w(f"{self.p}.attn.wo_a.weight"), cfg.o_groups)
-        return self._linear(z, "attn.wo_b")
+        z = attn_ops.grouped_output_projection(o, self.w(f"{self.p}.attn.wo_a.weight"), self.groups)
+        return self.comm.all_reduce(self._linear(z, "attn.wo_b"))
 
     # ---- attention, whole sequence ---------------------------------------------------------------
     def attention_full(self, x: torch.Tensor) -> torch.Tensor:
@@ -381,8 +433,10 @@ class Block:
             bias=None if hashed else self.w(f"{p}.gate.bias", keep_dtype=True),
             tid2eid=self.w(f"{p}.gate.tid2eid") if hashed else None, token_ids=token_ids,
         )
-        return dispatch.moe(x, weights, ids, self.w.moe(p, cfg.n_routed_experts), limit=cfg.swiglu_limit,
-                            quantize_input=self.act_q)
+        # Routing is replicated and global; the rank adds its experts (or expert slices) and shared-expert slice.
+        y = dispatch.moe(x, weights, ids, self.w.moe(p, cfg.n_routed_experts), limit=cfg.swiglu_limit,
+                         quantize_input=self.act_q)
+        return self.comm.all_reduce(y)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor,
                 attention: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -399,28 +453,47 @@ class Block:
 
 
 class V4Model:
-    """DeepSeek-V4 main model (and its MTP block) over dequantized checkpoint tensors."""
+    """DeepSeek-V4 main model (and its MTP block) over dequantized checkpoint tensors (or one rank's slices of
+    them, with the `collectives` of its tensor-parallel group: see the module docstring)."""
 
     def __init__(self, cfg: V4Config, tensors: Mapping[str, torch.Tensor], *,
-                 dtype: torch.dtype = torch.float32, quant: QuantSim = QuantSim()):
-        self.cfg, self.dtype, self.quant = cfg, dtype, quant
+                 dtype: torch.dtype = torch.float32, quant: QuantSim = QuantSim(),
+                 collectives: Collectives = SINGLE):
+        self.cfg, self.dtype, self.quant, self.collectives = cfg, dtype, quant, collectives
         self.w = Weights(tensors, dtype)
-        self.blocks = [Block(cfg, self.w, f"layers.{i}", i, quant) for i in range(cfg.num_hidden_layers)]
+        self.blocks = [Block(cfg, self.w, f"layers.{i}", i, quant, collectives) for i in range(cfg.num_hidden_layers)]
         n_mtp = cfg.num_nextn_predict_layers if cfg.has_mtp else 0
-        self.mtp_blocks = [Block(cfg, self.w, f"mtp.{k}", cfg.num_hidden_layers + k, quant) for k in range(n_mtp)]
+        self.mtp_blocks = [Block(cfg, self.w, f"mtp.{k}", cfg.num_hidden_layers + k, quant, collectives)
+                           for k in range(n_mtp)]
 
     @classmethod
     def from_checkpoint(cls, model_dir: str | Path, *, dtype: torch.dtype = torch.float32,
-                        quant: QuantSim = QuantSim(), include_mtp: bool = False) -> "V4Model":
+                        quant: QuantSim = QuantSim(), include_mtp: bool = False,
+                        collectives: Collectives = SINGLE, expert_parallel: bool = False) -> "V4Model":
         """The model of a checkpoint directory (config.json, safetensors) through the core loader; its drafter
-        blocks (mtp.*) with `include_mtp`."""
+        blocks (mtp.*) with `include_mtp`. With collectives over several ranks: rank `collectives.rank`'s
+        slices under `Parallelism(collectives.size, 1, expert_parallel)`."""
         cfg = load_config(model_dir)
-        tensors = load_checkpoint(model_dir, cfg, dtype=dtype, include_mtp=include_mtp)
-        return cls(cfg, tensors, dtype=dtype, quant=quant)
+        par = Parallelism(collectives.size, 1, expert_parallel) if collectives.size > 1 else None
+        tensors = load_checkpoint(model_dir, cfg, dtype=dtype, include_mtp=include_mtp, parallelism=par,
+                                  rank=collectives.rank)
+        return cls(cfg, tensors, dtype=dtype, quant=quant, collectives=collectives)
+
+    def _vocab_start(self) -> int:
+        """The first vocabulary row of this rank's embedding and head slices (`sharding.shard`: ceil-sized)."""
+        comm = self.collectives
+        return min(self.cfg.vocab_size, comm.rank * -(-self.cfg.vocab_size // comm.size))
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """int64 [T] -> embeddings [T, D] in the model dtype."""
-        return self.w("embed.weight")[token_ids]
+        """int64 [T] -> embeddings [T, D] in the model dtype (vocabulary-parallel: each rank looks up the ids
+        of its rows, zeros elsewhere, and the all-reduce sums them)."""
+        table = self.w("embed.weight")
+        if self.collectives.size == 1:
+            return table[token_ids]
+        local = token_ids - self._vocab_start()
+        held = (local >= 0) & (local < table.shape[0])
+        rows = table[local.clamp(0, table.shape[0] - 1)]
+        return self.collectives.all_reduce(torch.where(held.unsqueeze(-1), rows, torch.zeros_like(rows)))
 
     def _head_hidden(self, streams: torch.Tensor, prefix: str) -> torch.Tensor:
         """Streams [T, hc, D] -> hc_head output [T, D], before the final norm (`prefix`: "" or a draft block's)."""
@@ -433,7 +506,13 @@ class V4Model:
     def _head_logits(self, hidden: torch.Tensor, prefix: str) -> torch.Tensor:
         """hc_head output [T, D] -> fp32 logits [T, vocab] through `{prefix}norm` and the shared head."""
         h = rms_norm(hidden, self.w(f"{prefix}norm.weight"), self.cfg.rms_norm_eps)
-        return rows_times_transposed(h.float(), self.w("head.weight").float())
+        logits = rows_times_transposed(h.float(), self.w("head.weight").float())
+        comm, vocab = self.collectives, self.cfg.vocab_size
+        if comm.size == 1:
+            return logits
+        width = -(-vocab // comm.size)  # every rank's slice width; the last one may hold fewer rows
+        logits = torch.nn.functional.pad(logits, (0, width - logits.shape[-1]))
+        return comm.all_gather(logits, dim=-1)[..., :vocab]
 
     def logits(self, streams: torch.Tensor, prefix: str = "") -> torch.Tensor:
         """Pre-hc_head streams [T, hc, D] -> fp32 logits [T, vocab]: the main head (`prefix` "") or a

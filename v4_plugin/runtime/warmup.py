@@ -49,7 +49,7 @@ def warm_up(model: V4Model, fmt: CacheFormat, batch_sizes: Collection[int] = WAR
                 linears.setdefault((tuple(weight.fp8[0].shape), weight.fp8[1].dtype), weight)
     moe_layer = f"layers.{cfg.num_hidden_layers - 1}.ffn"  # a score-routed layer; every MoE layer has its shapes
     experts = model.w.moe(moe_layer, cfg.n_routed_experts)
-    h, d, window = cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window
+    h, d, window = model.blocks[0].heads, cfg.head_dim, cfg.sliding_window  # heads: this rank's
     kv_rows = 4096 + window
     if fmt.kv is KVStorage.FP8:
         kv = torch.zeros(kv_rows, main_entry_bytes(cfg), dtype=torch.uint8, device=device)

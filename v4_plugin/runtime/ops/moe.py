@@ -50,10 +50,15 @@ class MoEWeights:
     (packed int8 [E, out, in/2], E8M0 [E, out, in/32]) or FP8 (`-Base` checkpoints: e4m3 [E, out, in],
     E8M0 or fp32 [E, ceil(out/128), ceil(in/128)]), the shared one FP8 (e4m3 [out, in], E8M0
     [ceil(out/128), ceil(in/128)]).
+
+    Under tensor parallelism these are one rank's: routed expert i (of `dense()`, row i of the stacks) is the
+    global expert `first + i` (expert parallelism: the rank's range), or every expert with a slice of its
+    intermediate dimension (`first` 0); the shared expert is the rank's slice of it.
     """
 
     dense: Callable[[], tuple[list[ExpertWeights], ExpertWeights]]
     packed: Callable[[], tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] | None = None
+    first: int = 0
 
 
 def expert(x: torch.Tensor, w: ExpertWeights, *, limit: float, quantize_input: bool,
@@ -75,13 +80,19 @@ def expert(x: torch.Tensor, w: ExpertWeights, *, limit: float, quantize_input: b
 
 def moe(
     x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: list[ExpertWeights],
-    shared: ExpertWeights, *, limit: float, quantize_input: bool,
+    shared: ExpertWeights, *, limit: float, quantize_input: bool, first: int = 0,
 ) -> torch.Tensor:
-    """Sum of the routed experts (fp32 accumulation) plus the shared expert; x [T, D] -> [T, D] x.dtype."""
+    """Sum of the routed experts (fp32 accumulation) plus the shared expert; x [T, D] -> [T, D] x.dtype.
+
+    `experts[i]` is global expert `first + i`; slots routed to an expert outside the list add nothing (under
+    expert parallelism another rank computes them)."""
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in ids.unique().tolist():
+        if not first <= e < first + len(experts):
+            continue
         rows, slot = torch.where(ids == e)
-        out = expert(x[rows], experts[e], limit=limit, quantize_input=quantize_input, weight=weights[rows, slot, None])
+        out = expert(x[rows], experts[e - first], limit=limit, quantize_input=quantize_input,
+                     weight=weights[rows, slot, None])
         y.index_add_(0, rows, out.float())
     y += expert(x, shared, limit=limit, quantize_input=quantize_input).float()
     return y.to(x.dtype)
