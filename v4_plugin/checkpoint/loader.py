@@ -27,13 +27,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from v4_plugin.checkpoint import hf_config, hf_tensors
-
-logger = logging.getLogger(__name__)
 from v4_plugin.checkpoint.config import WEIGHT_BLOCK, V4Config, load_config
 from v4_plugin.checkpoint.quant import dequantize_weight_fp4, dequantize_weight_fp8
 from v4_plugin.checkpoint.schema import Format, TensorSpec, checkpoint_tensors, file_entries
 from v4_plugin.checkpoint.sharding import (Parallelism, check_parallelism, expert_range, file_slices,
                                            fp8_block_aligned, shard)
+
+logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

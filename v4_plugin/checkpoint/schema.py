@@ -71,10 +71,14 @@ def file_entries(spec: TensorSpec) -> list[tuple[str, tuple[int, ...], torch.dty
     return [(spec.name, spec.shape, _DTYPES[spec.format])]
 
 
+def element_bytes(dtype: torch.dtype | None) -> int:
+    """Bytes of one element of a file entry of `dtype` (None, any float: counted as bf16)."""
+    return torch.empty(0, dtype=dtype or torch.bfloat16).element_size()
+
+
 def stored_bytes(spec: TensorSpec) -> int:
     """Bytes of one logical tensor's file entries as stored (an unquantized linear counted as bf16)."""
-    return sum(math.prod(shape) * torch.empty(0, dtype=dtype or torch.bfloat16).element_size()
-               for _, shape, dtype in file_entries(spec))
+    return sum(math.prod(shape) * element_bytes(dtype) for _, shape, dtype in file_entries(spec))
 
 
 def _block_tensors(cfg: V4Config, p: str, layer_id: int, lin: Format, experts: Format) -> list[TensorSpec]:

@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 
 from v4_plugin.checkpoint.config import FP4_BLOCK, WEIGHT_BLOCK, ConfigError, V4Config
-from v4_plugin.checkpoint.schema import Format, TensorSpec, checkpoint_tensors, stored_bytes
+from v4_plugin.checkpoint.schema import Format, TensorSpec, checkpoint_tensors, element_bytes, file_entries
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def check_parallelism(cfg: V4Config, par: Parallelism, where: str = "parallelism
              + (f" into whole FP4 scale blocks of {FP4_BLOCK}" if block > 1 else ""))
 
 
-def _range(n: int, parts: int, rank: int) -> tuple[int, int]:
+def rank_range(n: int, parts: int, rank: int) -> tuple[int, int]:
     """[start, stop) of `rank`'s share of n items in `parts` contiguous slices (ceil-sized; the last may be short)."""
     size = -(-n // parts)
     return min(n, rank * size), min(n, (rank + 1) * size)
@@ -119,13 +119,11 @@ def shard(spec: TensorSpec, par: Parallelism, rank: int, cfg: V4Config) -> tuple
     if split is Split.REPLICATED:
         return full
     if split is Split.EXPERT:
-        expert = int(_ROUTED.search(spec.name).group(1))
-        per_rank = cfg.n_routed_experts // par.world
-        return full if expert // per_rank == rank else None
+        return full if int(_ROUTED.search(spec.name).group(1)) in expert_range(cfg, par, rank) else None
     dim = 1 if split in (Split.COLUMNS, Split.EXPERT_COLUMNS) else 0
     parts, index = (par.world, rank) if split in (Split.EXPERT_ROWS, Split.EXPERT_COLUMNS) else \
         (par.attn_tp, _attn_rank(par, rank))
-    start, stop = _range(spec.shape[dim], parts, index)
+    start, stop = rank_range(spec.shape[dim], parts, index)
     if start == stop:
         return None
     return full[:dim] + (slice(start, stop),) + full[dim + 1:]
@@ -167,13 +165,8 @@ def file_slices(spec: TensorSpec, index: tuple[slice, ...]) -> list[tuple[slice,
 def stored_slice_bytes(spec: TensorSpec, index: tuple[slice, ...]) -> int:
     """Bytes of the file entries covering `index` of `spec`: its weight elements as stored and, for a
     quantized linear, the scales of every block it touches."""
-    total = stored_bytes(TensorSpec(spec.name, tuple(s.stop - s.start for s in index), spec.format))
-    if spec.format is Format.FP8:  # scales of the 128 x 128 blocks touched, which may straddle a slice edge
-        (r0, c0), (r1, c1) = ((s.start for s in index), (s.stop for s in index))
-        local = math.ceil((r1 - r0) / WEIGHT_BLOCK) * math.ceil((c1 - c0) / WEIGHT_BLOCK)
-        touched = (-(-r1 // WEIGHT_BLOCK) - r0 // WEIGHT_BLOCK) * (-(-c1 // WEIGHT_BLOCK) - c0 // WEIGHT_BLOCK)
-        total += touched - local
-    return total
+    return sum(math.prod(s.stop - s.start for s in part) * element_bytes(dtype)
+               for (_, _, dtype), part in zip(file_entries(spec), file_slices(spec, index)))
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ import torch
 from v4_plugin.checkpoint.loader import dequantize_linear, load_checkpoint
 from v4_plugin.checkpoint.config import LayerType, V4Config, load_config
 from v4_plugin.checkpoint.quant import QuantSim
-from v4_plugin.checkpoint.sharding import Parallelism
+from v4_plugin.checkpoint.sharding import Parallelism, rank_range
 from v4_plugin.runtime import dispatch
 from v4_plugin.runtime.ops import attention as attn_ops
 from v4_plugin.runtime.ops import compressor as comp_ops
@@ -482,7 +482,7 @@ class V4Model:
     def _vocab_start(self) -> int:
         """The first vocabulary row of this rank's embedding and head slices (`sharding.shard`: ceil-sized)."""
         comm = self.collectives
-        return min(self.cfg.vocab_size, comm.rank * -(-self.cfg.vocab_size // comm.size))
+        return rank_range(self.cfg.vocab_size, comm.size, comm.rank)[0]
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """int64 [T] -> embeddings [T, D] in the model dtype (vocabulary-parallel: each rank looks up the ids
@@ -510,7 +510,7 @@ class V4Model:
         comm, vocab = self.collectives, self.cfg.vocab_size
         if comm.size == 1:
             return logits
-        width = -(-vocab // comm.size)  # every rank's slice width; the last one may hold fewer rows
+        width = rank_range(vocab, comm.size, 0)[1]  # every rank's slice width; the last one may hold fewer rows
         logits = torch.nn.functional.pad(logits, (0, width - logits.shape[-1]))
         return comm.all_gather(logits, dim=-1)[..., :vocab]
 
