@@ -103,16 +103,16 @@ def _caches(engine: TinyEngine, layer: int | None = None) -> list[torch.Tensor]:
 
 
 def _expected_calls(cfg, quantized_kv: bool, fused: bool) -> Counter:
-    """Kernel calls of the two steps: per step and layer two hc_pre / hc_post, one attention per
-    sequence (CSA: also one indexer scoring and top-k), one window store (quantized caches); once,
-    hc_head per step; the compressors complete blocks in the prefill only (5 and 129 tokens): one
-    pooling per CSA compressor (main and indexer) and one for the HCA layer (129 >= 128)."""
+    """Kernel calls of the two steps, whatever the number of sequences: per step and layer two hc_pre /
+    hc_post, one attention over every sequence (CSA: also one indexer scoring and top-k), one window
+    store (quantized caches), one pooling per CSA compressor (main and indexer) and one for the HCA
+    layer (of the blocks the step completes, none in a step that completes none); once, hc_head per step."""
     kinds = [cfg.layer_type(i) for i in range(cfg.num_hidden_layers)]
-    n_csa, n_hca, steps, seqs = kinds.count(LayerType.CSA), kinds.count(LayerType.HCA), 2, len(LENGTHS)
+    n_csa, n_hca, steps = kinds.count(LayerType.CSA), kinds.count(LayerType.HCA), 2
     calls = Counter(hc_pre=2 * len(kinds) * steps, hc_post=2 * len(kinds) * steps, hc_head=steps,
-                    sparse_attention=len(kinds) * seqs * steps, index_scores=n_csa * seqs * steps,
-                    select_topk=n_csa * seqs * steps)
-    calls["pool_finish_store" if fused else "pool_finish"] = 2 * n_csa + n_hca
+                    attention_paged=len(kinds) * steps, index_scores_paged=n_csa * steps,
+                    select_topk=n_csa * steps)
+    calls["pool_finish_store" if fused else "pool_finish"] = (2 * n_csa + n_hca) * steps
     if quantized_kv:
         calls["store_main"] = len(kinds) * steps
     return calls
@@ -137,8 +137,8 @@ def test_kv_store_kernels_write_the_reference_bytes(indexer):
     got, engine, calls = _run(fmt, quant, ops=STORES, padded=True)
     cfg = engine.model.cfg
     n_csa = sum(cfg.layer_type(i) is LayerType.CSA for i in range(cfg.num_hidden_layers))
-    # window entries in both steps; indexer keys of the prefill (compressed entries take the fused store)
-    assert calls == Counter(store_main=2 * cfg.num_hidden_layers, store_indexer=n_csa)
+    # per step: window entries, and indexer keys of the blocks completed (compressed entries take the fused store)
+    assert calls == Counter(store_main=2 * cfg.num_hidden_layers, store_indexer=2 * n_csa)
     for a, b in zip(_caches(engine), _caches(torch_engine), strict=True):
         assert torch.equal(a, b)
     assert torch.equal(got, expected)
@@ -153,8 +153,10 @@ def test_fused_compressor_store_writes_the_reference_records(indexer):
     _, torch_engine, _ = _run(fmt, quant, kernels=False, padded=True)
     _, engine, calls = _run(fmt, quant, ops=("pool_finish_store",), padded=True)
     cfg = engine.model.cfg
-    first = next(i for i in range(cfg.num_hidden_layers) if cfg.layer_type(i) is not LayerType.SWA)
-    assert calls["pool_finish_store"] == 5 and set(calls) == {"pool_finish_store"}
+    kinds = [cfg.layer_type(i) for i in range(cfg.num_hidden_layers)]
+    first = next(i for i, kind in enumerate(kinds) if kind is not LayerType.SWA)
+    per_step = 2 * kinds.count(LayerType.CSA) + kinds.count(LayerType.HCA)  # one per compressor, both steps
+    assert calls["pool_finish_store"] == 2 * per_step and set(calls) == {"pool_finish_store"}
     for a, b in zip(_caches(engine, first), _caches(torch_engine, first), strict=True):
         written = (b != 7).any(-1)  # TinyEngine fills unwritten rows with 7s
         assert written.any() and torch.equal(written, (a != 7).any(-1))
@@ -214,12 +216,11 @@ def _gemm_logits(model: V4Model, kernels: bool) -> tuple[torch.Tensor, Counter]:
 
 
 def _gemm_calls(cfg) -> Counter:
-    """GEMM calls of `_gemm_logits`' steps (1, 2 and 2 sequences): per step and layer wq_a, wq_b, wkv and
-    one MoE; per sequence (attention runs sequence by sequence) wo_b and, for CSA, the indexer's wq_b."""
+    """GEMM calls of `_gemm_logits`' three steps (of 1, 2 and 2 sequences): per step and layer wq_a, wq_b,
+    wkv, wo_b and one MoE, for CSA the indexer's wq_b, whatever the number of sequences."""
     layers = cfg.num_hidden_layers
     n_csa = sum(cfg.layer_type(i) is LayerType.CSA for i in range(layers))
-    seqs = (1, 2, 2)
-    return Counter(linear=sum(3 * layers + n * (layers + n_csa) for n in seqs), moe=len(seqs) * layers)
+    return Counter(linear=3 * (4 * layers + n_csa), moe=3 * layers)
 
 
 def test_keep_quantized_only_where_the_gemm_kernels_run():
@@ -253,9 +254,9 @@ def test_drafter_projections_run_the_fp8_kernel(tiny_dir):
     ids = torch.tensor([5, 9, 3, 17, 2])
     if dense.cfg.dspark is None:
         streams = dense.forward(ids).streams
-        expected = dense._mtp_input(streams, ids, 0)
+        expected = dense.mtp_input(streams, ids, 0)
         with dispatch.use_kernels_on_cpu(("linear",)) as calls:
-            got = quantized._mtp_input(streams, ids, 0)
+            got = quantized.mtp_input(streams, ids, 0)
         assert calls == Counter(linear=2)
     else:
         head = DSparkHead(dense)
@@ -316,14 +317,14 @@ def test_base_checkpoint_runs_the_moe_kernel(tmp_path):
 @interpreted
 def test_warmup_runs_the_decode_kernels(tmp_path):
     """warm_up compiles what decode runs: every distinct FP8 linear shape, the MoE and mHC per batch
-    size, attention over three slot-list lengths, the indexer at three contexts and its top-k."""
+    size, paged attention of the three layer types, the paged indexer at three contexts and its top-k."""
     path = make_tiny(tmp_path, "flash", seed=0)
     cfg = load_config(path)
     model = V4Model(cfg, load_checkpoint(path, cfg, keep_quantized=True), quant=QuantSim.off())
     assert warm_up(model, CacheFormat()) == 0.0  # CPU serving: nothing to compile
     with dispatch.use_kernels_on_cpu() as calls:
         warm_up(model, CacheFormat(), batch_sizes=(1, 3), contexts=(256, 512, 1024))
-    assert calls["moe"] == 2 and calls["sparse_attention"] == 6 and calls["index_scores"] == 6
+    assert calls["moe"] == 2 and calls["attention_paged"] == 6 and calls["index_scores_paged"] == 6
     assert calls["select_topk"] == 2 and calls["linear"] > 0 and calls["linear"] % 2 == 0
     assert calls["hc_pre"] == calls["hc_post"] == calls["hc_head"] == 2
 
@@ -359,7 +360,7 @@ def _cuda_logits(model: V4Model, fmt: CacheFormat, lengths: tuple[int, ...]) -> 
     return torch.cat(logits), calls
 
 
-KERNEL_OPS = {"linear", "moe", "sparse_attention", "index_scores", "select_topk", "hc_pre", "hc_post", "hc_head"}
+KERNEL_OPS = {"linear", "moe", "attention_paged", "index_scores_paged", "select_topk", "hc_pre", "hc_post", "hc_head"}
 FORMATS = {"exact": (EXACT, QuantSim.off()),
            "fp8-caches": (CacheFormat(KVStorage.FP8, IndexerCache.FP8), CacheFormat().quant_sim(activations=False))}
 

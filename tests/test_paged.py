@@ -12,6 +12,7 @@ import torch
 
 from v4_plugin.checkpoint.config import LayerType, parse_config
 from v4_plugin.cache.layout import IndexerCache
+from v4_plugin.runtime import dispatch
 from v4_plugin.runtime.model import V4Model
 from v4_plugin.checkpoint.quant import QuantSim
 from v4_plugin.cache.formats import EXACT, CacheFormat, KVStorage
@@ -75,3 +76,28 @@ def test_quantized_records_match_the_simulating_reference(indexer):
         torch.testing.assert_close(paged, model.step(ids[a:b], cache).logits, atol=1e-5, rtol=1e-5)
     assert model.cfg.layer_type(2) is LayerType.CSA
     assert engine.caches[2].compressed.data.dtype == torch.uint8  # really byte records
+
+
+def test_a_decode_step_runs_the_same_ops_for_1_and_32_sequences():
+    """Every op of a step takes all sequences at once: a decode step of 32 sequences (contexts 2 ... 129,
+    on and off the 4- and 128-token edges, FP8 records and FP4 indexer keys) dispatches exactly the ops
+    of a decode step of one, op by op; and the batched step's logits are each sequence's alone."""
+    fmt = CacheFormat(KVStorage.FP8, IndexerCache.FP4)
+    model = _model("flash", fmt.quant_sim(activations=True))
+    gen = torch.Generator().manual_seed(4)
+    lengths = [2 + 4 * i for i in range(32)]  # 2 ... 126 ...
+    lengths[-1] = 129
+    seqs = [torch.randint(0, model.cfg.vocab_size, (n + 1,), generator=gen) for n in lengths]
+    engine = TinyEngine(model, fmt, 32, 140)
+    engine.step([(s, ids[:-1], 0) for s, ids in enumerate(seqs)])
+    decode = [(s, ids[-1:], len(ids) - 1) for s, ids in enumerate(seqs)]
+    counts = {}
+    for batch in (decode[:1], decode):
+        with dispatch.count_calls() as (kernel, torch_ops):
+            logits = engine.step(batch)
+        counts[len(batch)] = kernel + torch_ops
+    assert counts[1] == counts[32] and counts[1]["attention_paged"] == model.cfg.num_hidden_layers
+    alone = TinyEngine(model, fmt, 1, 140)
+    alone.step([(0, seqs[31][:-1], 0)])
+    (expected,) = alone.step([(0, seqs[31][-1:], lengths[31])])
+    torch.testing.assert_close(logits[31], expected, atol=1e-5, rtol=1e-5)

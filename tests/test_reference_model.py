@@ -11,8 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from v4_plugin.checkpoint.config import parse_config
-from v4_plugin.runtime.model import V4Model
+from v4_plugin.cache.formats import EXACT
+from v4_plugin.checkpoint.config import LayerType, parse_config
+from v4_plugin.runtime.batch import KVCodec
+from v4_plugin.runtime.model import SequenceCache, V4Model
 from v4_plugin.checkpoint.quant import QuantSim
 from v4_plugin.runtime.ops import compressor as comp_ops
 from v4_plugin.checkpoint.tiny import TINY_PRESETS, random_weights
@@ -89,25 +91,27 @@ def test_separate_sequences_do_not_share_state(case):
     torch.testing.assert_close(_stepped(model, ids[:200], [37, 150]), full[:200], **TOL)
 
 
-@pytest.mark.parametrize("overlap,ratio", [(True, 4), (False, 128)])
-def test_compressor_state_reproduces_prefill_pooling_bitwise(overlap, ratio):
-    """The carried state, fed in uneven chunks, pools exactly the entries the prefill form pools.
+@pytest.mark.parametrize("kind", [LayerType.CSA, LayerType.HCA])
+def test_compressor_rows_reproduce_prefill_pooling_bitwise(kind):
+    """The compressor rows a step leaves in the state cache, fed in uneven chunks, pool exactly the entries
+    the prefill form pools (main and indexer compressors).
 
     Bitwise equality is what lets the quantization simulation that follows (FP8 / FP4 rounding of
     each entry) agree between prefill and decode with the simulation on.
     """
-    width, t = 2 * 64 if overlap else 64, 3 * ratio + 3
-    gen = torch.Generator().manual_seed(ratio)
-    kv, gate = torch.randn(t, width, generator=gen), torch.randn(t, width, generator=gen)
-    ape = torch.randn(ratio, width, generator=gen)
-    pooled = comp_ops.compress_sequence(kv, gate, ape, overlap)
-    state = comp_ops.CompressorState(ratio, overlap, width)
-    parts, block_ids, start = [], [], 0
-    for end in (1, ratio - 1, ratio, ratio + 2, 2 * ratio + 1, t):
-        got, ids = state.append(kv[start:end], gate[start:end], ape)
-        parts.append(got)
-        block_ids.append(ids)
-        start = end
-    assert torch.equal(torch.cat(parts), pooled)
-    assert torch.cat(block_ids).tolist() == list(range(t // ratio))
-    assert state.partial_kv.shape[0] == t % ratio  # the tail stays in the state
+    cfg = parse_config(TINY_PRESETS["flash"])
+    model = V4Model(cfg, random_weights(cfg, seed=2), quant=QuantSim.off())
+    block = next(b for b in model.blocks if b.kind is kind)
+    m, t = block.ratio, 3 * block.ratio + 3
+    x = torch.randn(t, cfg.hidden_size, generator=torch.Generator().manual_seed(m))
+    cache, codec = SequenceCache(cfg, [kind], model.dtype, "cpu"), KVCodec(cfg, EXACT, model.dtype)
+    start = 0
+    for end in (1, m - 1, m, m + 2, 2 * m + 1, t):
+        block.attention(x[start:end], cache.plan(end - start), cache.layers[0], codec)
+        cache.num_tokens, start = end, end
+    caches = [("compressed", False)] + ([("index_keys", True)] if kind is LayerType.CSA else [])
+    for name, indexer in caches:
+        kv, gate, ape = block._projections(x, indexer)
+        want = comp_ops.finish_entries(comp_ops.compress_sequence(kv, gate, ape, kind is LayerType.CSA),
+                                       torch.arange(t // m), **block.finish_args(indexer))
+        assert torch.equal(getattr(cache.layers[0], name).data[0, : t // m], want), name

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from v4_plugin.checkpoint.config import LayerType, parse_config, preset_config
-from v4_plugin.runtime.model import V4Model
+from v4_plugin.cache.formats import EXACT
+from v4_plugin.runtime.batch import KVCodec
+from v4_plugin.runtime.model import SequenceCache, V4Model
 from v4_plugin.checkpoint.quant import QuantSim
 from v4_plugin.runtime.ops import attention as attn_ops
 from v4_plugin.runtime.ops import compressor as comp_ops
@@ -36,7 +38,7 @@ def test_04_query_has_weightless_per_head_norm():
     w = random_weights(cfg, seed=3)
     model = V4Model(cfg, w, quant=QuantSim.off())
     x = randn(5, cfg.hidden_size)
-    c_q, q = model.blocks[0]._query(x, torch.zeros(5, dtype=torch.long))  # position 0: RoPE is the identity
+    c_q, q = model.blocks[0].query(x, torch.zeros(5, dtype=torch.long))  # position 0: RoPE is the identity
     a = x @ w["layers.0.attn.wq_a.weight"].T
     a = a / a.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * w["layers.0.attn.q_norm.weight"]
     torch.testing.assert_close(c_q, a, atol=1e-5, rtol=1e-5)
@@ -105,13 +107,13 @@ def test_09_output_is_derotated_relative_positions_only():
 
     def attend_at(offset: int) -> torch.Tensor:
         positions = local + offset
-        _, q = block._query(x, positions)
-        return block._attend(q, block._window_kv(x, positions), indices, positions)
+        _, q = block.query(x, positions)
+        return block.attend(q, block.window_kv(x, positions), indices, positions)
 
     torch.testing.assert_close(attend_at(0), attend_at(1000), atol=2e-3, rtol=2e-3)
 
 
-def test_12_window_and_ring():
+def test_12_window_positions_and_cache_rows():
     pos = torch.tensor([0, 5, 200])
     w = attn_ops.window_positions(pos, 128)
     assert w[0].tolist() == [-1] * 127 + [0]
@@ -119,10 +121,11 @@ def test_12_window_and_ring():
     assert w[2].tolist() == list(range(73, 201))
     cfg = parse_config(TINY_PRESETS["flash"])
     model = V4Model(cfg, random_weights(cfg, seed=1), quant=QuantSim.off())
-    block, cache, x = model.blocks[0], model.blocks[0].new_cache("cpu"), randn(130, cfg.hidden_size)
-    block.attention_step(x, 0, cache)
-    kv = block._window_kv(x, torch.arange(130))
-    assert torch.equal(cache.ring[1], kv[129]) and torch.equal(cache.ring[2], kv[2])  # slot = position mod 128
+    block, x = model.blocks[0], randn(130, cfg.hidden_size)
+    cache = SequenceCache(cfg, [block.kind], model.dtype, "cpu")
+    block.attention(x, cache.plan(130), cache.layers[0], KVCodec(cfg, EXACT, model.dtype))
+    kv = block.window_kv(x, torch.arange(130))
+    assert torch.equal(cache.layers[0].window.data[0, :130], kv)  # entry p holds position p
 
 
 @pytest.mark.parametrize("m,cases", [(4, {2: 0, 3: 1, 4: 1, 6: 1, 7: 2, 8: 2}), (128, {126: 0, 127: 1, 128: 1, 255: 2})])
@@ -187,13 +190,13 @@ def test_18_entry_post_processing_order_and_block_start_rope():
     assert not torch.equal(got[:, 64:], fake_quant_fp8(got[:, 64:], 64))  # rope dims: bf16, not FP8
 
 
-def test_19_new_state_has_no_previous_block():
-    state = comp_ops.CompressorState(4, True, 8)
-    assert state.prev_kv is None and state.num_tokens == 0
-    kv, gate, ape = randn(5, 8), randn(5, 8), randn(4, 8)
-    pooled, ids = state.append(kv, gate, ape)
-    assert ids.tolist() == [0] and torch.equal(state.prev_kv, kv[:4])  # the emitted block moved to "previous"
-    assert state.partial_kv.shape[0] == 1
+def test_19_first_block_has_no_previous_block():
+    """Block 0 of the overlapping compressor pools its own B-halves only: the A-slots of the absent
+    previous block get gate -inf (weight 0)."""
+    kv, score = randn(1, 4, 16), randn(1, 4, 16)
+    got = comp_ops.pool_blocks(kv, score, True)
+    expected = (kv[..., 8:] * torch.softmax(score[..., 8:], dim=1)).sum(1)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
 
 def test_20_index_scores():

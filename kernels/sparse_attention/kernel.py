@@ -105,13 +105,16 @@ def _load_kv_tile(kv_ptr, slot, valid, stride_kv,
 # ---- main kernel -------------------------------------------------------------------------------
 @triton.jit
 def _sparse_attn_kernel(
-    q_ptr, kv_ptr, slots_ptr, sink_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-    S, H, chunk, num_splits, qk_scale,
-    stride_qt, stride_qh, stride_kv, stride_st, stride_ot, stride_oh, T_BUCKET, CHUNK_BUCKET,
+    q_ptr, kv_ptr, slots_ptr, kv2_ptr, slots2_ptr, sink_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+    S, S1, H, chunk, num_splits, qk_scale,
+    stride_qt, stride_qh, stride_kv, stride_st, stride_kv2, stride_st2, stride_ot, stride_oh, T_BUCKET, CHUNK_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NOPE: tl.constexpr, SCALE_OFF: tl.constexpr,
     KV_FP8: tl.constexpr, FP8_HW: tl.constexpr, DOT_F32: tl.constexpr, WRITE_FINAL: tl.constexpr,
-    ROW_ALIGN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    TWO_SOURCES: tl.constexpr, ROW_ALIGN: tl.constexpr, ROW_ALIGN2: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """Query t, head block hb, split sp: the slots [sp*chunk, (sp+1)*chunk) of the query's slot list, which
+    is slots[t, :S1] into kv followed (TWO_SOURCES) by slots2[t, :S - S1] into kv2."""
     t = tl.program_id(0)
     hb = tl.program_id(1)
     sp = tl.program_id(2)
@@ -132,12 +135,20 @@ def _sparse_attn_kernel(
     start = sp * chunk
     end = tl.minimum(start + chunk, S)
     slot_row = slots_ptr + t.to(tl.int64) * stride_st
+    slot_row2 = slots2_ptr + t.to(tl.int64) * stride_st2
     for n0 in range(start, end, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
-        slot = tl.load(slot_row + offs, mask=offs < end, other=-1)
+        first = offs < S1
+        slot = tl.load(slot_row + offs, mask=first & (offs < end), other=-1)
         valid = slot >= 0
         k = _load_kv_tile(kv_ptr, slot, valid, stride_kv, HEAD_DIM, D_PAD, NOPE, SCALE_OFF, KV_FP8, FP8_HW,
                           ROW_ALIGN, BLOCK_N)
+        if TWO_SOURCES:  # a tile may straddle the two lists: each row comes from one (the other loads 0)
+            slot2 = tl.load(slot_row2 + (offs - S1), mask=(~first) & (offs < end), other=-1)
+            valid2 = slot2 >= 0
+            k += _load_kv_tile(kv2_ptr, slot2, valid2, stride_kv2, HEAD_DIM, D_PAD, NOPE, SCALE_OFF, KV_FP8,
+                               FP8_HW, ROW_ALIGN2, BLOCK_N)
+            valid = valid | valid2
         if DOT_F32:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -224,7 +235,7 @@ def _prune(configs, named_args, **kwargs):
 def _tuned_attn():
     """Tuned per head count, record format and shape bucket: queries (T_BUCKET) and slots per split
     (CHUNK_BUCKET), so a decode step and a prefill chunk each get their own config."""
-    key = ["H", "HEAD_DIM", "KV_FP8", "DOT_F32", "WRITE_FINAL", "T_BUCKET", "CHUNK_BUCKET"]
+    key = ["H", "HEAD_DIM", "KV_FP8", "DOT_F32", "WRITE_FINAL", "TWO_SOURCES", "T_BUCKET", "CHUNK_BUCKET"]
     return triton.autotune(_gpu_configs(), key=key, prune_configs_by={"early_config_prune": _prune})(
         _sparse_attn_kernel)
 
@@ -278,18 +289,26 @@ def _row_align(stride: int) -> int:
 
 # ---- wrapper -----------------------------------------------------------------------------------
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor, scale: float,
-                     *, rope_dim: int = 64, num_splits: int | None = None, fp8_hw: bool | None = None,
+                     *, kv2: torch.Tensor | None = None, indices2: torch.Tensor | None = None, rope_dim: int = 64,
+                     num_splits: int | None = None, fp8_hw: bool | None = None,
                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton `v4_plugin.runtime.ops.attention.sparse_attention`, reading KV from the cache by slot.
 
     q [T, H, d]; kv uint8 [num_slots, record_bytes] (FP8 main records, `rope_dim` bf16 dims) or
     float [num_slots, d]; indices int32/int64 [T, S] slots, -1 = skip; sink fp32 [H] (not scaled;
     -inf for padded heads); scale (d^-1/2). Returns [T, H, d] in q.dtype (or writes `out`).
+    kv2 / indices2 [T, S2]: a second cache of the same format (a layer's compressed entries beside its
+    window): one softmax over both slot lists (`ops.attention.attention_over_slots`).
     num_splits forces the split-K count (tests); fp8_hw picks the e4m3 decode (default: hardware
     convert on sm89+, integer decode elsewhere and in the interpreter).
     """
     T, H, d = q.shape
-    S = indices.shape[1]
+    two = kv2 is not None
+    if two and (indices2 is None or indices2.shape[0] != T or kv2.dtype != kv.dtype or kv2.shape[1] != kv.shape[1]):
+        raise ValueError(f"second source: kv2 {None if kv2 is None else tuple(kv2.shape)} must match kv "
+                         f"{tuple(kv.shape)} in format, with indices2 [T={T}, S2]")
+    S1 = indices.shape[1]
+    S = S1 + (indices2.shape[1] if two else 0)
     if indices.shape[0] != T or sink.shape != (H,):
         raise ValueError(f"shape mismatch: q {tuple(q.shape)}, indices {tuple(indices.shape)}, "
                          f"sink {tuple(sink.shape)}")
@@ -312,6 +331,11 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, s
     q = q if q.stride(-1) == 1 else q.contiguous()
     kv = kv if kv.stride(-1) == 1 else kv.contiguous()
     indices = indices if indices.stride(-1) == 1 else indices.contiguous()
+    if two:
+        kv2 = kv2 if kv2.stride(-1) == 1 else kv2.contiguous()
+        indices2 = indices2 if indices2.stride(-1) == 1 else indices2.contiguous()
+    else:
+        kv2, indices2 = kv, indices  # not read
     sink = sink.float().contiguous()
     on_gpu = q.device.type == "cuda" and not _interpreting()
     dot_f32 = (not on_gpu) or q.dtype == torch.float32
@@ -327,11 +351,12 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, s
         part_o = torch.empty((T, splits, H, d_pad), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((T, splits, H), dtype=torch.float32, device=q.device)
 
-    args = (q, kv, indices, sink, out, part_o, part_lse, S, H, chunk, splits, float(scale) * LOG2E,
-            q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1),
-            shape_bucket(T, 4096), shape_bucket(chunk, 1 << 17))
+    args = (q, kv, indices, kv2, indices2, sink, out, part_o, part_lse, S, S1, H, chunk, splits,
+            float(scale) * LOG2E, q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), kv2.stride(0),
+            indices2.stride(0), out.stride(0), out.stride(1), shape_bucket(T, 4096), shape_bucket(chunk, 1 << 17))
     consts = dict(HEAD_DIM=d, D_PAD=d_pad, NOPE=nope, SCALE_OFF=scale_off, KV_FP8=kv_fp8, FP8_HW=bool(fp8_hw),
-                  DOT_F32=dot_f32, WRITE_FINAL=final, ROW_ALIGN=_row_align(kv.stride(0)))
+                  DOT_F32=dot_f32, WRITE_FINAL=final, TWO_SOURCES=two, ROW_ALIGN=_row_align(kv.stride(0)),
+                  ROW_ALIGN2=_row_align(kv2.stride(0)))
     if on_gpu:
         grid = lambda meta: (T, triton.cdiv(H, meta["BLOCK_H"]), splits)  # noqa: E731
         _tuned_attn()[grid](*args, **consts)

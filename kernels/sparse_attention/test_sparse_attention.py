@@ -21,6 +21,7 @@ from v4_kernels.testing import assert_close, gpu_only, on_device
 from v4_plugin.checkpoint.config import parse_config, preset_config
 from v4_plugin.cache.records import pack_main, unpack_main
 from v4_plugin.cache.layout import main_entry_bytes
+from v4_plugin.runtime.ops.attention import attention_over_slots
 from v4_plugin.runtime.ops.attention import sparse_attention as core_sparse_attention
 from v4_plugin.checkpoint.tiny import TINY_PRESETS
 
@@ -203,3 +204,36 @@ def test_gpu_real_contexts(name, context, layer, T):
                                                q_dtype=torch.bfloat16)
     ref = core_sparse_attention(q.float(), kv, idx, sink, scale)
     assert_close(sparse_attention(q, records, idx, sink, scale).float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("fp8", [True, False], ids=["fp8-records", "float-rows"])
+@pytest.mark.parametrize("cfg_name,S1,S2,splits", [("tiny-flash", 5, 3, None), ("tiny-flash", 128, 513, 4),
+                                                   ("tiny-pro", 3, 0, None), ("flash", 128, 129, None)])
+def test_two_sources_match_the_core(cfg_name, fp8, S1, S2, splits):
+    """A window cache and a compressed cache read in one softmax (the serving path): the kernel equals
+    `attention_over_slots`; tiles straddle the two slot lists (S1 not a multiple of the tile), and the
+    split-K path cuts across them too."""
+    cfg = CFGS[cfg_name]
+    g = torch.Generator().manual_seed(S1 * 1000 + S2)
+    T, H, d = 3, cfg.num_attention_heads, cfg.head_dim
+    (rec1, kv1), (rec2, kv2) = _cache(cfg, 200, g), _cache(cfg, 90, g)
+    q, sink = torch.randn(T, H, d, generator=g) * 2.0, torch.randn(H, generator=g)
+    idx1, idx2 = _slots(T, S1, 200, g), _slots(T, S2, 90, g)
+    src1, src2 = (rec1, rec2) if fp8 else (kv1, kv2)
+    out = sparse_attention(q, src1, idx1, sink, d**-0.5, kv2=src2, indices2=idx2, rope_dim=cfg.qk_rope_head_dim,
+                           num_splits=splits)
+    decode = (lambda rows: unpack_main(rows.flatten(0, -2), cfg).unflatten(0, rows.shape[:-1])) if fp8 else None
+    ref = attention_over_slots(q, [(src1, idx1), (src2, idx2)], sink, d**-0.5, decode)
+    _check(out, ref)
+    together = core_sparse_attention(q, torch.cat((kv1, kv2)), torch.cat((idx1, torch.where(idx2 >= 0, idx2 + 200, -1)), 1),
+                                     sink, d**-0.5)
+    assert_close(ref, together, atol=ATOL, rtol=RTOL)
+
+
+def test_two_sources_refuse_a_mismatched_second_cache():
+    cfg = CFGS["tiny-flash"]
+    g = torch.Generator().manual_seed(0)
+    (rec, kv) = _cache(cfg, 10, g)
+    q, sink = torch.randn(2, cfg.num_attention_heads, cfg.head_dim), torch.zeros(cfg.num_attention_heads)
+    with pytest.raises(ValueError, match="second source"):
+        sparse_attention(q, rec, _slots(2, 3, 10, g), sink, 1.0, kv2=kv, indices2=_slots(2, 3, 10, g))

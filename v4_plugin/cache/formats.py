@@ -35,6 +35,8 @@ class CacheFormat:
 
 EXACT = CacheFormat(KVStorage.FLOAT, None)
 
+COMPRESSED_CACHES = ("compressed", "index_keys")  # one entry per m positions; the other caches, one per position
+
 
 def cache_entry(cfg: V4Config, kind: LayerType, fmt: CacheFormat,
                 dtype: torch.dtype) -> dict[str, tuple[int, torch.dtype]]:

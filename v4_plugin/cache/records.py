@@ -29,6 +29,8 @@ from v4_plugin.checkpoint.quant import (dequantize_fp4, dequantize_fp8, e8m0_to_
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     """View a tensor's last dim as raw bytes: [..., n] of any dtype -> uint8 [..., n * itemsize]."""
+    if t.numel() == 0:  # (an empty tensor's strides may not allow the view)
+        return torch.empty(*t.shape[:-1], t.shape[-1] * t.element_size(), dtype=torch.uint8, device=t.device)
     return t.contiguous().view(torch.uint8)
 
 

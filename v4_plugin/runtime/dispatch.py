@@ -24,7 +24,7 @@ from typing import Callable, Collection, Iterator
 import torch
 
 from v4_plugin.checkpoint.config import V4Config
-from v4_plugin.cache.records import pack_indexer, pack_main
+from v4_plugin.cache.records import pack_indexer, pack_main, unpack_indexer, unpack_main
 from v4_plugin.cache.layout import IndexerCache
 from v4_plugin.runtime.ops import attention as attn_ops
 from v4_plugin.runtime.ops import compressor as comp_ops
@@ -202,14 +202,56 @@ def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.
     return _pick(x, "mhc", "hc_head", mhc_ops.hc_head)(x, fn, scale, base, norm_eps=norm_eps, hc_eps=hc_eps)
 
 
-def _slots(data: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Paged storage data [num_blocks, block_size, width] (any block and entry strides, e.g. padded
-    pages) as the rows [n, width] a kernel writes by slot, sharing its memory, and the slot of each
-    (block, offset): rows step by u = gcd of the two strides elements, slot = (b*stride0 + o*stride1) / u."""
+def flat_rows(data: torch.Tensor) -> torch.Tensor:
+    """Paged storage data [num_blocks, block_size, width] (any block and entry strides, e.g. padded pages)
+    as the rows [n, width] that kernels address by slot, sharing its memory: rows step by u = gcd of the
+    two strides (in elements), so the slot of (block b, offset o) is (b*stride0 + o*stride1) / u."""
     s0, s1 = data.stride(0), data.stride(1)
     u = math.gcd(s0, s1)
     n = ((data.shape[0] - 1) * s0 + (data.shape[1] - 1) * s1) // u + 1
-    return data.as_strided((n, data.shape[2]), (u, 1)), blocks * (s0 // u) + offsets * (s1 // u)
+    return data.as_strided((n, data.shape[2]), (u, 1))
+
+
+def flat_slots(data: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The slots in `flat_rows(data)` of entries (blocks, offsets)."""
+    s0, s1 = data.stride(0), data.stride(1)
+    u = math.gcd(s0, s1)
+    return blocks * (s0 // u) + offsets * (s1 // u)
+
+
+def attention_paged(q: torch.Tensor, window: tuple[torch.Tensor, torch.Tensor],
+                    compressed: tuple[torch.Tensor, torch.Tensor] | None, sink: torch.Tensor, scale: float,
+                    cfg: V4Config, kv_fp8: bool) -> torch.Tensor:
+    """`ops.attention.sparse_attention` over the entries the window and compressed caches hold, read where
+    they lie: each source (rows [n, width] of `flat_rows`, slots int64 [T, S] into them, -1 = skip) holds
+    main records (`kv_fp8`) or entries in the compute dtype. One softmax over both sources."""
+    sources = [window] if compressed is None else [window, compressed]
+    kernel = _kernel_for(q, "sparse_attention", "sparse_attention", op="attention_paged")
+    if kernel is not None:
+        second = {} if compressed is None else dict(kv2=compressed[0], indices2=compressed[1])
+        return kernel(q, *window, sink, scale, rope_dim=cfg.qk_rope_head_dim, **second)
+    return attn_ops.attention_over_slots(q, sources, sink, scale, _records_decoder(cfg, q.dtype) if kv_fp8 else None)
+
+
+def _records_decoder(cfg: V4Config, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Main records uint8 [..., 584] -> KV entries [..., head_dim] in `dtype` (`records.unpack_main`)."""
+    return lambda rows: unpack_main(rows.flatten(0, -2), cfg, dtype).unflatten(0, rows.shape[:-1])
+
+
+def index_scores_paged(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor, slots: torch.Tensor,
+                       query_start: torch.Tensor, token_seq: torch.Tensor, visible: torch.Tensor, cfg: V4Config,
+                       fmt: IndexerCache | None) -> torch.Tensor:
+    """`ops.indexer.index_scores` of each query against its own sequence's keys, read where they lie: keys
+    [n, width] (`flat_rows` of the indexer cache: records of `fmt`, or keys in the compute dtype when
+    None), slots int64 [B, N] (sequence b's entries 0 ... N-1), query_start int32 [B + 1] and token_seq
+    int64 [T] (the queries of each sequence), visible int64 [T]. Returns fp32 [T, N], -inf where
+    j >= visible[t]."""
+    kernel = _kernel_for(q, "indexer", "index_scores", op="index_scores_paged")
+    if kernel is not None:
+        return kernel(q, head_weights, keys, slots=slots, visible=visible, query_start=query_start)
+    rows = keys[slots.clamp(min=0)]
+    decoded = rows if fmt is None else unpack_indexer(rows.flatten(0, 1), cfg, fmt, q.dtype).unflatten(0, slots.shape)
+    return index_ops.index_scores_per_sequence(q, head_weights, decoded, token_seq, visible)
 
 
 def store_main(kv: torch.Tensor, data: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
@@ -220,7 +262,7 @@ def store_main(kv: torch.Tensor, data: torch.Tensor, blocks: torch.Tensor, offse
     if kernel is None:
         data[blocks, offsets] = pack_main(kv, cfg)
     else:
-        kernel(kv, *_slots(data, blocks, offsets), rope_dim=cfg.qk_rope_head_dim)
+        kernel(kv, flat_rows(data), flat_slots(data, blocks, offsets), rope_dim=cfg.qk_rope_head_dim)
 
 
 def store_indexer(keys: torch.Tensor, data: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
@@ -231,7 +273,7 @@ def store_indexer(keys: torch.Tensor, data: torch.Tensor, blocks: torch.Tensor, 
     if kernel is None:
         data[blocks, offsets] = pack_indexer(keys, cfg, fmt)
     else:
-        kernel(keys, *_slots(data, blocks, offsets), fmt)
+        kernel(keys, flat_rows(data), flat_slots(data, blocks, offsets), fmt)
 
 
 def _pool_finish(kv: torch.Tensor, score: torch.Tensor, overlap: bool, before_kv: torch.Tensor | None,
@@ -261,8 +303,8 @@ def pool_finish_store(kv: torch.Tensor, score: torch.Tensor, overlap: bool, befo
                   indexer=indexer)
     kernel = _kernel_for(kv, "compressor", "pool_finish_store")
     if kernel is not None:
-        rows, slots = _slots(data, blocks, offsets)
-        kernel(kv, score, overlap, before_kv, before_score, **finish, cache=rows, slots=slots, fmt=fmt)
+        kernel(kv, score, overlap, before_kv, before_score, **finish, cache=flat_rows(data),
+               slots=flat_slots(data, blocks, offsets), fmt=fmt)
         return
     entries = _pool_finish(kv, score, overlap, before_kv, before_score, **finish, simulate_quant=True)
     data[blocks, offsets] = pack_indexer(entries, cfg, fmt) if indexer else pack_main(entries, cfg)

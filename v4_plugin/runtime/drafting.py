@@ -6,7 +6,7 @@ Pure PyTorch over `V4Model`, one sequence at a time; the oracle for framework dr
   streams at t and the token at t+1 and predicts the token at t+2; its window cache has one row per
   target position. Drafting k tokens commits the newest row (target streams, the token the target
   just chose) and then feeds the MTP's own output streams back k-1 times on speculative rows that
-  are rolled back afterwards (`SequenceCache.checkpoint` / `rollback`).
+  are dropped afterwards (`SequenceCache.truncate`).
 * DSpark (-0731 / -0813 refreshes, refresh-checkpoints.md §3.1): S SWA-only decoder stages
   `mtp.0 ... mtp.{S-1}`. Context: for every target position, the hc-stream mean of the outputs of
   main layers `dspark_target_layer_ids`, concatenated [S*D], through `mtp.0.main_proj` and
@@ -20,7 +20,7 @@ Pure PyTorch over `V4Model`, one sequence at a time; the oracle for framework dr
   The confidence head gives sigmoid(w . [h_i ; markov_w1[prev_i]]) per draft (h_i = hc_head output).
 * `speculative_generate`: prefill; then per step draft k, verify anchor + k drafts with one
   `V4Model.step`, keep the longest prefix of drafts the target agrees with plus the
-  target's next token, roll the target cache back to it. Greedy, so it returns the tokens of
+  target's next token, truncate the target cache to it. Greedy, so it returns the tokens of
   `V4Model.generate`.
 
 `plan_speculation` validates a request (drafter, num_speculative_tokens) against the checkpoint, with
@@ -141,13 +141,12 @@ class MTPDrafter:
         newest = self._newest
         drafts = [int(newest.logits[-1].argmax())]
         if k > 1:
-            self.cache.checkpoint()
-            streams = newest.streams[-1:]
+            committed, streams = self.cache.num_tokens, newest.streams[-1:]
             for _ in range(k - 1):
                 out = self.model.mtp_step(streams, torch.tensor([drafts[-1]]), self.cache)
                 drafts.append(int(out.logits[-1].argmax()))
                 streams = out.streams
-            self.cache.rollback(self.cache.marked_tokens)
+            self.cache.truncate(committed)
         return drafts
 
 
@@ -200,15 +199,15 @@ class DSparkHead:
     def context_kv(self, features: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
         """Per stage, the context KV entries [T, d] of the target rows at `positions` (int64 [T])."""
         main_x = self.main_x(features)
-        return [stage._window_kv(main_x, positions) for stage in self.stages]
+        return [stage.window_kv(main_x, positions) for stage in self.stages]
 
     def _block_attention(self, stage: Block, context: torch.Tensor, u: torch.Tensor,
                          positions: torch.Tensor) -> torch.Tensor:
         """Block queries u [k, D] over the context entries [n, d] and the whole block -> [k, D]."""
-        _, q = stage._query(u, positions)
-        kv = torch.cat((context, stage._window_kv(u, positions)))
+        _, q = stage.query(u, positions)
+        kv = torch.cat((context, stage.window_kv(u, positions)))
         indices = torch.arange(kv.shape[0], device=kv.device).expand(u.shape[0], -1)  # every entry, every query
-        return stage._attend(q, kv, indices, positions)
+        return stage.attend(q, kv, indices, positions)
 
     @torch.no_grad()
     def block_hidden(self, anchor: int, position: int, contexts: Sequence[torch.Tensor], k: int) -> torch.Tensor:
@@ -221,15 +220,15 @@ class DSparkHead:
         model, device = self.model, contexts[0].device
         ids = torch.tensor([anchor] + [self.dspark.noise_token_id] * (k - 1), device=device)
         positions = torch.arange(position, position + k, device=device)
-        x = model._streams(ids)
+        x = model.input_streams(ids)
         for stage, context in zip(self.stages, contexts):
             x = stage.forward(x, ids, lambda u, s=stage, c=context: self._block_attention(s, c, u, positions))
-        return model._head_hidden(x, self.last)
+        return model.head_hidden(x, self.last)
 
     def markov_logits(self, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         """The draft logits fp32 [n, V] of block rows `hidden` [n, D] after tokens `prev` (int64 [n]): the
         rows' base logits plus the Markov head's bias markov_w2 . markov_w1[prev]."""
-        return self.model._head_logits(hidden, self.last) + rows_times_transposed(self.markov_w1[prev], self.markov_w2)
+        return self.model.head_logits(hidden, self.last) + rows_times_transposed(self.markov_w1[prev], self.markov_w2)
 
     @torch.no_grad()
     def draft(self, anchor: int, position: int, contexts: Sequence[torch.Tensor], k: int) -> DSparkDraft:
@@ -318,7 +317,7 @@ def speculative_generate(model: V4Model, drafter: Drafter, prompt_ids: Sequence[
     """Greedy decoding with drafting: each step verifies the anchor and k drafts in one `step` of k+1 tokens.
 
     The target keeps the longest prefix of drafts equal to its own argmax choices, then its argmax
-    after them; the cache is rolled back to the kept tokens (`SequenceCache.rollback`). Returns
+    after them; the cache is truncated to the kept tokens (`SequenceCache.truncate`). Returns
     the same tokens as `model.generate(prompt_ids, max_new_tokens, stop_ids)`.
     """
     cache = model.new_cache()
@@ -329,14 +328,13 @@ def speculative_generate(model: V4Model, drafter: Drafter, prompt_ids: Sequence[
     while len(result.tokens) < max_new_tokens and not set(result.tokens) & set(stop_ids):
         drafter.observe(ids, out, token)
         drafts = drafter.propose(k)
-        ids = torch.tensor([token] + drafts)
-        cache.checkpoint()
+        ids, kept = torch.tensor([token] + drafts), cache.num_tokens
         out = model.step(ids, cache, drafter.capture)
         choices = out.logits.argmax(dim=-1).tolist()  # the target's token after each of ids
         j = 0
         while j < k and drafts[j] == choices[j]:
             j += 1
-        cache.rollback(cache.marked_tokens + j + 1)
+        cache.truncate(kept + j + 1)
         ids, out, token = ids[: j + 1], rows(out, j + 1), choices[j]
         result.tokens += drafts[:j] + [token]
         result.accepted.append(j)

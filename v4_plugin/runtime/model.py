@@ -1,13 +1,14 @@
 """The DeepSeek-V4 model (`V4Model`): the model both servers run, and in its whole-sequence form the
 oracle every kernel and backend is tested against.
 
-Readable and eager. Two entry points share the ops in `v4_plugin.runtime.ops`:
+Readable and eager. Two forms of attention share the ops in `v4_plugin.runtime.ops`:
 
 * `forward(ids)`: the whole sequence from position 0 at once (the prefill form: banded window
   indices, every complete compressed block pooled in one go); the oracle;
-* `step(ids, cache)`: the next chunk of any length, carrying an explicit `SequenceCache` (window
-  ring, compressor partial blocks, compressed entries, indexer keys). `SequenceCache.checkpoint`
-  and `rollback` undo the tail of a step exactly (speculative verification, `v4_plugin.runtime.drafting`).
+* `run(ids, plan, caches, codec)`: one step of a batch of sequences over paged caches
+  (`v4_plugin.runtime.batch`), every sequence in each op: what both servers run (`runtime.paged`), and
+  `step(ids, cache)`, the next chunk of one sequence, over a `SequenceCache` (one sequence in one
+  block). `Block.attention` is the one attention of both.
 
 Hot ops go through `dispatch` (Triton kernels for CUDA tensors, the torch ops otherwise; set
 V4_PLUGIN_KERNELS=torch for the torch ops alone on a GPU). Weights are the checkpoint tensors under
@@ -28,7 +29,6 @@ On one rank (`SINGLE`) nothing changes.
 
 from __future__ import annotations
 
-import copy
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +40,9 @@ from v4_plugin.checkpoint.loader import dequantize_linear, load_checkpoint
 from v4_plugin.checkpoint.config import LayerType, V4Config, load_config
 from v4_plugin.checkpoint.quant import QuantSim
 from v4_plugin.checkpoint.sharding import Parallelism, rank_range
+from v4_plugin.cache.formats import COMPRESSED_CACHES, EXACT, KVStorage, cache_entry
 from v4_plugin.runtime import dispatch
+from v4_plugin.runtime.batch import BatchPlan, KVCodec, LayerCaches, PagedCache
 from v4_plugin.runtime.ops import attention as attn_ops
 from v4_plugin.runtime.ops import compressor as comp_ops
 from v4_plugin.runtime.ops import indexer as index_ops
@@ -144,105 +146,52 @@ def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(parts)
 
 
-@dataclass
-class _LayerMark:
-    """One layer's state at `SequenceCache.checkpoint`, and the compressor input fed since then."""
-
-    ring: torch.Tensor  # [window, head_dim] copy of the ring
-    # The compressor states themselves: `CompressorState.append` rebinds its tensors, never writes into them.
-    compressor: comp_ops.CompressorState | None
-    index_compressor: comp_ops.CompressorState | None
-    fed: dict[bool, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]  # indexer? -> [(kv, gate, ape)]
-
-
-@dataclass
-class LayerCache:
-    """Per-layer state of one sequence."""
-
-    ring: torch.Tensor  # [window, head_dim]: raw KV of position p in slot p mod window
-    compressed: torch.Tensor  # [entries, head_dim]: compressed KV, entry j covers positions j*m ... j*m+m-1
-    index_keys: torch.Tensor | None  # [entries, index_head_dim] (CSA)
-    compressor: comp_ops.CompressorState | None
-    index_compressor: comp_ops.CompressorState | None
-    mark: _LayerMark | None = None
-
-    def feed(self, indexer: bool, kv: torch.Tensor, gate: torch.Tensor,
-             ape: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`CompressorState.append` on the main (or the indexer's) compressor, journalled after a checkpoint."""
-        if self.mark is not None:
-            self.mark.fed[indexer].append((kv, gate, ape))
-        return (self.index_compressor if indexer else self.compressor).append(kv, gate, ape)
-
-    def set_mark(self) -> None:
-        self.mark = _LayerMark(self.ring.clone(), copy.copy(self.compressor), copy.copy(self.index_compressor),
-                               {False: [], True: []})
-
-    def roll_back(self, marked: int, keep: int, current: int) -> None:
-        """Return to the state after `keep` tokens, from the mark taken after `marked` (marked <= keep <= current).
-
-        Ring slots of the dropped positions get back what they held at the mark (positions - window);
-        compressed entries and indexer keys are cut to the blocks complete at `keep` (those entries do
-        not depend on later tokens); each compressor is the marked state fed the first `keep - marked`
-        journalled rows again, which is the state the tokens up to `keep` leave.
-        """
-        mark, win = self.mark, self.ring.shape[0]
-        dropped = torch.arange(keep, current, device=self.ring.device) % win
-        self.ring[dropped] = mark.ring[dropped]
-        if self.compressor is not None:
-            self.compressed = self.compressed[: keep // self.compressor.ratio]
-            self.compressor = _replay(mark.compressor, mark.fed[False], keep - marked)
-        if self.index_compressor is not None:
-            self.index_keys = self.index_keys[: keep // self.index_compressor.ratio]
-            self.index_compressor = _replay(mark.index_compressor, mark.fed[True], keep - marked)
-        self.mark = None
-
-
-def _replay(state: comp_ops.CompressorState, fed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-            count: int) -> comp_ops.CompressorState:
-    """A copy of `state` after appending the first `count` journalled rows (kv, gate fp32 [n, c*e])."""
-    state = copy.copy(state)
-    if count:
-        kv = torch.cat([f[0] for f in fed])[:count]
-        gate = torch.cat([f[1] for f in fed])[:count]
-        state.append(kv, gate, fed[0][2])
-    return state
-
-
-@dataclass
 class SequenceCache:
-    """Everything the model carries for one sequence between `step` calls."""
+    """Everything `V4Model.step` carries for one sequence between calls: the paged caches of every layer
+    (`runtime.batch`) as one sequence in one block, grown as the sequence grows.
 
-    layers: list[LayerCache]
-    num_tokens: int = 0
-    marked_tokens: int | None = None  # num_tokens at the open checkpoint
+    Every entry is indexed by position (or compressed-entry number), so keeping fewer tokens is only a
+    matter of the count: `truncate(n)` drops the rest (rejected drafts), and the next step writes over them.
+    """
 
-    @torch.inference_mode()
-    def checkpoint(self) -> None:
-        """Remember the current state, so that `rollback` can later drop tokens stepped after this point."""
-        for layer in self.layers:
-            layer.set_mark()
-        self.marked_tokens = self.num_tokens
+    def __init__(self, cfg: V4Config, kinds: Sequence[LayerType], dtype: torch.dtype, device: torch.device | str):
+        self.cfg, self.kinds, self.dtype, self.device = cfg, tuple(kinds), dtype, torch.device(device)
+        self.layers: list[LayerCaches] = [self._allocate(kind, 0) for kind in self.kinds]
+        self.num_tokens = 0
 
-    @torch.inference_mode()
-    def rollback(self, num_tokens: int) -> None:
-        """Keep the first `num_tokens` tokens: the cache becomes exactly what stepping only those leaves.
+    def _allocate(self, kind: LayerType, capacity: int) -> LayerCaches:
+        table = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        caches = {}
+        for name, (width, dtype) in cache_entry(self.cfg, kind, EXACT, self.dtype).items():
+            rows = capacity // kind.ratio if name in COMPRESSED_CACHES else capacity
+            caches[name] = PagedCache(torch.zeros(1, rows, width, dtype=dtype, device=self.device), table)
+        return LayerCaches(**caches)
 
-        Needs an open `checkpoint` taken at or before `num_tokens` and at most one window (the ring
-        size) of tokens stepped since; closes the checkpoint. `rollback(cache.num_tokens)` keeps all.
-        """
-        marked = self.marked_tokens
-        if marked is None:
-            raise ValueError("SequenceCache.rollback: no open checkpoint (call checkpoint() before the step)")
-        if not marked <= num_tokens <= self.num_tokens:
-            raise ValueError(f"SequenceCache.rollback: can keep {marked} ... {self.num_tokens} tokens "
-                             f"(checkpoint ... now), not {num_tokens}")
-        window = self.layers[0].ring.shape[0] if self.layers else 0
-        if self.num_tokens - marked > window:
-            raise ValueError(f"SequenceCache.rollback: {self.num_tokens - marked} tokens were stepped since the "
-                             f"checkpoint; at most the sliding window ({window}) can be rolled back")
-        for layer in self.layers:
-            layer.roll_back(marked, num_tokens, self.num_tokens)
-        self.num_tokens, self.marked_tokens = num_tokens, None
+    def reserve(self, num_tokens: int) -> None:
+        """Make room for positions 0 ... num_tokens - 1 (doubling, so a long generation copies O(log n) times)."""
+        capacity = self.layers[0].window.data.shape[1] if self.layers else num_tokens
+        if num_tokens <= capacity:
+            return
+        capacity = max(num_tokens, 2 * capacity, 256)
+        grown = [self._allocate(kind, capacity) for kind in self.kinds]
+        for old, new in zip(self.layers, grown):
+            for name in vars(old):
+                if getattr(old, name) is not None:
+                    held = getattr(old, name).data
+                    getattr(new, name).data[:, : held.shape[1]] = held
+        self.layers = grown
+
+    def truncate(self, num_tokens: int) -> None:
+        """Keep the first `num_tokens` tokens: the cache becomes exactly what stepping only those leaves."""
+        if not 0 <= num_tokens <= self.num_tokens:
+            raise ValueError(f"SequenceCache.truncate: can keep 0 ... {self.num_tokens} tokens, not {num_tokens}")
+        self.num_tokens = num_tokens
+
+    def plan(self, n: int) -> BatchPlan:
+        """The `BatchPlan` of the next n tokens (reserving room for them)."""
+        self.reserve(self.num_tokens + n)
+        positions = torch.arange(self.num_tokens, self.num_tokens + n, device=self.device)
+        return BatchPlan(positions, torch.zeros_like(positions))
 
 
 @dataclass
@@ -288,11 +237,11 @@ class Block:
                 "(load_checkpoint(..., parallelism=, rank=)) with the collectives of that rank's group")
         return held
 
-    # ---- shared pieces ---------------------------------------------------------------------------
+    # ---- pieces (also DSpark's) -----------------------------------------------------------------------
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return dispatch.linear(x, self.w.linear(f"{self.p}.{name}.weight"), self.act_q)
 
-    def _query(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def query(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (c_q [T, R_q], q [T, H, d]): low-rank query, weightless per-head norm, RoPE."""
         cfg = self.cfg
         c_q = rms_norm(self._linear(x, "attn.wq_a"), self.w(f"{self.p}.attn.q_norm.weight"), cfg.rms_norm_eps)
@@ -300,12 +249,26 @@ class Block:
         q = rms_norm(q, None, cfg.rms_norm_eps)
         return c_q, self.rope.rotate(q, positions)
 
-    def _window_kv(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def window_kv(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> raw KV entries [T, d]: normed, rotated at t, rounded as the cache record stores them."""
         cfg = self.cfg
         kv = rms_norm(self._linear(x, "attn.wkv"), self.w(f"{self.p}.attn.kv_norm.weight"), cfg.rms_norm_eps)
         kv = self.rope.rotate(kv, positions)
         return comp_ops.simulate_kv_storage(kv, cfg.qk_rope_head_dim) if self.quant.kv_cache else kv
+
+    def output(self, o: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Attention output o [T, H, d] -> [T, D]: de-rotation and the grouped low-rank projection (this
+        rank's heads' share, summed over the tensor-parallel ranks)."""
+        o = self.rope.rotate(o, positions, inverse=True)
+        z = attn_ops.grouped_output_projection(o, self.w(f"{self.p}.attn.wo_a.weight"), self.groups)
+        return self.comm.all_reduce(self._linear(z, "attn.wo_b"))
+
+    def attend(self, q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Sparse attention of q [T, H, d] over entries kv [N, d] (indices [T, S], -1 = none), then `output`."""
+        return self.output(dispatch.sparse_attention(q, kv, indices, self.sink(), self.cfg.head_dim**-0.5), positions)
+
+    def sink(self) -> torch.Tensor:
+        return self.w(f"{self.p}.attn.attn_sink").float()
 
     def finish_args(self, indexer: bool) -> dict:
         """The keywords of `ops.compressor.finish_entries` for this layer's main or indexer compressor."""
@@ -314,107 +277,107 @@ class Block:
                     rope=self.rope, dtype=self.w.dtype, indexer=indexer,
                     simulate_quant=self.quant.indexer if indexer else self.quant.kv_cache)
 
-    def _finish(self, pooled: torch.Tensor, block_ids: torch.Tensor, indexer: bool) -> torch.Tensor:
-        return comp_ops.finish_entries(pooled, block_ids, **self.finish_args(indexer))
-
     def _projections(self, x: torch.Tensor, indexer: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         prefix = f"{self.p}.attn.indexer.compressor" if indexer else f"{self.p}.attn.compressor"
         kv, gate = comp_ops.project(x, self.w(f"{prefix}.wkv.weight"), self.w(f"{prefix}.wgate.weight"))
         return kv, gate, self.w(f"{prefix}.ape").float()
 
-    def _index_topk(self, x: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor,
-                    keys: torch.Tensor) -> torch.Tensor:
-        """CSA selection: indices into the compressed entries [T, min(topk, N)], -1 = none."""
+    def _index_query(self, x: torch.Tensor, c_q: torch.Tensor,
+                     positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The indexer's queries [T, Hi, di] and head weights fp32 [T, Hi] (scaled by di^-1/2 * Hi^-1/2)."""
         cfg = self.cfg
         q = self._linear(c_q, "attn.indexer.wq_b").unflatten(-1, (cfg.index_n_heads, cfg.index_head_dim))
         q = index_ops.index_queries(q, positions, self.rope, self.quant.indexer)
         head_w = linear(x, self.w(f"{self.p}.attn.indexer.weights_proj.weight"), False).float()
-        head_w = head_w * (cfg.index_head_dim**-0.5 * cfg.index_n_heads**-0.5)
-        scores = dispatch.index_scores(q, head_w, keys)
-        return dispatch.select_topk(scores, attn_ops.visible_entries(positions, self.ratio), cfg.index_topk)
+        return q, head_w * (cfg.index_head_dim**-0.5 * cfg.index_n_heads**-0.5)
 
-    def _compressed_indices(self, x: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor,
-                            num_entries: int, index_keys: torch.Tensor | None) -> torch.Tensor:
-        """Compressed entries each query attends to, as entry numbers [T, S] (-1 = none)."""
-        if self.kind is LayerType.CSA:
-            return self._index_topk(x, c_q, positions, index_keys)
+    def _visible(self, positions: torch.Tensor, num_entries: int) -> torch.Tensor:
+        """Every compressed entry a query sees (HCA), as entry numbers [T, num_entries] (-1 = not yet)."""
         entries = torch.arange(num_entries, device=positions.device)
         visible = entries[None, :] < attn_ops.visible_entries(positions, self.ratio)[:, None]
-        return torch.where(visible, entries[None, :], torch.full_like(visible, -1, dtype=torch.long))
+        return torch.where(visible, entries[None, :], -1)
 
-    def _attend(self, q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
-                positions: torch.Tensor) -> torch.Tensor:
-        """Sparse attention, de-rotation of the output and the grouped low-rank projection -> [T, D]
-        (this rank's heads' share, summed over the tensor-parallel ranks)."""
-        cfg = self.cfg
-        o = dispatch.sparse_attention(q, kv, indices, self.w(f"{self.p}.attn.attn_sink").float(), cfg.head_dim**-0.5)
-        o = self.rope.rotate(o, positions, inverse=True)
-        z = attn_ops.grouped_output_projection(o, self.w(f"{self.p}.attn.wo_a.weight"), self.groups)
-        return self.comm.all_reduce(self._linear(z, "attn.wo_b"))
-
-    # ---- attention, whole sequence ---------------------------------------------------------------
+    # ---- attention, whole sequence (the oracle) ------------------------------------------------------
     def attention_full(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, D] at positions 0 ... T-1 -> [T, D]."""
         t = x.shape[0]
         positions = torch.arange(t, device=x.device)
-        c_q, q = self._query(x, positions)
-        kv = self._window_kv(x, positions)
+        c_q, q = self.query(x, positions)
+        kv = self.window_kv(x, positions)
         indices = attn_ops.window_positions(positions, self.cfg.sliding_window)
         if self.kind is not LayerType.SWA:
             kv_c, gate, ape = self._projections(x, indexer=False)
             pooled = comp_ops.compress_sequence(kv_c, gate, ape, overlap=self.kind is LayerType.CSA)
             block_ids = torch.arange(pooled.shape[0], device=x.device)
-            entries = self._finish(pooled, block_ids, indexer=False)
-            keys = None
+            entries = comp_ops.finish_entries(pooled, block_ids, **self.finish_args(False))
             if self.kind is LayerType.CSA:
                 k_i, g_i, ape_i = self._projections(x, indexer=True)
-                keys = self._finish(comp_ops.compress_sequence(k_i, g_i, ape_i, overlap=True), block_ids, indexer=True)
-            chosen = self._compressed_indices(x, c_q, positions, entries.shape[0], keys)
+                keys = comp_ops.finish_entries(comp_ops.compress_sequence(k_i, g_i, ape_i, overlap=True), block_ids,
+                                               **self.finish_args(True))
+                scores = dispatch.index_scores(*self._index_query(x, c_q, positions), keys)
+                visible = attn_ops.visible_entries(positions, self.ratio)
+                chosen = dispatch.select_topk(scores, visible, self.cfg.index_topk)
+            else:
+                chosen = self._visible(positions, entries.shape[0])
             indices = torch.cat((indices, torch.where(chosen >= 0, chosen + t, chosen)), dim=1)
             kv = torch.cat((kv, entries))
-        return self._attend(q, kv, indices, positions)
+        return self.attend(q, kv, indices, positions)
 
-    # ---- attention, next chunk with a carried cache ----------------------------------------------
-    def new_cache(self, device: torch.device | str) -> LayerCache:
-        cfg, e = self.cfg, self.cfg.head_dim
-        ring = torch.zeros(cfg.sliding_window, e, dtype=self.w.dtype, device=device)
-        empty = torch.zeros(0, e, dtype=self.w.dtype, device=device)
-        if self.kind is LayerType.SWA:
-            return LayerCache(ring, empty, None, None, None)
-        csa = self.kind is LayerType.CSA
-        main = comp_ops.CompressorState(self.ratio, csa, (2 if csa else 1) * e, device)
-        if not csa:
-            return LayerCache(ring, empty, None, main, None)
-        di = cfg.index_head_dim
-        keys = torch.zeros(0, di, dtype=self.w.dtype, device=device)
-        return LayerCache(ring, empty, keys, main, comp_ops.CompressorState(self.ratio, True, 2 * di, device))
-
-    def attention_step(self, x: torch.Tensor, start: int, cache: LayerCache) -> torch.Tensor:
-        """x [n, D] at positions start ... start+n-1, with the layer's cache of positions < start."""
-        n, win = x.shape[0], self.cfg.sliding_window
-        positions = torch.arange(start, start + n, device=x.device)
-        c_q, q = self._query(x, positions)
-        kv_new = self._window_kv(x, positions)
-
-        # Local KV: the cached window positions start-win+1 ... start-1 (ring order), then the chunk.
-        past = torch.arange(max(0, start - win + 1), start, device=x.device)
-        kv = torch.cat((cache.ring[past % win], kv_new))
-        first = past[0].item() if len(past) else start
-        window = attn_ops.window_positions(positions, win)
-        indices = torch.where(window >= 0, window - first, window)
-
-        recent = positions[-win:]
-        cache.ring[recent % win] = kv_new[-win:]
+    # ---- attention, one step of a batch over paged caches --------------------------------------------
+    def attention(self, x: torch.Tensor, plan: BatchPlan, caches: LayerCaches, codec: KVCodec) -> torch.Tensor:
+        """x [T, D] of a step's tokens (`plan`) -> [T, D]. Writes the step's window entries, compressor
+        rows and the compressed entries and indexer keys they complete, then attends over the window and
+        compressed caches where they lie: every sequence of the batch in each op."""
+        pos, rows = plan.positions, plan.seq_ids
+        c_q, q = self.query(x, pos)
+        codec.store_main(caches.window, rows, pos, self.window_kv(x, pos))
+        window_slots = caches.window.slots(rows[:, None], attn_ops.window_positions(pos, self.cfg.sliding_window))
+        compressed = None
         if self.kind is not LayerType.SWA:
-            pooled, block_ids = cache.feed(False, *self._projections(x, indexer=False))
-            cache.compressed = torch.cat((cache.compressed, self._finish(pooled, block_ids, indexer=False)))
+            self._emit(x, plan, caches.state, caches.compressed, False, codec)
             if self.kind is LayerType.CSA:
-                pooled_i, ids_i = cache.feed(True, *self._projections(x, indexer=True))
-                cache.index_keys = torch.cat((cache.index_keys, self._finish(pooled_i, ids_i, indexer=True)))
-            chosen = self._compressed_indices(x, c_q, positions, cache.compressed.shape[0], cache.index_keys)
-            indices = torch.cat((indices, torch.where(chosen >= 0, chosen + kv.shape[0], chosen)), dim=1)
-            kv = torch.cat((kv, cache.compressed))
-        return self._attend(q, kv, indices, positions)
+                self._emit(x, plan, caches.index_state, caches.index_keys, True, codec)
+                chosen = self._index_paged(x, c_q, plan, caches.index_keys, codec)
+            else:
+                chosen = self._visible(pos, plan.layout.max_len // self.ratio)
+            compressed = (caches.compressed.flat(), caches.compressed.slots(rows[:, None], chosen))
+        o = dispatch.attention_paged(q, (caches.window.flat(), window_slots), compressed, self.sink(),
+                                     self.cfg.head_dim**-0.5, self.cfg, codec.fmt.kv is KVStorage.FP8)
+        return self.output(o, pos)
+
+    def _emit(self, x: torch.Tensor, plan: BatchPlan, state: PagedCache, out: PagedCache, indexer: bool,
+              codec: KVCodec) -> None:
+        """Write this step's compressor rows, then pool and store every block they complete."""
+        m, overlap = self.ratio, self.kind is LayerType.CSA
+        kv, gate, ape = self._projections(x, indexer)
+        pos, rows = plan.positions, plan.seq_ids
+        state.write(rows, pos, torch.cat((kv, gate + ape[pos % m]), dim=1))
+        done = plan.completing(m)
+        rows_j, block_j = rows[done], pos[done] // m
+        offsets = torch.arange(m, device=pos.device)
+        block = state.read(rows_j[:, None], block_j[:, None] * m + offsets).float()  # [n, m, 2*c*e]
+        cur_kv, cur_score = block.chunk(2, dim=-1)
+        before_kv = before_score = None
+        if overlap:
+            has_prev = (block_j > 0)[:, None, None]
+            prev = state.read(rows_j[:, None], ((block_j - 1).clamp(min=0) * m)[:, None] + offsets).float()
+            prev_kv, prev_score = prev.chunk(2, dim=-1)
+            before_kv = torch.where(has_prev, prev_kv, torch.zeros_like(prev_kv))
+            before_score = torch.where(has_prev, prev_score, torch.full_like(prev_score, float("-inf")))
+        codec.store_pooled(out, rows_j, block_j, (cur_kv, cur_score, overlap, before_kv, before_score),
+                           self.finish_args(indexer))
+
+    def _index_paged(self, x: torch.Tensor, c_q: torch.Tensor, plan: BatchPlan, keys: PagedCache,
+                     codec: KVCodec) -> torch.Tensor:
+        """CSA selection over each sequence's cached indexer keys: entry numbers [T, min(topk, N)], -1 = none."""
+        layout, pos = plan.layout, plan.positions
+        entries = torch.arange(layout.max_len // self.ratio, device=pos.device)
+        visible = attn_ops.visible_entries(pos, self.ratio)
+        q_i, head_w = self._index_query(x, c_q, pos)
+        scores = dispatch.index_scores_paged(q_i, head_w, keys.flat(), keys.slots(layout.rows[:, None], entries[None]),
+                                             layout.query_start, layout.token_seq, visible, self.cfg,
+                                             codec.fmt.indexer)
+        return dispatch.select_topk(scores, visible, self.cfg.index_topk)
 
     # ---- the block -------------------------------------------------------------------------------
     def _hc_pre(self, x: torch.Tensor, site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -441,7 +404,7 @@ class Block:
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor,
                 attention: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Streams x [T, hc, D] -> [T, hc, D], with `attention` mapping the normed input [T, D] to [T, D]
-        (`attention_full`, `attention_step` or the paged form)."""
+        (`attention_full`, or `attention` over a step's caches)."""
         eps = self.cfg.rms_norm_eps
         u, post, comb = self._hc_pre(x, "attn")
         u = rms_norm(u, self.w(f"{self.p}.attn_norm.weight"), eps)
@@ -495,7 +458,7 @@ class V4Model:
         rows = table[local.clamp(0, table.shape[0] - 1)]
         return self.collectives.all_reduce(torch.where(held.unsqueeze(-1), rows, torch.zeros_like(rows)))
 
-    def _head_hidden(self, streams: torch.Tensor, prefix: str) -> torch.Tensor:
+    def head_hidden(self, streams: torch.Tensor, prefix: str) -> torch.Tensor:
         """Streams [T, hc, D] -> hc_head output [T, D], before the final norm (`prefix`: "" or a draft block's)."""
         cfg = self.cfg
         return dispatch.hc_head(
@@ -503,7 +466,7 @@ class V4Model:
             self.w(f"{prefix}hc_head_base", keep_dtype=True), norm_eps=cfg.rms_norm_eps, hc_eps=cfg.hc_eps,
         )
 
-    def _head_logits(self, hidden: torch.Tensor, prefix: str) -> torch.Tensor:
+    def head_logits(self, hidden: torch.Tensor, prefix: str) -> torch.Tensor:
         """hc_head output [T, D] -> fp32 logits [T, vocab] through `{prefix}norm` and the shared head."""
         h = rms_norm(hidden, self.w(f"{prefix}norm.weight"), self.cfg.rms_norm_eps)
         logits = rows_times_transposed(h.float(), self.w("head.weight").float())
@@ -517,9 +480,10 @@ class V4Model:
     def logits(self, streams: torch.Tensor, prefix: str = "") -> torch.Tensor:
         """Pre-hc_head streams [T, hc, D] -> fp32 logits [T, vocab]: the main head (`prefix` "") or a
         draft block's own hc_head and norm before the shared head (`prefix` "mtp.{k}.")."""
-        return self._head_logits(self._head_hidden(streams, prefix), prefix)
+        return self.head_logits(self.head_hidden(streams, prefix), prefix)
 
-    def _streams(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def input_streams(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """int64 [T] -> the residual streams [T, hc, D] entering the first block (the embedding, hc times)."""
         return self.embed(token_ids).unsqueeze(1).repeat(1, self.cfg.hc_mult, 1)
 
     @torch.inference_mode()
@@ -527,27 +491,45 @@ class V4Model:
         """Whole sequence from position 0: token_ids int64 [T] -> logits fp32 [T, vocab].
 
         `capture`: main layer ids whose output streams to return in `ModelOutput.captured`."""
-        x, captured = self._streams(token_ids), {}
+        x, captured = self.input_streams(token_ids), {}
         for i, block in enumerate(self.blocks):
             x = block.forward(x, token_ids, block.attention_full)
             if i in capture:
                 captured[i] = x
         return ModelOutput(self.logits(x, ""), x, captured)
 
+    def run(self, token_ids: torch.Tensor, plan: BatchPlan, caches: Sequence[LayerCaches], codec: KVCodec,
+            capture: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """One step of a batch (`plan`) over paged caches (one `LayerCaches` per main layer), up to the head:
+        the last layer's pre-hc_head streams [T, hc, D] and the output streams of the layers in `capture`."""
+        x, captured = self.input_streams(token_ids), {}
+        for i, (block, layer) in enumerate(zip(self.blocks, caches)):
+            x = block.forward(x, token_ids, lambda u, b=block, c=layer: b.attention(u, plan, c, codec))
+            if i in capture:
+                captured[i] = x
+        return x, captured
+
+    def run_mtp(self, streams: torch.Tensor, next_ids: torch.Tensor, plan: BatchPlan, caches: LayerCaches,
+                codec: KVCodec, depth: int = 0) -> torch.Tensor:
+        """MTP block `depth` (spec §10) over a step of a batch: row i reads the pre-hc_head streams [T, hc, D]
+        at plan.positions[i] and `next_ids[i]`, the token one position later. Returns the MTP's pre-hc_head
+        streams [T, hc, D]; `logits(out, f"mtp.{depth}.")` gives the draft logits two positions ahead."""
+        self.require_mtp()
+        block = self.mtp_blocks[depth]
+        return block.forward(self.mtp_input(streams, next_ids, depth), next_ids,
+                             lambda u: block.attention(u, plan, caches, codec))
+
     def new_cache(self, device: torch.device | str = "cpu") -> SequenceCache:
-        return SequenceCache([b.new_cache(device) for b in self.blocks])
+        """The caches of the main layers for one sequence (`step`)."""
+        return SequenceCache(self.cfg, [b.kind for b in self.blocks], self.dtype, device)
 
     @torch.inference_mode()
     def step(self, token_ids: torch.Tensor, cache: SequenceCache, capture: Sequence[int] = ()) -> ModelOutput:
         """The next chunk of a sequence: positions cache.num_tokens ... + n - 1; updates cache in place.
 
         `capture`: main layer ids whose output streams to return in `ModelOutput.captured`."""
-        x, captured = self._streams(token_ids), {}
-        start = cache.num_tokens
-        for i, (block, layer_cache) in enumerate(zip(self.blocks, cache.layers)):
-            x = block.forward(x, token_ids, lambda u, b=block, c=layer_cache: b.attention_step(u, start, c))
-            if i in capture:
-                captured[i] = x
+        plan = cache.plan(token_ids.shape[0])
+        x, captured = self.run(token_ids, plan, cache.layers, KVCodec(self.cfg, EXACT, self.dtype), capture)
         cache.num_tokens += token_ids.shape[0]
         return ModelOutput(self.logits(x, ""), x, captured)
 
@@ -559,15 +541,15 @@ class V4Model:
         the token at t+1 for each position t. Returns the draft logits for position t+2 and the MTP's
         own pre-hc_head streams.
         """
-        self._require_mtp()
+        self.require_mtp()
         block = self.mtp_blocks[depth]
-        x = block.forward(self._mtp_input(streams, next_ids, depth), next_ids, block.attention_full)
+        x = block.forward(self.mtp_input(streams, next_ids, depth), next_ids, block.attention_full)
         return ModelOutput(self.logits(x, f"mtp.{depth}."), x)
 
     def new_mtp_cache(self, depth: int = 0, device: torch.device | str = "cpu") -> SequenceCache:
         """The window cache of MTP block `depth` for one sequence (a one-layer `SequenceCache`)."""
-        self._require_mtp()
-        return SequenceCache([self.mtp_blocks[depth].new_cache(device)])
+        self.require_mtp()
+        return SequenceCache(self.cfg, [self.mtp_blocks[depth].kind], self.dtype, device)
 
     @torch.inference_mode()
     def mtp_step(self, streams: torch.Tensor, next_ids: torch.Tensor, cache: SequenceCache,
@@ -576,20 +558,19 @@ class V4Model:
 
         streams [n, hc, D] and next_ids [n] as in `mtp_forward`; updates `cache` (from `new_mtp_cache`) in place.
         """
-        self._require_mtp()
-        block, start = self.mtp_blocks[depth], cache.num_tokens
-        x = self._mtp_input(streams, next_ids, depth)
-        x = block.forward(x, next_ids, lambda u: block.attention_step(u, start, cache.layers[0]))
+        plan = cache.plan(next_ids.shape[0])
+        x = self.run_mtp(streams, next_ids, plan, cache.layers[0], KVCodec(self.cfg, EXACT, self.dtype), depth)
         cache.num_tokens += next_ids.shape[0]
         return ModelOutput(self.logits(x, f"mtp.{depth}."), x)
 
-    def _require_mtp(self) -> None:
+    def require_mtp(self) -> None:
+        """Raise unless the checkpoint has an MTP block."""
         cfg = self.cfg
         if not cfg.has_mtp:
             raise ValueError(f"{cfg.source}: this checkpoint has no MTP block (its mtp.* tensors are DSpark drafter "
                              "stages, without e_proj/h_proj/enorm/hnorm); MTP drafting is not available")
 
-    def _mtp_input(self, streams: torch.Tensor, next_ids: torch.Tensor, depth: int) -> torch.Tensor:
+    def mtp_input(self, streams: torch.Tensor, next_ids: torch.Tensor, depth: int) -> torch.Tensor:
         """The MTP block's input streams [T, hc, D] (spec §10 steps 1-2)."""
         cfg, p = self.cfg, f"mtp.{depth}."
         e = rms_norm(self.embed(next_ids), self.w(f"{p}enorm.weight"), cfg.rms_norm_eps)

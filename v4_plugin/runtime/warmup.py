@@ -27,9 +27,9 @@ def warm_up(model: V4Model, fmt: CacheFormat, batch_sizes: Collection[int] = WAR
            contexts: Collection[int] = WARMUP_CONTEXTS) -> float:
     """Compile and autotune the kernels for the decode shapes of `model` (a `V4Model` on its device)
     with caches in `fmt` , so that first requests do not stall on compilation:
-    every distinct kept-FP8 linear, the MoE and mHC at each batch size in `batch_sizes`, sparse attention
-    over a window, window + top-k and a long HCA slot list, the indexer scores at each of `contexts`
-    and its top-k. Runs on dummy inputs, writes no model state; logs and returns its time in seconds (0 where
+    every distinct kept-FP8 linear, the MoE and mHC at each batch size in `batch_sizes`, paged attention
+    over a window, window + top-k and window + a long HCA slot list, the indexer scores of paged keys at
+    each of `contexts` and its top-k. Runs on dummy inputs, writes no model state; logs and returns its time in seconds (0 where
     the kernels do not serve the model's device, or with V4_PLUGIN_WARMUP=off). Inside `use_kernels_on_cpu`
     it also runs on the CPU (tests)."""
     if "embed.weight" not in model.w:  # a drafter's model (its own blocks only): the main model warms the kernels
@@ -66,8 +66,10 @@ def warm_up(model: V4Model, fmt: CacheFormat, batch_sizes: Collection[int] = WAR
             if experts.packed is not None:  # (dense experts have no kernel; warming would dequantize them all)
                 dispatch.moe(x, routing, ids, experts, limit=cfg.swiglu_limit, quantize_input=act_q)
             q = torch.zeros(m, h, d, dtype=dtype, device=device)
-            for s in (window, window + cfg.index_topk, window + 1024):
-                dispatch.sparse_attention(q, kv, torch.zeros(m, s, dtype=torch.long, device=device), sink, d**-0.5)
+            slots = lambda s: torch.zeros(m, s, dtype=torch.long, device=device)  # noqa: E731
+            for compressed in (None, cfg.index_topk, 1024):  # SWA, CSA and an HCA layer at 128K
+                extra = None if compressed is None else (kv, slots(compressed))
+                dispatch.attention_paged(q, (kv, slots(window)), extra, sink, d**-0.5, cfg, fmt.kv is KVStorage.FP8)
             _warm_indexer(cfg, fmt, m, contexts, dtype, device)
             _warm_mhc(model, m, device)
     if device.type == "cuda":
@@ -92,15 +94,18 @@ def _warm_mhc(model: V4Model, m: int, device: torch.device) -> None:
 
 def _warm_indexer(cfg: V4Config, fmt: CacheFormat, m: int, contexts: Collection[int], dtype: torch.dtype,
                   device: torch.device) -> None:
-    """The indexer's score kernel at `contexts` (context / 4 keys) and its top-k, m queries."""
+    """The indexer's score kernel at `contexts` (context / 4 keys) and its top-k: m sequences of one query."""
     hi, di = cfg.index_n_heads, cfg.index_head_dim
     q = torch.zeros(m, hi, di, dtype=dtype, device=device)
     weights = torch.zeros(m, hi, device=device)
+    seqs = torch.arange(m + 1, device=device)
     for context in contexts:
         n = context // 4
         if fmt.indexer is None:
             keys = torch.zeros(n, di, dtype=dtype, device=device)
         else:
             keys = torch.zeros(n, indexer_entry_bytes(cfg, fmt.indexer), dtype=torch.uint8, device=device)
-        scores = dispatch.index_scores(q, weights, keys)
+        slots = torch.arange(n, device=device).expand(m, n)
+        scores = dispatch.index_scores_paged(q, weights, keys, slots, seqs.to(torch.int32), seqs[:-1],
+                                             torch.full((m,), n, device=device), cfg, fmt.indexer)
     dispatch.select_topk(scores, torch.full((m,), scores.shape[1], device=device), cfg.index_topk)

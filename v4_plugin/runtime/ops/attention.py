@@ -7,9 +7,13 @@ every head (K = V, one KV head). Indices address one KV tensor; -1 marks an empt
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
 
 from v4_plugin.runtime.ops.invariant import matmul
+
+GATHER_BUDGET = 1 << 24  # values gathered at once by the torch ops over cache slots (64 MiB in fp32)
 
 
 def window_positions(positions: torch.Tensor, window: int) -> torch.Tensor:
@@ -33,8 +37,14 @@ def sparse_attention(
     Math in fp32; returns [T, H, d] in q.dtype. A query whose slots are all empty returns 0, also
     for a padded head whose sink is -inf.
     """
-    valid = indices >= 0
-    gathered = kv.float()[indices.clamp(min=0)]  # [T, S, d]
+    return attend_gathered(q, kv[indices.clamp(min=0)], indices >= 0, sink, scale)
+
+
+def attend_gathered(q: torch.Tensor, kv: torch.Tensor, valid: torch.Tensor, sink: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """`sparse_attention` over each query's own gathered entries: q [T, H, d], kv [T, S, d], valid bool
+    [T, S] (an invalid entry may hold anything, NaN included: it is never read)."""
+    gathered = torch.where(valid[..., None], kv.float(), 0.0)
     scores = torch.einsum("thd,tsd->ths", q.float(), gathered) * scale
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     peak = torch.maximum(scores.amax(-1), sink.float()[None, :])  # running max includes the sink
@@ -43,6 +53,26 @@ def sparse_attention(
     denom = p.sum(-1) + torch.exp(sink.float()[None, :] - peak)
     denom = torch.where(denom > 0, denom, torch.ones_like(denom))  # empty: numerator 0, output 0
     return (torch.einsum("ths,tsd->thd", p, gathered) / denom[..., None]).to(q.dtype)
+
+
+def attention_over_slots(q: torch.Tensor, sources: Sequence[tuple[torch.Tensor, torch.Tensor]], sink: torch.Tensor,
+                         scale: float, decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                         budget: int = GATHER_BUDGET) -> torch.Tensor:
+    """`sparse_attention` over entries read from cache storages: one softmax over every source's slots.
+
+    sources: (rows [n_i, width], slots int64 [T, S_i] into rows, -1 = skip) of the same record format;
+    decode: records [..., width] -> entries [..., d] (None: the rows are entries). Tokens go in chunks of about `budget` gathered
+    values (the count of chunks depends on the step's size, never on how many sequences share it).
+    """
+    slots = torch.cat([s for _, s in sources], dim=1)
+    per_token = max(1, slots.shape[1] * q.shape[-1])
+    chunk = max(1, budget // per_token)
+    decode = decode or (lambda rows: rows)
+    out = []
+    for lo in range(0, q.shape[0], chunk):
+        gathered = torch.cat([decode(rows[s[lo:lo + chunk].clamp(min=0)]) for rows, s in sources], dim=1)
+        out.append(attend_gathered(q[lo:lo + chunk], gathered, slots[lo:lo + chunk] >= 0, sink, scale))
+    return torch.cat(out) if out else q.new_zeros(q.shape)
 
 
 def grouped_output_projection(o: torch.Tensor, wo_a: torch.Tensor, groups: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ import torch
 
 from v4_plugin.checkpoint.config import FP4_BLOCK
 from v4_plugin.checkpoint.quant import fake_quant_fp4, hadamard
+from v4_plugin.runtime.ops.attention import GATHER_BUDGET
 from v4_plugin.runtime.ops.invariant import rows_times_transposed
 from v4_plugin.runtime.ops.rope import Rope
 
@@ -24,6 +25,24 @@ def index_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor
     """
     dots = rows_times_transposed(q.float(), keys.float()).relu()
     return torch.einsum("thn,th->tn", dots, head_weights.float())
+
+
+def index_scores_per_sequence(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor,
+                              token_seq: torch.Tensor, visible: torch.Tensor,
+                              budget: int = GATHER_BUDGET) -> torch.Tensor:
+    """`index_scores` of every query against its own sequence's keys: keys [B, N, di] (sequence b's
+    entries 0 ... N-1), token_seq int64 [T] (each query's sequence), visible int64 [T]. Returns fp32
+    [T, N], -inf at entries j >= visible[t]. Queries go in chunks of about `budget` gathered values."""
+    t, n = q.shape[0], keys.shape[1]
+    chunk = max(1, budget // max(1, n * keys.shape[2]))
+    out = []
+    for lo in range(0, t, chunk):
+        k = keys[token_seq[lo:lo + chunk]].float()  # [c, N, di]
+        dots = torch.einsum("thd,tnd->thn", q[lo:lo + chunk].float(), k).relu()
+        out.append(torch.einsum("thn,th->tn", dots, head_weights[lo:lo + chunk].float()))
+    scores = torch.cat(out) if out else q.new_zeros(0, n, dtype=torch.float32)
+    entry = torch.arange(n, device=q.device)
+    return scores.masked_fill(entry[None, :] >= visible[:, None], float("-inf"))
 
 
 def select_topk(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:

@@ -51,7 +51,9 @@ class Rope:
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of position * freq, fp32 [len(positions), dim/2] (fp32 outer product, as DeepSeek's code)."""
-        angles = torch.outer(positions.to(torch.float32), self.freqs.to(positions.device))
+        if self.freqs.device != positions.device:  # moved once, to where the model runs (no copy per call)
+            self.freqs = self.freqs.to(positions.device)
+        angles = torch.outer(positions.to(torch.float32), self.freqs)
         return torch.cos(angles), torch.sin(angles)
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
