@@ -47,6 +47,7 @@ from v4_plugin.runtime.drafting import DSparkHead, dspark_features
 from v4_plugin.cache.layout import IndexerCache
 from v4_plugin.runtime.model import V4Model
 from v4_plugin.checkpoint.quant import QuantSim
+from v4_plugin.checkpoint.sharding import Parallelism, rank_weights
 from v4_plugin.runtime.ops import moe as moe_ops
 from v4_plugin.runtime.paged import BatchPlan, forward_paged
 from v4_plugin.cache.formats import EXACT, CacheFormat, KVStorage
@@ -223,8 +224,24 @@ def _gemm_calls(cfg) -> Counter:
     return Counter(linear=3 * (4 * layers + n_csa), moe=3 * layers)
 
 
-def test_keep_quantized_only_where_the_gemm_kernels_run():
-    assert dispatch.keep_quantized("cpu") is False  # CPU serving never interprets kernels
+@pytest.mark.parametrize("preset", ["flash", "flash-0731"])
+def test_served_weights_are_held_as_stored(preset, tmp_path):
+    """Every device keeps the FP8 / FP4 linears as stored (issue 19): after a forward and paged steps through
+    the torch ops, the model holds the checkpoint's bytes (within 3 %; bf16 compute, so bf16 tensors as
+    stored too), and no dequantized copy of a weight was kept."""
+    assert dispatch.keep_quantized("cpu")
+    path = make_tiny(tmp_path, preset, seed=0)
+    cfg = load_config(path)
+    tensors = load_checkpoint(path, cfg, dtype=torch.bfloat16, keep_quantized=dispatch.keep_quantized("cpu"))
+    model = V4Model(cfg, tensors, dtype=torch.bfloat16)
+    ids = torch.randint(0, cfg.vocab_size, (130,), generator=torch.Generator().manual_seed(0))
+    model.forward(ids[:9])
+    cache = model.new_cache()
+    model.step(ids[:129], cache)
+    model.step(ids[129:], cache)
+    stored = rank_weights(cfg, Parallelism(1, 1, False)).total  # (the drafter blocks load too)
+    assert abs(model.w.held_bytes() - stored) <= 0.03 * stored
+    assert any(t.dtype == torch.float8_e4m3fn for t in tensors.values())
 
 
 @interpreted

@@ -106,4 +106,4 @@ def test_dispatch_keeps_its_cuda_part(fake_cuda_collection):
     ran = {i["id"].split("::")[1].split("[")[0] for i in _ran(fake_cuda_collection, "tests/test_dispatch.py")}
     assert ran == {"test_cuda_tiny_checkpoint_runs_every_op_on_its_kernel",
                    "test_cuda_real_flash_layers_run_every_op_on_its_kernel",
-                   "test_keep_quantized_only_where_the_gemm_kernels_run"}
+                   "test_served_weights_are_held_as_stored"}

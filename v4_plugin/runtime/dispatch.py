@@ -81,9 +81,10 @@ def backend_name(device: torch.device | str) -> str:
 
 
 def keep_quantized(device: torch.device | str) -> bool:
-    """Whether a model on `device` should load its FP8 / FP4 linears as checkpoint entries
-    (`load_checkpoint(..., keep_quantized=True)`): where the GEMM kernels serve them."""
-    return backend_name(device) == "triton"
+    """Whether a served model on `device` loads its FP8 / FP4 linears as checkpoint entries
+    (`load_checkpoint(..., keep_quantized=True)`): everywhere. The GEMM kernels read them on GPUs; the
+    torch ops dequantize a tile (`ops.linear.linear_stored`) or an expert a step uses at a time."""
+    return True
 
 
 @contextlib.contextmanager
@@ -144,10 +145,12 @@ def _pick(t: torch.Tensor, module: str, name: str, reference: Callable) -> Calla
 
 def linear(x: torch.Tensor, weight: linear_ops.LinearWeight, quantize_input: bool) -> torch.Tensor:
     """`ops.linear.linear(x, weight.dense(), quantize_input)`: x [..., in] -> [..., out] in x.dtype; a weight
-    kept in FP8 goes to the FP8 GEMM kernel (never dequantized)."""
-    kernel = None if weight.fp8 is None else _kernel_for(x, "fp8_linear", "fp8_linear", op="linear")
-    if kernel is None:
+    kept in FP8 goes to the FP8 GEMM kernel, or to `ops.linear.linear_stored` (never dequantized whole)."""
+    if weight.fp8 is None:
         return linear_ops.linear(x, weight.dense(), quantize_input)
+    kernel = _kernel_for(x, "fp8_linear", "fp8_linear", op="linear")
+    if kernel is None:
+        return linear_ops.linear_stored(x, *weight.fp8, quantize_input)
     return kernel(x, *weight.fp8, quantize_input)
 
 

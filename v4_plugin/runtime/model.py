@@ -47,7 +47,7 @@ from v4_plugin.runtime.ops import attention as attn_ops
 from v4_plugin.runtime.ops import compressor as comp_ops
 from v4_plugin.runtime.ops import indexer as index_ops
 from v4_plugin.runtime.ops.linear import LinearWeight, linear
-from v4_plugin.runtime.ops.invariant import rows_times_transposed
+from v4_plugin.runtime.ops.invariant import times_weight
 from v4_plugin.runtime.ops.moe import ExpertWeights, MoEWeights, route
 from v4_plugin.runtime.ops.norm import rms_norm
 from v4_plugin.runtime.ops.rope import Rope
@@ -58,13 +58,13 @@ class Weights:
     """Read-only view of the checkpoint tensors by official name, cast to the compute dtype on demand.
 
     The tensors are `load_checkpoint`'s: dequantized, or with `keep_quantized` the FP8 / FP4 linears as
-    their file entries `<name>.weight` + `<name>.scale`, which are dequantized on first use (cached)
-    and reach the GEMM kernels as they are through `linear` and `moe`.
+    their file entries `<name>.weight` + `<name>.scale`, held as stored: the GEMM kernels read them as they
+    are (`linear`, `moe`), the torch ops dequantize a tile or an expert at a time, and nothing keeps a
+    dequantized copy (`held_bytes` is what the model holds).
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype):
         self._tensors, self.dtype = tensors, dtype
-        self._dequantized: dict[str, torch.Tensor] = {}
         self._stacks: dict[str, tuple[torch.Tensor, ...]] = {}  # shared expert prefix -> routed FP4 stack
         self._held: dict[str, range] = {}  # MoE prefix -> the routed experts present (a rank's range under EP)
 
@@ -79,13 +79,20 @@ class Weights:
         return self._tensors.get(name.removesuffix(".weight") + ".scale") if name.endswith(".weight") else None
 
     def __call__(self, name: str, *, keep_dtype: bool = False) -> torch.Tensor:
+        """Tensor `name` in the compute dtype (or as held, with `keep_dtype`); a linear kept as stored comes
+        dequantized, as a transient the caller drops."""
         t = self._get(name)
         scale = self._scale(name)
         if scale is not None:
-            if name not in self._dequantized:
-                self._dequantized[name] = dequantize_linear(t, scale, self.dtype)
-            return self._dequantized[name]
+            return dequantize_linear(t, scale, self.dtype)
         return t if keep_dtype or not t.is_floating_point() else t.to(self.dtype)
+
+    def held_bytes(self) -> int:
+        """Bytes of every tensor the model holds (each storage once): its share of the checkpoint as loaded,
+        and the expert stacks built from it where they are not views of it."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for tensors in ([*self._tensors.values()], *self._stacks.values()) for t in tensors}
+        return sum(storages.values())
 
     def __contains__(self, name: str) -> bool:
         return name in self._tensors
@@ -108,7 +115,7 @@ class Weights:
         routed, shared = [f"{prefix}.experts.{e}" for e in held], f"{prefix}.shared_experts"
         w1 = self._get(f"{routed[0]}.w1.weight")
         packed = w1.dtype in (torch.int8, torch.float8_e4m3fn) and self._scale(f"{shared}.w1.weight") is not None
-        return MoEWeights(lambda: ([self._expert(p) for p in routed], self._expert(shared)),
+        return MoEWeights(lambda: (_Lazy(len(routed), lambda i: self._expert(routed[i])), self._expert(shared)),
                           (lambda: self._packed_experts(routed, shared)) if packed else None, held.start)
 
     def _held_experts(self, prefix: str, n_routed: int) -> range:
@@ -133,6 +140,21 @@ class Weights:
             entries = [self._entries(p) for p in routed]
             self._stacks[shared] = tuple(_stacked([e[i] for e in entries]) for i in range(6))
         return self._stacks[shared], self._entries(shared)
+
+
+class _Lazy(Sequence):
+    """A sequence whose item i is made when it is read (the routed experts a step uses, dequantized then)."""
+
+    def __init__(self, length: int, item: Callable[[int], ExpertWeights]):
+        self._length, self._item = length, item
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, i: int) -> ExpertWeights:
+        if not 0 <= i < self._length:
+            raise IndexError(i)
+        return self._item(i)
 
 
 def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -260,7 +282,11 @@ class Block:
         """Attention output o [T, H, d] -> [T, D]: de-rotation and the grouped low-rank projection (this
         rank's heads' share, summed over the tensor-parallel ranks)."""
         o = self.rope.rotate(o, positions, inverse=True)
-        z = attn_ops.grouped_output_projection(o, self.w(f"{self.p}.attn.wo_a.weight"), self.groups)
+        wo_a = self.w.linear(f"{self.p}.attn.wo_a.weight")
+        if wo_a.fp8 is None:
+            z = attn_ops.grouped_output_projection(o, wo_a.dense(), self.groups)
+        else:
+            z = attn_ops.grouped_output_projection_stored(o, *wo_a.fp8, self.groups)
         return self.comm.all_reduce(self._linear(z, "attn.wo_b"))
 
     def attend(self, q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -469,7 +495,7 @@ class V4Model:
     def head_logits(self, hidden: torch.Tensor, prefix: str) -> torch.Tensor:
         """hc_head output [T, D] -> fp32 logits [T, vocab] through `{prefix}norm` and the shared head."""
         h = rms_norm(hidden, self.w(f"{prefix}norm.weight"), self.cfg.rms_norm_eps)
-        logits = rows_times_transposed(h.float(), self.w("head.weight").float())
+        logits = times_weight(h.float(), self.w("head.weight"))
         comm, vocab = self.collectives, self.cfg.vocab_size
         if comm.size == 1:
             return logits

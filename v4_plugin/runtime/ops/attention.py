@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import torch
 
 from v4_plugin.runtime.ops.invariant import matmul
+from v4_plugin.runtime.ops.linear import stored_rows
 
 GATHER_BUDGET = 1 << 24  # values gathered at once by the torch ops over cache slots (64 MiB in fp32)
 
@@ -85,3 +86,13 @@ def grouped_output_projection(o: torch.Tensor, wo_a: torch.Tensor, groups: int) 
     grouped = o.reshape(t, groups, -1).float().transpose(0, 1)  # [G, T, H*d/G]
     z = matmul(grouped, wo_a.float().unflatten(0, (groups, -1)).transpose(1, 2))  # [G, T, R]
     return z.transpose(0, 1).flatten(1).to(o.dtype)
+
+
+def grouped_output_projection_stored(o: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                                     groups: int) -> torch.Tensor:
+    """`grouped_output_projection` of a wo_a kept as stored (FP8 entries, `linear.stored_rows`): one group's
+    rows dequantized at a time."""
+    rows = weight.shape[0] // groups
+    heads = o.unflatten(1, (groups, -1))
+    return torch.cat([grouped_output_projection(heads[:, g], stored_rows(weight, scale, g * rows, (g + 1) * rows), 1)
+                      for g in range(groups)], dim=1)

@@ -14,7 +14,7 @@ import torch
 
 from v4_plugin.checkpoint.config import FP4_BLOCK, FP8_KV_BLOCK
 from v4_plugin.checkpoint.quant import fake_quant_fp4, fake_quant_fp8, hadamard
-from v4_plugin.runtime.ops.invariant import rows_times_transposed
+from v4_plugin.runtime.ops.invariant import times_weight
 from v4_plugin.runtime.ops.norm import rms_norm
 from v4_plugin.runtime.ops.rope import Rope
 
@@ -22,7 +22,7 @@ from v4_plugin.runtime.ops.rope import Rope
 def project(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token values and raw gate logits in fp32: x [T, D] -> (kv, gate) each [T, c*e]."""
     xf = x.float()
-    return rows_times_transposed(xf, wkv.float()), rows_times_transposed(xf, wgate.float())
+    return times_weight(xf, wkv), times_weight(xf, wgate)
 
 
 def pool(kv: torch.Tensor, score: torch.Tensor, overlap: bool,

@@ -21,6 +21,8 @@ are tested on the running CPU (tests/test_row_invariance.py); other devices run 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 MIN_ROWS = 16  # padded row count of small products on the CPU
@@ -40,6 +42,22 @@ def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def rows_times_transposed(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ w [N, K].T -> [..., N]: every leading index of x is one row of a row-invariant product."""
     return matmul(x.reshape(-1, x.shape[-1]), w.T).reshape(*x.shape[:-1], w.shape[0])
+
+
+TILE_ROWS = 2048  # weight rows converted to fp32 at once by `times_weight`
+
+
+def times_weight(x: torch.Tensor, weight: torch.Tensor | None = None, *,
+                 rows: Callable[[int, int], torch.Tensor] | None = None, n: int | None = None,
+                 tile_rows: int = TILE_ROWS) -> torch.Tensor:
+    """fp32 x [..., K] @ W.T -> fp32 [..., N], W [N, K] read `tile_rows` rows at a time: `weight` (any float
+    dtype, each tile converted to fp32), or `rows(lo, hi)` giving rows lo ... hi-1 in fp32 (a weight kept as
+    stored, dequantized tile by tile) and `n` its row count. No fp32 copy of the whole weight is made;
+    each output column is the same row-invariant product as `rows_times_transposed`'s."""
+    if weight is not None:
+        rows, n = (lambda lo, hi: weight[lo:hi].float()), weight.shape[0]
+    tiles = [rows_times_transposed(x, rows(lo, min(lo + tile_rows, n))) for lo in range(0, n, tile_rows)]
+    return torch.cat(tiles, dim=-1) if len(tiles) != 1 else tiles[0]
 
 
 def sigmoid(x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from v4_plugin.runtime.ops.invariant import rows_times_transposed, silu, softplus
+from v4_plugin.runtime.ops.invariant import silu, softplus, times_weight
 from v4_plugin.runtime.ops.linear import linear
 
 
@@ -22,7 +22,7 @@ def route(
     [T, k]. Weights are the unbiased scores of the chosen experts, normalized to sum 1, times
     `scaling`. Returns (weights fp32 [T, k], expert ids int64 [T, k]).
     """
-    scores = softplus(rows_times_transposed(x.float(), gate_weight.float())).sqrt()
+    scores = softplus(times_weight(x.float(), gate_weight)).sqrt()
     if tid2eid is not None:
         ids = tid2eid[token_ids].long()
     else:
