@@ -7,11 +7,11 @@
 Builds, offline, a tiny V4 checkpoint (`v4_plugin.checkpoint.tiny.make_tiny`, served by this plugin) and a tiny
 random Llama with about as many parameters (transformers `LlamaConfig` + random weights, the same
 tokenizer: `v4_plugin.text.tokenizer.write_tokenizer`). Serves each in turn with `vllm serve` (same flags),
-and at each concurrency C runs C clients that each send `--rounds` streamed /v1/completions requests
-back to back (the same random prompt token ids for both models, `--output-len` tokens each,
-`ignore_eos`, greedy; both servers get the same --kv-cache-memory-bytes). Prints one table:
-requests/s and output tokens/s over the level's wall time, per-token latency (time between the first
-and the last streamed token / (tokens - 1); mean, p50) and time to first token (mean, p50).
+and at each concurrency C runs vLLM's own client, `vllm bench serve` (random dataset, C * `--rounds`
+requests of `--prompt-len` random tokens, `--output-len` tokens each, `ignore_eos`, greedy, at most C in
+flight; the same seed for both models; both servers get the same --kv-cache-memory-bytes). Prints one
+table of what it reports: requests/s, output tokens/s, per-token latency (TPOT) and time to first
+token (mean, p50).
 
 Runs on the CPU build of vLLM as on a GPU one. The numbers are for comparing the two models on one
 machine, not absolute serving figures: the tiny models are far too small to load any accelerator.
@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import subprocess
 import sys
 import tempfile
-import threading
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,32 +35,23 @@ common.use_test_harnesses()  # vllm_harness: the tests' engine and server helper
 
 
 @dataclass(frozen=True)
-class RequestTiming:
-    ttft_s: float  # request sent -> first streamed token
-    per_token_s: float  # mean gap between streamed tokens after the first
-    output_tokens: int
-
-
-@dataclass(frozen=True)
 class LevelResult:
+    """One concurrency level of one model, as `vllm bench serve` reports it (its --save-result JSON)."""
+
     model: str
     concurrency: int
-    requests: int
-    wall_s: float
-    timings: list[RequestTiming]
+    report: dict
 
     def row(self) -> str:
-        out_tokens = sum(t.output_tokens for t in self.timings)
-        tpot = [t.per_token_s * 1e3 for t in self.timings]
-        ttft = [t.ttft_s * 1e3 for t in self.timings]
-        return (f"{self.model:<12s} {self.concurrency:>5d} {self.requests:>5d} {self.requests / self.wall_s:>8.2f} "
-                f"{out_tokens / self.wall_s:>10.1f} {statistics.fmean(tpot):>10.1f} {statistics.median(tpot):>9.1f} "
-                f"{statistics.fmean(ttft):>10.1f} {statistics.median(ttft):>9.1f}")
+        r = self.report
+        return (f"{self.model:<12s} {self.concurrency:>5d} {r['completed']:>5d} {r['request_throughput']:>8.2f} "
+                f"{r['output_throughput']:>10.1f} {r['mean_tpot_ms']:>10.1f} {r['median_tpot_ms']:>9.1f} "
+                f"{r['mean_ttft_ms']:>10.1f} {r['median_ttft_ms']:>9.1f}")
 
 
 HEADER = (f"{'model':<12s} {'conc':>5s} {'reqs':>5s} {'req/s':>8s} {'out tok/s':>10s} {'tpot mean':>10s} "
           f"{'tpot p50':>9s} {'ttft mean':>10s} {'ttft p50':>9s}")
-UNITS = "(tpot: per-token latency, ttft: time to first token; both in ms)"
+UNITS = "(tpot: per-token latency, ttft: time to first token; both in ms; measured by `vllm bench serve`)"
 
 
 # ---- models -----------------------------------------------------------------------------------------
@@ -106,62 +94,26 @@ def make_tiny_llama(out: Path, *, vocab_size: int, num_layers: int, target_param
     return sum(p.numel() for p in model.parameters())
 
 
-# ---- load ---------------------------------------------------------------------------------------------
-def stream_completion(base: str, model: str, prompt: list[int], output_len: int) -> RequestTiming:
-    """One streamed /v1/completions request; token arrival times from the chunks' token_ids."""
-    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0, "ignore_eos": True,
-            "stream": True, "return_token_ids": True}
-    req = urllib.request.Request(f"{base}/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    start = time.perf_counter()
-    first = last = None
-    tokens = 0
-    with urllib.request.urlopen(req, timeout=600) as resp:
-        for raw in resp:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            choices = json.loads(line[len("data: "):]).get("choices") or []
-            new = sum(len(c.get("token_ids") or []) for c in choices)
-            if new:
-                last = time.perf_counter()
-                first = last if first is None else first
-                tokens += new
-    if tokens != output_len:
-        raise RuntimeError(f"{model}: streamed {tokens} tokens, asked for {output_len} (ignore_eos)")
-    return RequestTiming(first - start, (last - first) / max(tokens - 1, 1), tokens)
+# ---- load: vLLM's own client ---------------------------------------------------------------------------
+def run_level(base: str, label: str, model_dir: Path, args: argparse.Namespace, concurrency: int,
+              work: Path) -> LevelResult:
+    """`vllm bench serve` at `concurrency` clients: --rounds requests per client of random prompts of
+    --prompt-len tokens, --output-len tokens each (ignore_eos, greedy)."""
+    out = work / f"{label}-c{concurrency}.json"
+    command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "vllm",
+               "--base-url", base, "--model", label, "--tokenizer", str(model_dir), "--dataset-name", "random",
+               "--random-input-len", str(args.prompt_len), "--random-output-len", str(args.output_len),
+               "--random-range-ratio", "0", "--num-prompts", str(concurrency * args.rounds),
+               "--max-concurrency", str(concurrency), "--ignore-eos", "--temperature", "0", "--seed", "0",
+               "--percentile-metrics", "ttft,tpot", "--save-result", "--result-dir", str(work),
+               "--result-filename", out.name, "--disable-tqdm"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode or not out.exists():
+        raise RuntimeError(f"vllm bench serve failed for {label} at concurrency {concurrency}:\n{done.stderr[-3000:]}")
+    return LevelResult(label, concurrency, json.loads(out.read_text()))
 
 
-def run_level(base: str, model: str, prompts: list[list[int]], concurrency: int, rounds: int,
-              output_len: int) -> LevelResult:
-    """`concurrency` clients, each sending `rounds` requests back to back; client c, round r sends
-    prompts[(c * rounds + r) % len(prompts)]."""
-    timings: list[RequestTiming] = []
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-
-    def client(c: int) -> None:
-        try:
-            for r in range(rounds):
-                t = stream_completion(base, model, prompts[(c * rounds + r) % len(prompts)], output_len)
-                with lock:
-                    timings.append(t)
-        except BaseException as e:  # reported after the level
-            errors.append(e)
-
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(concurrency)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    if errors:
-        raise RuntimeError(f"{model} at concurrency {concurrency}: {errors[0]!r}") from errors[0]
-    return LevelResult(model, concurrency, len(timings), wall, timings)
-
-
-def bench_model(model_dir: Path, label: str, args: argparse.Namespace, prompts: list[list[int]], work: Path,
+def bench_model(model_dir: Path, label: str, args: argparse.Namespace, work: Path,
                 env: dict[str, str] | None = None) -> list[LevelResult]:
     from vllm_harness import vllm_server
 
@@ -170,10 +122,10 @@ def bench_model(model_dir: Path, label: str, args: argparse.Namespace, prompts: 
              "--kv-cache-memory-bytes", args.kv_cache_memory, "--served-model-name", label]
     print(f"# serving {label} from {model_dir} (log: {log})", flush=True)
     with vllm_server(model_dir, log, *flags, env=env) as base:
-        stream_completion(base, label, prompts[0], args.output_len)  # warm-up, not counted
+        run_level(base, label, model_dir, args, 1, work)  # warm-up, not counted
         results = []
         for c in args.concurrency:
-            results.append(run_level(base, label, prompts, c, args.rounds, args.output_len))
+            results.append(run_level(base, label, model_dir, args, c, work))
             print(f"#   {results[-1].row()}", flush=True)
     for line in log.read_text().splitlines():
         if "KV cache size" in line or "serving DeepseekV4ForCausalLM" in line:
@@ -196,11 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompt_len + args.output_len > args.max_model_len:
         parser.error("--prompt-len + --output-len exceeds --max-model-len")
 
-    from tokenizers import Tokenizer
-
     from v4_plugin.checkpoint.config import load_config
     from v4_plugin.checkpoint.tiny import make_tiny
-    from vllm_harness import random_prompt
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="v4-bench-serving-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -210,15 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     llama_params = make_tiny_llama(work / "tiny-llama", vocab_size=cfg.vocab_size, num_layers=cfg.num_hidden_layers,
                                    target_params=v4_params)
     print(f"# tiny V4 {args.preset}: {v4_params:,} parameters (all experts); tiny Llama: {llama_params:,}")
-    num_prompts = max(args.concurrency) * args.rounds
-    tokenizer_vocab = Tokenizer.from_file(str(v4_dir / "tokenizer.json")).get_vocab_size()
-    prompts = [random_prompt(args.prompt_len, seed=i, vocab=tokenizer_vocab) for i in range(num_prompts)]
     print(f"# {args.prompt_len} prompt tokens, {args.output_len} output tokens per request, {args.rounds} "
           f"requests per client, vllm serve --dtype {args.dtype} --enforce-eager --kv-cache-memory-bytes "
           f"{args.kv_cache_memory}", flush=True)
 
-    results = bench_model(v4_dir, f"v4-{args.preset}", args, prompts, work)
-    results += bench_model(work / "tiny-llama", "llama", args, prompts, work)
+    results = bench_model(v4_dir, f"v4-{args.preset}", args, work)
+    results += bench_model(work / "tiny-llama", "llama", args, work)
 
     import vllm
 
