@@ -13,6 +13,7 @@ import torch
 from v4_plugin.checkpoint.config import LayerType, parse_config
 from v4_plugin.cache.layout import IndexerCache
 from v4_plugin.runtime import dispatch
+from v4_plugin.runtime.batch import BatchPlan, StepLayout
 from v4_plugin.runtime.model import V4Model
 from v4_plugin.checkpoint.quant import QuantSim
 from v4_plugin.cache.formats import EXACT, CacheFormat, KVStorage
@@ -101,3 +102,15 @@ def test_a_decode_step_runs_the_same_ops_for_1_and_32_sequences():
     alone.step([(0, seqs[31][:-1], 0)])
     (expected,) = alone.step([(0, seqs[31][-1:], lengths[31])])
     torch.testing.assert_close(logits[31], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_an_adapters_layout_equals_the_derived_one():
+    """`StepLayout.from_lengths` (from a framework's host-side counts, no sync) is what `BatchPlan` derives."""
+    positions = torch.tensor([0, 1, 2, 7, 3, 4, 128])
+    rows = torch.tensor([5, 5, 5, 2, 9, 9, 0])
+    derived = BatchPlan(positions, rows).layout
+    given = StepLayout.from_lengths([3, 1, 2, 1], [3, 8, 5, 129], torch.tensor([5, 2, 9, 0]))
+    assert derived.max_len == given.max_len == 129
+    for name in ("token_seq", "query_start", "rows"):
+        assert torch.equal(getattr(derived, name), getattr(given, name)), name
+    assert BatchPlan(positions, rows, given).layout is given

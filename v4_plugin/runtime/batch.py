@@ -77,12 +77,27 @@ class LayerCaches:
 
 @dataclass(frozen=True)
 class StepLayout:
-    """The sequences of a step, derived once per step from its `BatchPlan`."""
+    """The sequences of a step: derived once per step from its `BatchPlan`, or given by an adapter from its
+    framework's host-side metadata (`from_lengths`), so that the model makes no host sync at all."""
 
     token_seq: torch.Tensor  # int64 [T]: the sequence (0 ... B-1, batch order) of each token
     query_start: torch.Tensor  # int32 [B + 1]: first token of each sequence, then T
     rows: torch.Tensor  # int64 [B]: each sequence's block-table row
     max_len: int  # the longest sequence's length after the step (positions + 1)
+
+    @classmethod
+    def from_lengths(cls, query_lens: list[int], seq_lens: list[int], rows: torch.Tensor) -> "StepLayout":
+        """From host-side counts: tokens of each sequence in the step and its length after it; rows [B] on
+        the compute device."""
+        device = rows.device
+        start = [0]
+        for n in query_lens:
+            start.append(start[-1] + n)
+        counts = torch.tensor(query_lens, device=device)
+        token_seq = torch.repeat_interleave(torch.arange(len(query_lens), device=device), counts,
+                                            output_size=start[-1])
+        return cls(token_seq, torch.tensor(start, dtype=torch.int32, device=device), rows.long(),
+                   max(seq_lens, default=0))
 
 
 @dataclass(eq=False)
@@ -91,11 +106,14 @@ class BatchPlan:
 
     positions: torch.Tensor  # int64 [T]
     seq_ids: torch.Tensor  # int64 [T]: block-table row of each token's sequence
+    known_layout: StepLayout | None = None  # the adapter's (`StepLayout.from_lengths`), else derived
     _completing: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @functools.cached_property
     def layout(self) -> StepLayout:
-        """The step's sequences: computed on first use (one host sync per step, none per layer)."""
+        """The step's sequences: the adapter's, or derived on first use (one host sync per step, none per layer)."""
+        if self.known_layout is not None:
+            return self.known_layout
         pos, ids = self.positions, self.seq_ids
         new = torch.ones_like(ids, dtype=torch.bool)
         new[1:] = ids[1:] != ids[:-1]
