@@ -149,15 +149,3 @@ def test_cli_async_scheduling_reserves_two_batches(configs):
                      "--max-model-len", "64K", "--max-num-batched-tokens", "8192", "--kv-cache-dtype", "fp8_ds_mla",
                      "--no-async-scheduling")
     assert single["kv_cache_size_tokens"] > cli["kv_cache_size_tokens"]
-
-
-@pytest.mark.parametrize("flag", ["tensor_parallel_size", "pipeline_parallel_size"])
-def test_tensor_and_pipeline_parallelism_are_refused_when_vllm_builds_its_config(tmp_path, flag):
-    """Refused by the plugin's config hook, before vLLM starts an engine or a worker."""
-    from vllm.engine.arg_utils import EngineArgs
-
-    (tmp_path / "config.json").write_text(json.dumps(preset_config("flash").to_dict()))
-    args = EngineArgs(model=str(tmp_path), skip_tokenizer_init=True, enforce_eager=True, max_model_len=4096,
-                      **{flag: 2})
-    with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} 2 .*not implemented.*--data-parallel-size"):
-        args.create_engine_config()

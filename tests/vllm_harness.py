@@ -234,29 +234,36 @@ def sampled_logprobs(completion) -> list[float] | None:
     return [step[tok].logprob for tok, step in zip(completion.token_ids, completion.logprobs)]
 
 
-# ---- greedy tokens from another process (cross-framework comparisons) ------------------------------
+# ---- greedy tokens from another process (cross-framework comparisons, multi-process engines) --------
 TOKENS_MARK = "v4-plugin-greedy-tokens: "
+COUNTERS_MARK = "v4-plugin-counters: "
 
 
-def greedy_tokens(model_dir: str | Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy completions (token ids) of token-id prompts from an in-process engine in exact mode."""
+def greedy_tokens(llm, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy completions (token ids) of token-id prompts, all submitted at once, from `llm`."""
     from vllm import SamplingParams
 
-    llm = make_llm(model_dir)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return [list(out.outputs[0].token_ids) for out in outputs]
 
 
 def greedy_tokens_in_subprocess(model_dir: str | Path, prompts: list[list[int]], max_new_tokens: int,
-                                timeout: float = 900) -> list[list[int]]:
-    """`greedy_tokens` run by `python tests/vllm_harness.py` in a fresh process, so another framework's
-    engine can live in the caller's (vLLM and SGLang patch torch and logging process-wide)."""
+                                timeout: float = 900, overrides: dict | None = None, env: dict[str, str] | None = None,
+                                log: Path | None = None) -> list[list[int]]:
+    """`greedy_tokens` of a `make_llm` engine (exact mode unless `overrides`, JSON values, or `env` say otherwise)
+    run by `python tests/vllm_harness.py` in a fresh process, so another framework's engine can live in the
+    caller's (vLLM and SGLang patch torch and logging process-wide), or so that a multi-process engine's
+    workers log where the caller reads them: the process's whole output (its workers' and the engine's
+    `counters` after the run, on a `COUNTERS_MARK` line) is written to `log`."""
     import json
 
-    env = dict(os.environ, V4_PLUGIN_QUANT_SIM="off", VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(model_dir), str(max_new_tokens)],
+    env = {**os.environ, "V4_PLUGIN_QUANT_SIM": "off", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(model_dir), str(max_new_tokens),
+                           json.dumps(overrides or {})],
                           input=json.dumps(prompts), capture_output=True, text=True, env=env, timeout=timeout)
+    if log is not None:
+        log.write_text(proc.stdout + proc.stderr)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(TOKENS_MARK)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"vLLM greedy run failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
@@ -287,9 +294,9 @@ class ReplayProposer:
         return drafts
 
 
-if __name__ == "__main__":  # python tests/vllm_harness.py MODEL_DIR MAX_NEW_TOKENS < prompts.json
+if __name__ == "__main__":  # python tests/vllm_harness.py MODEL_DIR MAX_NEW_TOKENS [OVERRIDES_JSON] < prompts.json
     import json
 
-    tokens = greedy_tokens(sys.argv[1], json.load(sys.stdin), int(sys.argv[2]))
-    print(TOKENS_MARK + json.dumps(tokens), flush=True)
-
+    engine = make_llm(sys.argv[1], **json.loads(sys.argv[3] if len(sys.argv) > 3 else "{}"))
+    print(TOKENS_MARK + json.dumps(greedy_tokens(engine, json.load(sys.stdin), int(sys.argv[2]))), flush=True)
+    print(COUNTERS_MARK + json.dumps(counters(engine)), flush=True)

@@ -10,7 +10,9 @@ target's hidden states (our flat pre-hc_head streams) and the token one position
 `v4_plugin.runtime.paged.mtp_streams_paged` on the target's core (`CoreHandle`, shared by vLLM as the target's
 `model.embed_tokens`); the block's window cache is one more vLLM cache layer, so vLLM's block manager
 allocates and charges it like the main layers' windows. Rows are position-indexed: rejected drafts
-are overwritten by the next pass, no rollback.
+are overwritten by the next pass, no rollback. A run without attention metadata (the proposer's
+`dummy_run` inside vLLM's profiling and dummy runs) computes over scratch caches, as the target does
+(`model.py`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from v4_plugin.runtime.paged import mtp_streams_paged
 from v4_plugin.serving.settings import resolve_model_dir
 
 from .kv_specs import serving_format
-from .model import CacheLayers, pad_rows
+from .model import CacheLayers, pad_rows, scratch_plan, step_metadata
 
 
 class DeepseekV4MTP(nn.Module):
@@ -42,6 +44,7 @@ class DeepseekV4MTP(nn.Module):
                                   vllm_config.model_config.dtype, cache_dtype)
         self.model = nn.Module()  # vLLM sets `model.embed_tokens` to the target's (a `CoreHandle`)
         self.dtype = vllm_config.model_config.dtype
+        self.max_model_len = vllm_config.model_config.max_model_len
 
     @property
     def core(self):
@@ -65,11 +68,12 @@ class DeepseekV4MTP(nn.Module):
         first pass, this model's own output) and `input_ids`, the token one position later.
         Returns this block's pre-hc_head streams, flat [T, hc * D]."""
         cfg = self.cfg
-        step = self.caches.step(positions) if self.core is not None else None
-        if step is None:  # profiling / dummy runs
-            return torch.zeros(positions.shape[0], cfg.hc_mult * cfg.hidden_size, dtype=self.dtype,
-                               device=positions.device)
-        plan, caches = step
+        metadata = step_metadata()
+        if metadata is None:  # profiling / dummy run: scratch caches, as the target's (`model.py`)
+            plan = scratch_plan(positions.shape[0], self.max_model_len, positions.device)
+            caches = self.caches.scratch(plan, self.max_model_len)
+        else:
+            plan, caches = self.caches.plan(positions, metadata), self.caches.views(metadata)
         depth = self._depth(spec_step_idx)
         n = len(plan.positions)
         streams = hidden_states[:n].unflatten(-1, (cfg.hc_mult, cfg.hidden_size))

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from v4_plugin.checkpoint.config import load_config
 from v4_plugin.checkpoint.loader import validate_checkpoint
+from v4_plugin.checkpoint.sharding import Parallelism, check_parallelism as check_parallelism_of
 from v4_plugin.runtime.drafting import Method
 from v4_plugin.serving.logs import MutedLines
 from v4_plugin.serving.settings import Settings, kv_storage, resolve_model_dir
@@ -116,16 +117,31 @@ def _install_config_class() -> None:
 
 
 # ---- parallelism ---------------------------------------------------------------------------------
-def check_parallelism(parallel_config) -> None:
-    """Refuse tensor / pipeline parallelism (not implemented): raised by the config hook when vLLM
-    builds its config, before any engine or worker process starts, and again by the model."""
-    tp, pp = parallel_config.tensor_parallel_size, parallel_config.pipeline_parallel_size
-    if tp > 1 or pp > 1:
-        raise ValueError(
-            f"deepseek-v4-plugin serves one model replica per worker: --tensor-parallel-size {tp} / "
-            f"--pipeline-parallel-size {pp} are not implemented by this version; use --data-parallel-size N "
-            f"for several GPUs, or V4_PLUGIN_DISABLE=1 for vLLM's native DeepSeek-V4"
-        )
+def check_parallelism(parallel_config, cfg) -> Parallelism:
+    """The split of the model that vLLM's parallel config asks for, or a `ValueError` naming the flag and
+    the checkpoint field: tensor parallelism T is served (each rank holds its slices of the heads, output
+    groups, shared expert, vocabulary and routed experts, by expert range with --enable-expert-parallel,
+    else by intermediate dimension: `v4_plugin.checkpoint.sharding.check_parallelism`); every T-rank
+    replica runs every step and holds the whole KV cache (one KV head). Pipeline parallelism is refused,
+    and so is expert parallelism across data-parallel replicas (the core's collectives span one replica's
+    tensor-parallel group: its MoE does not exchange tokens between replicas). Raised by the config hook
+    when vLLM builds its config, before any engine or worker process starts, and again by the model."""
+    tp, pp, dp = (parallel_config.tensor_parallel_size, parallel_config.pipeline_parallel_size,
+                  parallel_config.data_parallel_size)
+    ep = bool(parallel_config.enable_expert_parallel)
+    if pp > 1:
+        raise ValueError(f"deepseek-v4-plugin: --pipeline-parallel-size {pp} is not implemented; use "
+                         f"--tensor-parallel-size N or --data-parallel-size N for several GPUs, or "
+                         f"V4_PLUGIN_DISABLE=1 for vLLM's native DeepSeek-V4")
+    if ep and dp > 1:
+        raise ValueError(f"deepseek-v4-plugin: --enable-expert-parallel with --data-parallel-size {dp} is not "
+                         f"implemented (experts split across data-parallel replicas need the MoE to exchange "
+                         f"tokens between them); use --tensor-parallel-size {tp * dp} --enable-expert-parallel, "
+                         f"or --data-parallel-size {dp} without expert parallelism (whole experts per replica)")
+    par = Parallelism(tp, 1, ep)
+    flags = f"--tensor-parallel-size {tp}" + (" --enable-expert-parallel" if ep else "")
+    check_parallelism_of(cfg, par, where=f"deepseek-v4-plugin: {flags}")
+    return par
 
 
 # ---- speculative decoding --------------------------------------------------------------------------
@@ -192,7 +208,9 @@ def _config_hook_class():
 
         @staticmethod
         def verify_and_update_config(vllm_config) -> None:
-            check_parallelism(vllm_config.parallel_config)
+            model_config = vllm_config.model_config
+            cfg = load_config(resolve_model_dir(model_config.model, model_config.revision, config_only=True))
+            check_parallelism(vllm_config.parallel_config, cfg)
             cache_config = vllm_config.cache_config
             if cache_config.user_specified_block_size and cache_config.block_size != BLOCK_SIZE:
                 logger.warning("deepseek-v4-plugin: block size %s overridden to %d (whole C128 entries per block)",
