@@ -7,6 +7,8 @@
 * `backend.py` turns SGLang's forward metadata into the core's `BatchPlan` / `LayerCaches`.
 * `pools.py` sizes and allocates the window, compressed, indexer and compressor-state caches from
   `v4_plugin.cache.layout`.
+* `parallel.py`: the parallel layouts served (`--tp-size`, `--ep-size`), checked in the launching
+  process, and the core's `Collectives` over SGLang's tensor-parallel group.
 * `capacity.py` (no SGLang import: `v4-plugin kv-plan` uses it): the page size, SGLang's drafter
   names and the model of the pool sizes. The serving switches are the core's (`v4_plugin.serving.settings`).
 

@@ -28,7 +28,10 @@ SGLang's native DeepSeek-V4 code serves, untouched), it:
    EAGLE with our draft), its model config (the draft architecture) and its draft attention-backend
    factory;
 7. checks a local checkpoint (config.json, the index against the shards' headers) when SGLang reads
-   its config in the launching process, before any scheduler starts (`validate_checkpoint`), and
+   its config in the launching process, before any scheduler starts (`validate_checkpoint`), and the
+   parallel layout against it when SGLang resolves the server arguments there (`model_defaults`:
+   `--tp-size` and `--ep-size` the checkpoint's heads, output groups and experts divide,
+   `sglang_backend.parallel`), and
    answers requests whose token ids are outside the vocabulary (or that ask for more top logprobs
    than it has) with HTTP 400 where SGLang validates requests (`check_request`, `detokenize`): the
    scheduler would otherwise fail on them and take the server down;
@@ -50,6 +53,7 @@ from v4_plugin.serving.settings import DISABLE_ENV, Settings
 from . import ARCHS, BACKEND_NAME, MODELS_PACKAGE, NATIVE_ARCH, PLUGIN_ARCH, is_ours
 from .capacity import PAGE_SIZE
 from .chat import install_chat_encoding
+from .parallel import served_parallelism
 from .parsers import register_parsers
 
 logger = logging.getLogger(__name__)
@@ -123,14 +127,19 @@ def _register_model_defaults() -> None:
 
 
 def model_defaults(server_args, hf_config) -> dict:
-    """Server-argument defaults for our architecture (SGLang's per-architecture override registry)."""
+    """Server-argument defaults for our architecture (SGLang's per-architecture override registry). It runs in
+    the launching process, before any scheduler starts: a parallel layout the plugin does not serve, or sizes
+    the checkpoint does not divide (`sglang_backend.parallel.served_parallelism`), and a drafter the checkpoint
+    does not carry end the launch here."""
     from sglang.srt.arg_groups.overrides import resolving_view
 
     from .pools import v4_config_of
     from .speculative import check_request
 
     cfg = resolving_view(server_args)
-    check_request(server_args, v4_config_of(cfg))
+    v4 = v4_config_of(cfg)
+    served_parallelism(cfg, v4)
+    check_request(server_args, v4)
     out: dict = {}
     for name in ("attention_backend", "prefill_attention_backend", "decode_attention_backend"):
         chosen = getattr(cfg, name, None)

@@ -263,8 +263,8 @@ class DeepseekV4ForCausalLM(nn.Module):
     # ---- weights -----------------------------------------------------------------------------------
     def load_weights(self, weights) -> set[str]:
         """Load through the core's loader (official FP8/FP4 format, tiny checkpoints, transformers'
-        save_pretrained dialect); vLLM's own weight iterator is not consumed (no second read). Where the
-        GEMM kernels run (`dispatch.keep_quantized`), FP8/FP4 linears stay in their file format."""
+        save_pretrained dialect); vLLM's own weight iterator is not consumed (no second read). FP8/FP4 linears
+        stay as stored (`dispatch.keep_quantized`)."""
         drafting = self.serve_mtp or self.dspark_caches is not None
         sharded = self.collectives.size > 1  # then this rank's slices only (`v4_plugin.checkpoint.sharding`)
         tensors = load_checkpoint(self.model_dir, self.cfg, dtype=self.dtype, include_mtp=drafting,

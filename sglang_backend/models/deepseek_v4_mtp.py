@@ -32,11 +32,13 @@ class DeepseekV4PluginForCausalLMNextN(DeepseekV4PluginForCausalLM):
     def _load_tensors(self) -> dict[str, torch.Tensor]:
         """The mtp.* tensors; the embedding and head come from the target (`set_embed_and_head`)."""
         return load_checkpoint(self._resolved_dir(), self.cfg, dtype=self.dtype, include_mtp=True, only_mtp=True,
-                               keep_quantized=dispatch.keep_quantized(device_type()), device=device_type())
+                               keep_quantized=dispatch.keep_quantized(device_type()), device=device_type(),
+                               parallelism=self.parallelism, rank=self.collectives.rank)
 
     def set_embed_and_head(self, embed: torch.Tensor, head: torch.Tensor) -> None:
         self.tensors.update({"embed.weight": embed, "head.weight": head})
-        self.ref = V4Model(self.cfg, self.tensors, dtype=self.dtype, quant=self.ref.quant)
+        self.ref = V4Model(self.cfg, self.tensors, dtype=self.dtype, quant=self.ref.quant,
+                           collectives=self.collectives)
 
     def _step(self, ref, input_ids: torch.Tensor, forward_batch, meta, fmt) -> tuple[torch.Tensor, torch.Tensor]:
         streams = forward_batch.spec_info.hidden_states.unflatten(-1, (self.cfg.hc_mult, self.cfg.hidden_size))

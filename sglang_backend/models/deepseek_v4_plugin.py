@@ -1,8 +1,11 @@
 """DeepSeek-V4 for SGLang, served by the core's `V4Model` over SGLang's memory pools.
 
-The class holds the checkpoint as the core loader returns it (dequantized, in the model dtype, under
-the official tensor names) and runs every step through `v4_plugin.runtime.paged.streams_paged`;
-the `v4_plugin` attention backend supplies the batch plan and the per-layer paged caches.
+The class holds the checkpoint as the core loader returns it (FP8 / FP4 linears as stored, the rest in
+the model dtype, under the official tensor names) and runs every step through `v4_plugin.runtime.paged.streams_paged`;
+the `v4_plugin` attention backend supplies the batch plan and the per-layer paged caches. Under
+`--tp-size N` each rank holds its slices of the checkpoint and the core model runs with the collectives
+of SGLang's tensor-parallel group (`sglang_backend.parallel`); every rank runs every step, over its own
+copy of the caches.
 
 Two names, one implementation: `DeepseekV4PluginForCausalLM` (what SGLang sees once the plugin
 renames the architecture) and `DeepseekV4ForCausalLM` (the checkpoint's own name: as part of the
@@ -25,6 +28,7 @@ import torch
 from torch import nn
 
 from sglang_backend import BACKEND_NAME, NATIVE_ARCH, PROJECT, __version__
+from sglang_backend.parallel import describe, rank_parallelism
 from v4_plugin.cache.formats import EXACT, CacheFormat
 from v4_plugin.checkpoint.config import load_config
 from v4_plugin.checkpoint.loader import load_checkpoint
@@ -48,9 +52,10 @@ def implementation() -> str:
     return dispatch.backend_name(device_type())
 
 
-def startup_line(backend: str) -> str:
+def startup_line(backend: str, rank: str = "") -> str:
+    """The line every rank logs when it builds the model (`rank`: `sglang_backend.parallel.describe`)."""
     return (f"{PROJECT} {__version__}: serving {NATIVE_ARCH} with the {backend} attention backend "
-            f"({implementation()})")
+            f"({implementation()}){rank}")
 
 
 def _configured_backend() -> str:
@@ -63,24 +68,9 @@ def _configured_backend() -> str:
         return BACKEND_NAME
 
 
-def _require_single_rank() -> None:
-    """The adapter holds the whole model on one rank; refuse tensor/pipeline parallelism clearly."""
-    try:
-        from sglang.srt.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_world_size
-
-        tp, pp = get_tensor_model_parallel_world_size(), get_pp_group().world_size
-    except Exception:  # noqa: BLE001 - parallel state not initialised (unit tests)
-        return
-    if tp > 1 or pp > 1:
-        raise ValueError(f"{PROJECT} {__version__}: the SGLang backend runs DeepSeek-V4 on a single rank; "
-                         f"got --tp-size {tp} / --pp-size {pp}. Use --tp-size 1 --pp-size 1, or set "
-                         "V4_PLUGIN_DISABLE=1 to serve with SGLang's native DeepSeek-V4.")
-
-
 class DeepseekV4PluginForCausalLM(nn.Module):
     def __init__(self, config, quant_config=None, prefix: str = ""):
         super().__init__()
-        _require_single_rank()
         self.config = config
         self.model_dir = Path(getattr(config, "_name_or_path", "") or ".")
         self.dtype = torch.get_default_dtype()  # SGLang sets the model dtype around construction
@@ -91,7 +81,9 @@ class DeepseekV4PluginForCausalLM(nn.Module):
         self.fmt: CacheFormat | None = None
         self.quant = quant_sim(EXACT, self.settings)
         self.ref = None  # V4Model, built in load_weights
-        logger.info(startup_line(_configured_backend()))
+        # This rank's slices and the collectives of its tensor-parallel group (`sglang_backend.parallel`).
+        self.parallelism, self.collectives = rank_parallelism()
+        logger.info(startup_line(_configured_backend(), describe(self.parallelism, self.collectives)))
 
     def _resolved_dir(self) -> Path:
         """The checkpoint directory (a hub id: the snapshot SGLang downloaded)."""
@@ -108,14 +100,15 @@ class DeepseekV4PluginForCausalLM(nn.Module):
         tensors = self._load_tensors()
         register_tensors(self, tensors)
         self.tensors = tensors
-        self.ref = V4Model(self.cfg, tensors, dtype=self.dtype, quant=self.quant)
+        self.ref = V4Model(self.cfg, tensors, dtype=self.dtype, quant=self.quant, collectives=self.collectives)
         warm_up(self.ref, CacheFormat())  # decode-shape kernels on GPUs (logged; the pool's format comes later)
 
     def _load_tensors(self) -> dict[str, torch.Tensor]:
-        """The checkpoint tensors this model holds: the main model's (mtp.* skipped); FP8/FP4 linears in
-        their file format where the GEMM kernels run (`dispatch.keep_quantized`)."""
+        """The checkpoint tensors this model holds: the main model's (mtp.* skipped), this rank's slices of
+        them; FP8/FP4 linears as stored (`dispatch.keep_quantized`)."""
         return load_checkpoint(self._resolved_dir(), self.cfg, dtype=self.dtype, include_mtp=False,
-                               keep_quantized=dispatch.keep_quantized(device_type()), device=device_type())
+                               keep_quantized=dispatch.keep_quantized(device_type()), device=device_type(),
+                               parallelism=self.parallelism, rank=self.collectives.rank)
 
     def _bind_cache_format(self, fmt: CacheFormat) -> None:
         """At the first step, the pool's cache format and the quantization simulation that matches it
@@ -125,7 +118,8 @@ class DeepseekV4PluginForCausalLM(nn.Module):
         self.quant = quant_sim(fmt, self.settings)
         if self.quant != self.ref.quant:
             logger.info("deepseek-v4-plugin: %s storage -> model quantization %s", fmt, self.quant)
-            self.ref = V4Model(self.cfg, self.tensors, dtype=self.dtype, quant=self.quant)
+            self.ref = V4Model(self.cfg, self.tensors, dtype=self.dtype, quant=self.quant,
+                               collectives=self.collectives)
 
     def get_embed_and_head(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The embedding and output head SGLang's EAGLE worker shares with the draft model."""
