@@ -8,14 +8,14 @@ framework's block manager would (blocks of 64 entries): one sequence is prefille
 in chunks, and every sequence of a batch reads that sequence's blocks (a shared prefix), so B sequences
 at context C cost one prefill. A decode step is `streams_paged` for one token per sequence at position
 C - 1 plus the head on those rows, exactly what an adapter runs; the step is repeated at the same
-position (every cache is position-indexed, so a step rewrites what the previous wrote). Prints ms per
-step and per token and the growth of the per-step time from the shortest context.
+position (every cache is position-indexed, so a step rewrites what the previous wrote), after two
+warm-up steps; the time of a configuration is its fastest of `--steps` (the least disturbed by other work on
+the machine). Prints ms per step and per token and the growth of the per-step time from the shortest context.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 
@@ -57,7 +57,7 @@ def _step(model: V4Model, caches: list[LayerCaches], fmt: CacheFormat, ids: torc
 
 def measure(model: V4Model, fmt: CacheFormat, contexts: list[int], batches: list[int], steps: int,
             device: str) -> list[tuple[int, int, float]]:
-    """(context, batch, ms per decode step: median of `steps`) for every pair."""
+    """(context, batch, ms per decode step: the fastest of `steps`) for every pair."""
     vocab, longest = model.cfg.vocab_size, max(contexts)
     caches = _caches(model, fmt, longest, max(batches), device)
     ids = torch.randint(0, vocab, (longest,), generator=torch.Generator().manual_seed(0)).to(device)
@@ -72,7 +72,8 @@ def measure(model: V4Model, fmt: CacheFormat, contexts: list[int], batches: list
             positions = torch.full((batch,), context - 1, device=device)
             rows = torch.arange(batch, device=device)
             token = ids[context - 1].expand(batch)
-            _step(model, caches, fmt, token, positions, rows)  # warm-up
+            for _ in range(2):  # warm-up
+                _step(model, caches, fmt, token, positions, rows)
             times = []
             for _ in range(steps):
                 if device == "cuda":
@@ -82,7 +83,7 @@ def measure(model: V4Model, fmt: CacheFormat, contexts: list[int], batches: list
                 if device == "cuda":
                     torch.cuda.synchronize()
                 times.append((time.perf_counter() - start) * 1e3)
-            results.append((context, batch, statistics.median(times)))
+            results.append((context, batch, min(times)))
     return results
 
 

@@ -13,7 +13,7 @@
 # --dry-run (CPU, `make test` through tests/test_gpu_check.py): runs no GPU work but checks that every
 # step is wired: the pytest steps collect (so their imports resolve), the Python snippets run, the
 # benchmarks run with their real options in one Python process (without CUDA each parses its options,
-# says so and measures nothing; bench_drafting, a CPU benchmark, parses --help), and every
+# says so and measures nothing; bench_drafting and bench_decode, which also run on a CPU, parse --help), and every
 # bench/bench_*.py is either a step or listed in FRAMEWORK_BENCHES.
 #
 # The kernels folder imports as `v4_kernels` (pyproject's package-dir); without an install a symlink in a
@@ -50,8 +50,8 @@ STREAM_PY='import sys; sys.path.insert(0, "bench"); import common, torch; torch.
 STEPS=(
   "nvidia-smi|15|nvidia-smi && nvidia-smi -q -d CLOCK,POWER,ECC|true"
   "environment|30|$PY -c '$ENV_PY'|$PY -c '$ENV_PY'"
-  "kernel-tests|170|$PY -m pytest $PYTEST_OPTS $PARALLEL kernels|$PY -m pytest -q -p no:cacheprovider --collect-only kernels"
-  "paged-forward-e2e|140|$PY -m pytest $PYTEST_OPTS tests/test_dispatch.py|$PY -m pytest -q -p no:cacheprovider --collect-only tests/test_dispatch.py"
+  "kernel-tests|160|$PY -m pytest $PYTEST_OPTS $PARALLEL kernels|$PY -m pytest -q -p no:cacheprovider --collect-only kernels"
+  "paged-forward-e2e|130|$PY -m pytest $PYTEST_OPTS tests/test_dispatch.py|$PY -m pytest -q -p no:cacheprovider --collect-only tests/test_dispatch.py"
   "stream-baseline|15|$PY -c '$STREAM_PY'|$PY -c '$STREAM_PY'"
   "bench_gemm|20|$PY bench/bench_gemm.py --batch 1,128|bench"
   "bench_sparse_attention|20|$PY bench/bench_sparse_attention.py --batches 1,128 --contexts 4K,128K --pool-gb 1|bench"
@@ -60,6 +60,7 @@ STEPS=(
   "bench_kv_store|10|$PY bench/bench_kv_store.py --batches 1,128|bench"
   "bench_mhc|10|$PY bench/bench_mhc.py --tokens 1,128,8192|bench"
   "bench_drafting|10|$PY bench/bench_drafting.py --prompt 16 --new 8 --repeats 1|bench --help"
+  "bench_decode|20|$PY bench/bench_decode.py --contexts 1K,4K --batches 1,32 --steps 3|bench --help"
 )
 
 # Dry run of the benchmark steps: each script's command line in one process (imports shared), run as
