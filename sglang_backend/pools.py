@@ -35,7 +35,7 @@ from sglang.srt.model_executor.pool_configurator import (
     compute_swa_request_cap,
 )
 
-from v4_plugin.cache.formats import EXACT, CacheFormat, KVStorage, cache_entry
+from v4_plugin.cache.formats import COMPRESSED_CACHES, EXACT, CacheFormat, KVStorage, cache_entry
 from v4_plugin.cache.layout import IndexerCache
 from v4_plugin.checkpoint.config import LayerType, V4Config, load_config
 from v4_plugin.runtime.drafting import draft_layer_types
@@ -46,8 +46,7 @@ from .capacity import SglangCapacity, sglang_planned_capacity
 
 logger = logging.getLogger(__name__)
 
-FULL_CACHES = ("compressed", "index_keys")  # one row per compressed entry (m positions): full pool
-SWA_CACHES = ("window", "state", "index_state")  # one row per position: SWA pool
+SWA_CACHES = ("window", "state", "index_state")  # one row per position: SWA pool (the rest: the full pool)
 
 
 # ---- formats ------------------------------------------------------------------------------------
@@ -198,7 +197,7 @@ class V4TokenToKVPool(_NoRawKV, BaseSWAKVPool):
         full_specs, swa_specs = [], []
         for kind in layer_types:
             entries = cache_entry(cfg, kind, st.cache_format(), st.dtype)
-            full_specs.append({name: (page_size // kind.ratio, *entries[name]) for name in FULL_CACHES
+            full_specs.append({name: (page_size // kind.ratio, *entries[name]) for name in COMPRESSED_CACHES
                                if name in entries})
             swa_specs.append({name: (page_size, *entries[name]) for name in SWA_CACHES if name in entries})
         self.full_kv_pool = V4CacheBuffers(full_specs, size=size, page_size=page_size, dtype=st.dtype,

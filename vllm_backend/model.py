@@ -119,7 +119,7 @@ class CacheLayers(nn.Module):
 
     def plan(self, positions: torch.Tensor, metadata: dict) -> BatchPlan:
         """This step's `BatchPlan`: its real tokens only (vLLM pads `positions`), its sequences from vLLM's
-        host-side counts (the model then makes no host sync)."""
+        host-side counts (no host sync to find them)."""
         first = metadata[self.names[0]["window"]]
         rows = torch.arange(first.num_reqs, device=positions.device)  # block-table rows are in batch order
         layout = StepLayout.from_lengths(first.query_start_loc_cpu.diff().tolist(), first.seq_lens_cpu.tolist(), rows)

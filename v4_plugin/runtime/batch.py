@@ -78,7 +78,7 @@ class LayerCaches:
 @dataclass(frozen=True)
 class StepLayout:
     """The sequences of a step: derived once per step from its `BatchPlan`, or given by an adapter from its
-    framework's host-side metadata (`from_lengths`), so that the model makes no host sync at all."""
+    framework's host-side metadata (`from_lengths`), so that finding them needs no host sync."""
 
     token_seq: torch.Tensor  # int64 [T]: the sequence (0 ... B-1, batch order) of each token
     query_start: torch.Tensor  # int32 [B + 1]: first token of each sequence, then T
